@@ -1,0 +1,32 @@
+# Two commands are the whole set-up (README): `make train` and `make test`.
+# Both create .venv on first use (Python 3.11 + pip, no conda) and reinstall only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Extra MLflow Project parameters: make train P="epochs=2 max_train_samples=2000"
+P ?=
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+# The entry point command in MLproject calls `python`: make it the venv's.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: venv train test clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/mlflow run . --env-manager local $(foreach p,$(P),-P $(p))
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,55 @@
+"""Command-line plumbing shared by the entry points: click options generated from a config dataclass (so the
+two cannot drift), and one-line errors instead of tracebacks for problems the user can fix."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable
+
+import click
+
+from cifar_mlflow.config import allowed
+from cifar_mlflow.errors import CifarMlflowError
+
+
+def _click_type(f: dataclasses.Field) -> Any:
+    m = f.metadata
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if m["choices"]:
+        return click.Choice(m["choices"])
+    if kind == "int":
+        return click.IntRange(min=m["low"], max=m["high"], min_open=m["low_open"], max_open=m["high_open"])
+    if kind == "float":
+        return click.FloatRange(min=m["low"], max=m["high"], min_open=m["low_open"], max_open=m["high_open"])
+    return click.STRING
+
+
+def config_options(config_cls: type) -> Callable[[Callable], Callable]:
+    """Decorator adding one --option per dataclass field, with its default, type, range and help."""
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(config_cls)):
+            fn = click.option(f"--{f.name}", f.name, type=_click_type(f), default=f.default, show_default=True,
+                              help=f"{f.metadata['help']} Allowed: {allowed(f)}.")(fn)
+        return fn
+    return decorate
+
+
+def run_cli(command: click.Command) -> None:
+    """Run a click command; user errors become one line on stderr, the MLflow run (if `mlflow run` made one)
+    is ended FAILED with the reason, and the exit code is non-zero."""
+    try:
+        command.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        _fail(f"{exc.format_message()}", exc.exit_code)
+    except CifarMlflowError as exc:
+        _fail(str(exc), 1)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    from cifar_mlflow import tracking   # imported only now: --help and option parsing stay light
+
+    tracking.fail_run_from_env(message)
+    sys.exit(code)

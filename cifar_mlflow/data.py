@@ -1,0 +1,419 @@
+"""CIFAR-10 data: read the python layout safely, download + MD5-check + extract the archive, generate the
+synthetic stand-in, compute normalisation statistics and build the data loaders.
+
+Images stay uint8 HWC numpy arrays end to end (airbench-style: one array per split); the conversion to float,
+CHW/channels_last and normalisation happen on the device, inside the engine and the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from cifar_mlflow.errors import DataError
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+# A mirror serving the same archive can be named here; the MD5 is checked all the same.
+URL_ENV = "CIFAR_MLFLOW_CIFAR10_URL"
+LAYOUT = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+NUM_CLASSES = 10
+IMAGE_BYTES = 3 * 32 * 32
+
+SYNTHETIC_CLASSES = ("red-disc", "green-square", "blue-triangle", "yellow-cross", "magenta-ring",
+                     "cyan-hbar", "orange-vbar", "purple-diamond", "white-x", "lime-frame")
+# Same sizes as CIFAR-10 so that synthetic is a drop-in stand-in; only the first N requested are rendered.
+SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: images (N, 32, 32, 3) uint8 and labels (N,) int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> "Split":
+        """The first n samples (n = 0 means all)."""
+        return self if n <= 0 or n >= len(self) else Split(self.images[:n], self.labels[:n])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A named dataset with both splits, its class names and where it came from."""
+
+    name: str
+    train: Split
+    test: Split
+    class_names: tuple[str, ...]
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the CIFAR-10 python layout
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: a CIFAR batch needs nothing else, so a planted
+    payload (os.system, eval, ...) is refused instead of executed."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: file is missing")
+    try:
+        with open(path, "rb") as fh:
+            # encoding="bytes" reads the Python-2 pickles; keys may come back as bytes or str.
+            obj = _ArrayUnpickler(fh, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise DataError(f"{path}: not a readable CIFAR-10 pickle ({exc or type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def read_batch(path: Path) -> Split:
+    """Read and validate one batch file: 'data' (N, 3072) uint8, 'labels' N ints in 0-9."""
+    d = _load_pickle(path)
+    data, labels = d.get("data"), d.get("labels")
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != IMAGE_BYTES or data.dtype != np.uint8:
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise DataError(f"{path}: 'data' must be a (N, {IMAGE_BYTES}) uint8 array, got shape {shape} dtype {dtype}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: 'labels' must be a list of integers 0-9") from None
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {data.shape[0]} images but 'labels' has shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        bad = labels[(labels < 0) | (labels >= NUM_CLASSES)][0]
+        raise DataError(f"{path}: label {bad} is outside 0-{NUM_CLASSES - 1}")
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return Split(images, labels)
+
+
+def read_class_names(path: Path) -> tuple[str, ...]:
+    names = _load_pickle(path).get("label_names")
+    if not isinstance(names, list) or len(names) != NUM_CLASSES:
+        raise DataError(f"{path}: 'label_names' must list {NUM_CLASSES} class names, got {names!r:.80}")
+    return tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
+
+
+def _concat(splits: list[Split]) -> Split:
+    return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]))
+
+
+def read_cifar10(root: Path, max_train: int = 0, max_test: int = 0) -> Dataset:
+    """Read `root/cifar-10-batches-py/`. Stops reading training batches once max_train images are in hand."""
+    folder = Path(root) / LAYOUT
+    class_names = read_class_names(folder / META_FILE)
+    parts: list[Split] = []
+    for name in TRAIN_FILES:
+        parts.append(read_batch(folder / name))
+        if max_train and sum(map(len, parts)) >= max_train:
+            break
+    train = _concat(parts).head(max_train)
+    test = read_batch(folder / TEST_FILE).head(max_test)
+    return Dataset("cifar10", train, test, class_names, str(folder))
+
+
+def write_batch(path: Path, split: Split, *, bytes_keys: bool = True, label: str = "batch") -> None:
+    """Write a split in the CIFAR-10 python layout (protocol-2 pickle). Used by tests and tools that make data."""
+    data = np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)).reshape(len(split), IMAGE_BYTES)
+    d = {"batch_label": label, "labels": [int(x) for x in split.labels], "data": data,
+         "filenames": [f"{i:05d}.png" for i in range(len(split))]}
+    if bytes_keys:
+        d = {k.encode(): (v.encode() if isinstance(v, str) else v) for k, v in d.items()}
+    with open(path, "wb") as fh:
+        pickle.dump(d, fh, protocol=2)
+
+
+def write_meta(path: Path, class_names: tuple[str, ...], *, bytes_keys: bool = True) -> None:
+    names: list[Any] = [n.encode() for n in class_names] if bytes_keys else list(class_names)
+    d: dict[Any, Any] = {"label_names": names, "num_cases_per_batch": 10000, "num_vis": IMAGE_BYTES}
+    if bytes_keys:
+        d = {k.encode(): v for k, v in d.items()}
+    with open(path, "wb") as fh:
+        pickle.dump(d, fh, protocol=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Download
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_extract(archive: Path, target: Path) -> None:
+    """Extract a .tar.gz into target, refusing (before writing anything) any member that would land outside it,
+    links, devices and other special files."""
+    target = target.resolve()
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for m in members:
+                dest = (target / m.name).resolve()
+                if not (m.isfile() or m.isdir()) or not dest.is_relative_to(target):
+                    raise DataError(f"{archive}: refusing to extract unsafe member {m.name!r}")
+            # filter="data" is the standard library's own guard (PEP 706), kept as a second line of defence.
+            tar.extractall(target, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{archive}: not a valid .tar.gz archive ({exc})") from None
+
+
+def download_cifar10(data_dir: Path, url: str | None = None, md5: str = CIFAR10_MD5,
+                     timeout: float = 30.0) -> Path:
+    """Download the CIFAR-10 archive with a progress bar, check its MD5, extract it safely into data_dir."""
+    from tqdm import tqdm
+
+    url = url or os.environ.get(URL_ENV) or CIFAR10_URL
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=data_dir, suffix=".tar.gz.part")
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, os.fdopen(fd, "wb") as out:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10 download") as bar:
+                    for chunk in iter(lambda: resp.read(1 << 20), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DataError(
+                f"could not download CIFAR-10 from {url} ({reason}); offline? copy the extracted "
+                f"'{LAYOUT}' folder to {data_dir / LAYOUT}, or run with dataset=synthetic") from None
+        got = _md5(tmp)
+        if got != md5:
+            raise DataError(f"{url}: downloaded archive has MD5 {got}, expected {md5}; not extracting it")
+        safe_extract(tmp, data_dir)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not (data_dir / LAYOUT).is_dir():
+        raise DataError(f"{url}: archive did not contain a '{LAYOUT}' folder")
+    return data_dir / LAYOUT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic stand-in
+
+_PALETTE = np.array([[220, 40, 40], [40, 200, 60], [50, 80, 230], [235, 220, 40], [220, 50, 220],
+                     [40, 220, 230], [250, 140, 20], [140, 50, 200], [245, 245, 245], [160, 250, 40]], np.float32)
+_YY, _XX = np.mgrid[0:32, 0:32].astype(np.float32)
+
+
+def _shape_mask(cls: int, cx: float, cy: float, r: float) -> np.ndarray:
+    dx, dy = _XX - cx, _YY - cy
+    ax, ay, d = np.abs(dx), np.abs(dy), np.hypot(dx, dy)
+    masks = (
+        d <= r,                                                   # disc
+        (ax <= r * 0.85) & (ay <= r * 0.85),                      # square
+        (dy <= r * 0.7) & (dy >= -r) & (ax <= (dy + r) * 0.6),   # triangle
+        (ax <= r * 0.3) & (ay <= r) | (ay <= r * 0.3) & (ax <= r),  # cross
+        (d <= r) & (d >= r * 0.55),                               # ring
+        (ay <= r * 0.35) & (ax <= r * 1.2),                       # horizontal bar
+        (ax <= r * 0.35) & (ay <= r * 1.2),                       # vertical bar
+        ax + ay <= r,                                             # diamond
+        (np.abs(dx - dy) <= r * 0.35) & (d <= r) | (np.abs(dx + dy) <= r * 0.35) & (d <= r),  # x
+        (np.maximum(ax, ay) <= r) & (np.maximum(ax, ay) >= r * 0.65),  # square frame
+    )
+    return masks[cls]
+
+
+def make_synthetic(n: int, seed: int) -> Split:
+    """n deterministic 32x32 RGB images of 10 classes: a class-specific shape in a class-specific colour, with
+    random position, size, colour jitter, background and pixel noise. The first k images are the same for any
+    n >= k (one sequential generator), so max_*_samples picks a prefix exactly as it does for CIFAR-10."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, 32, 32, 3), np.uint8)
+    labels = np.empty(n, np.int64)
+    for i in range(n):
+        cls = int(rng.integers(NUM_CLASSES))
+        cx, cy = rng.uniform(11, 21, size=2)
+        r = rng.uniform(6, 10)
+        background = rng.uniform(20, 140, size=3).astype(np.float32)
+        colour = np.clip(_PALETTE[cls] + rng.normal(0, 25, size=3), 0, 255).astype(np.float32)
+        img = np.broadcast_to(background, (32, 32, 3)).copy()
+        img[_shape_mask(cls, cx, cy, r)] = colour
+        img += rng.normal(0, 18, size=img.shape).astype(np.float32)
+        images[i] = np.clip(img, 0, 255).astype(np.uint8)
+        labels[i] = cls
+    return Split(images, labels)
+
+
+def synthetic_dataset(max_train: int = 0, max_test: int = 0) -> Dataset:
+    n_train = max_train or SYNTHETIC_SIZES["train"]
+    n_test = max_test or SYNTHETIC_SIZES["test"]
+    # Fixed seeds, independent of the training seed: the dataset is the same for every run.
+    return Dataset("synthetic", make_synthetic(min(n_train, SYNTHETIC_SIZES["train"]), 1234),
+                   make_synthetic(min(n_test, SYNTHETIC_SIZES["test"]), 5678), SYNTHETIC_CLASSES, "synthetic")
+
+
+def load_dataset(name: str, data_dir: str | Path, max_train: int = 0, max_test: int = 0,
+                 download: Callable[[Path], Path] = download_cifar10) -> Dataset:
+    """The dataset a run asks for; downloads CIFAR-10 first if its layout is missing from data_dir."""
+    if name == "synthetic":
+        return synthetic_dataset(max_train, max_test)
+    if name != "cifar10":
+        raise DataError(f"dataset={name!r} is not allowed: expected one of cifar10, synthetic")
+    root = Path(data_dir)
+    if not (root / LAYOUT).is_dir():
+        download(root)
+    return read_cifar10(root, max_train, max_test)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, as fractions of 255 (the scale the model receives)."""
+    n = images.shape[0] * images.shape[1] * images.shape[2]
+    s = np.zeros(3, np.float64)
+    s2 = np.zeros(3, np.float64)
+    for i in range(0, len(images), chunk):
+        block = images[i:i + chunk].astype(np.float64) / 255.0
+        s += block.sum(axis=(0, 1, 2))
+        s2 += (block ** 2).sum(axis=(0, 1, 2))
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-12))
+    return tuple(round(float(x), 6) for x in mean), tuple(round(float(x), 6) for x in std)
+
+
+def array_digest(split: Split) -> str:
+    """Short content hash of a split (images and labels), for the MLflow dataset input."""
+    h = hashlib.md5()
+    h.update(split.images.tobytes())
+    h.update(split.labels.tobytes())
+    return h.hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders
+
+def _mix(*parts: int) -> int:
+    """A deterministic 32-bit seed from several integers."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class EpochSampler:
+    """Yields keys `epoch * n + index`: a (seed, epoch)-determined permutation, with the epoch encoded so that the
+    dataset can seed augmentation per batch. Augmentation then depends only on (seed, epoch, batch), not on the
+    number of workers or on which worker runs a batch, and a resumed run sees exactly the same images."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        import torch
+
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        return iter((order + self.epoch * self.n).tolist())
+
+
+class SplitDataset:
+    """Map-style dataset over one split that returns whole batches (`__getitems__`), already collated as
+    (uint8 images (B, 32, 32, 3), int64 labels (B,)) tensors; the optional albumentations transform is reseeded
+    once per batch from (seed, epoch, first key)."""
+
+    def __init__(self, split: Split, transform: Any = None, seed: int = 0) -> None:
+        self.split, self.transform, self.seed = split, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def _reseed(self, first_key: int) -> None:
+        # One distinct seed per transform: albumentations' own set_random_seed gives all children the same one.
+        seq = np.random.SeedSequence([self.seed & 0xFFFFFFFF, first_key & 0xFFFFFFFF, first_key >> 32])
+        seeds = seq.generate_state(len(self.transform.transforms) + 1)
+        self.transform.set_random_seed(int(seeds[0]))
+        for t, s in zip(self.transform.transforms, seeds[1:]):
+            t.set_random_seed(int(s))
+
+    def __getitems__(self, keys: list[int]) -> tuple[Any, Any]:
+        import torch
+
+        idx = np.asarray(keys, dtype=np.int64) % len(self.split)
+        images = self.split.images[idx]
+        if self.transform is not None:
+            self._reseed(int(keys[0]))
+            images = np.stack([self.transform(image=img)["image"] for img in images])
+        return torch.from_numpy(images), torch.from_numpy(self.split.labels[idx])
+
+    def __getitem__(self, key: int) -> tuple[Any, Any]:
+        images, labels = self.__getitems__([key])
+        return images[0], labels[0]
+
+
+def _collated(batch: Any) -> Any:
+    """collate_fn for SplitDataset: its batches come back collated already."""
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    # Each worker is one process doing tiny images: OpenCV's and torch's own thread pools only add contention.
+    import cv2
+    import torch
+
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
+
+
+def auto_num_workers(requested: int) -> int:
+    """-1 means one worker per spare core (cores minus the one the training loop uses), capped at 8: augmenting
+    32x32 images runs at ~10k images/s per core, so a few workers out-pace any device here."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+def make_loader(split: Split, *, batch_size: int, train: bool, transform: Any = None, seed: int = 0,
+                num_workers: int = 0, pin_memory: bool = False) -> Any:
+    """A DataLoader over a split. Training: shuffled per epoch, augmented, last partial batch dropped when the
+    split holds more than one batch (a batch of 1 would break BatchNorm). Evaluation: in order, every sample."""
+    from torch.utils.data import DataLoader
+
+    sampler = EpochSampler(len(split), seed, shuffle=train)
+    return DataLoader(
+        SplitDataset(split, transform if train else None, seed), batch_size=batch_size, sampler=sampler,
+        drop_last=train and len(split) > batch_size, num_workers=num_workers, collate_fn=_collated,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=_worker_init,
+        prefetch_factor=4 if num_workers > 0 else None)

@@ -1,0 +1,233 @@
+"""The one module that talks to MLflow: runs, params, metrics, datasets, artifacts, models and the registry.
+
+A model is logged as a pyfunc whose files are `model_config.json` + `weights.safetensors` (cifar_mlflow.models)
+and whose loader is `_load_pyfunc` below, with this package shipped as its code: loading it as pyfunc
+(serving) or as a torch.nn.Module (analysis) never unpickles anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import numpy as np
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from cifar_mlflow import data as data_mod
+from cifar_mlflow import models
+from cifar_mlflow.errors import ConfigError, ModelError
+
+CHAMPION = "champion"
+MODEL_NAME_IN_RUN = "model"
+FAILURE_TAG = "failure_reason"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# What a served model needs (no albumentations/grad-cam): pinned to the versions it was trained with.
+_SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "safetensors", "numpy")
+
+
+def versions() -> dict[str, str]:
+    """Library versions logged with every run."""
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "torchvision", "mlflow", "albumentations", "numpy"):
+        out[pkg] = metadata.version(pkg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs
+
+@contextlib.contextmanager
+def training_run() -> Iterator[mlflow.ActiveRun]:
+    """Open the run: the one `mlflow run` created (MLFLOW_RUN_ID) or a new one, with system metrics sampled.
+    An exception ends it FAILED with a tag saying why."""
+    with mlflow.start_run(log_system_metrics=True) as run:
+        try:
+            yield run
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                mlflow.set_tag(FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
+            raise
+
+
+def fail_run_from_env(reason: str) -> None:
+    """Bad input found before the run was opened: if `mlflow run` created one (MLFLOW_RUN_ID), end it FAILED
+    with the reason, so no run is left RUNNING whoever started the process."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    with contextlib.suppress(Exception):
+        client = MlflowClient()
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+        client.set_terminated(run_id, "FAILED")
+
+
+def run_url(run: mlflow.ActiveRun) -> str:
+    """Where to look at the run: the server's page, or the `mlflow ui` command for a local store."""
+    uri = mlflow.get_tracking_uri()
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{path}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Params, metrics, datasets, artifacts
+
+def _same(logged: str, value: Any) -> bool:
+    """Is an already-logged string the same value? `mlflow run` logs -P values as typed ("1e-3"), we as parsed."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(logged) == float(value)
+        except ValueError:
+            return False
+    return logged == str(value)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params, skipping those the run already holds with the same value (as `mlflow run` logs its -P values
+    first, in its own spelling); a different value is an error naming the key."""
+    run_id = mlflow.active_run().info.run_id
+    existing = MlflowClient().get_run(run_id).data.params
+    new: dict[str, str] = {}
+    for key, value in params.items():
+        if key in existing:
+            if not _same(existing[key], value):
+                raise ConfigError(f"param {key}: the run already has {existing[key]!r}, this process uses {value!r}")
+            continue
+        new[key] = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+    if new:
+        mlflow.log_params(new)
+
+
+def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_dataset(dataset: data_mod.Dataset, split: data_mod.Split, context: str) -> None:
+    """Record a split as a run input (name, content digest, context) without uploading the data."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    if dataset.name == "synthetic":
+        source: Any = CodeDatasetSource({"generator": "cifar_mlflow.data.make_synthetic"})
+    else:
+        source = str(Path(dataset.source).resolve())
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice and warns that a path "can be interpreted in multiple
+        # ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource" -- the same class; nothing to act on.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        ds = mlflow.data.from_numpy(split.images, targets=split.labels, name=dataset.name,
+                                    digest=data_mod.array_digest(split), source=source)
+    mlflow.log_input(ds, context=context)
+
+
+def log_figure(fig: Figure, artifact_file: str) -> None:
+    mlflow.log_figure(fig, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and registry
+
+class _PyfuncClassifier:
+    """What `mlflow.pyfunc.load_model` returns for our models: float32 images in [0, 1] of shape (N, 3, 32, 32)
+    in, class probabilities (N, num_classes) out. Class names are in the model's metadata."""
+
+    def __init__(self, model: Any, spec: models.ModelSpec) -> None:
+        self.model, self.spec = model, spec
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        import torch
+
+        x = np.asarray(model_input, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (3, 32, 32):
+            raise ModelError(f"input of shape {x.shape} is not allowed: expected (N, 3, 32, 32) floats in [0, 1]")
+        return models.predict_proba(self.model, torch.from_numpy(x)).numpy()
+
+
+def _load_pyfunc(data_path: str) -> _PyfuncClassifier:
+    """MLflow's loader_module hook: rebuild the model from its files (safetensors, no pickle)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, spec = models.load_model_files(Path(data_path), device=device)
+    return _PyfuncClassifier(model.to(memory_format=torch.channels_last), spec)
+
+
+def _signature(num_classes: int) -> ModelSignature:
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    model_uri: str
+    is_champion: bool
+
+
+def log_and_register_model(model: Any, spec: models.ModelSpec, input_example: np.ndarray, registered_name: str,
+                           test_accuracy: float, epochs: int) -> RegisteredVersion:
+    """Log the model to the active run, register it as a new version tagged with its test accuracy, and move the
+    `champion` alias to it if it beats the current champion (or there is none)."""
+    run = mlflow.active_run()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp) / "model_files"
+        models.save_model_files(model, spec, files)
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN, loader_module=__name__, data_path=str(files), code_paths=[str(_PACKAGE_DIR)],
+            signature=_signature(spec.num_classes), input_example=input_example,
+            pip_requirements=[f"{p}=={metadata.version(p)}" for p in _SERVING_PACKAGES],
+            metadata={"class_names": list(spec.class_names), "arch": spec.arch,
+                      "input": "float32 (N, 3, 32, 32) in [0, 1]", "output": "class probabilities (N, C)"})
+    tags = {"test_accuracy": f"{test_accuracy:.6f}", "epochs": str(epochs), "run_id": run.info.run_id}
+    mv = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+    client = MlflowClient()
+    champion = current_champion(registered_name)
+    better = champion is None or test_accuracy > float(champion.tags.get("test_accuracy", "-inf"))
+    if better:
+        client.set_registered_model_alias(registered_name, CHAMPION, mv.version)
+    mlflow.set_tags({"registered_model_name": registered_name, "registered_model_version": mv.version,
+                     "champion": str(better).lower()})
+    return RegisteredVersion(registered_name, str(mv.version), f"models:/{registered_name}/{mv.version}", better)
+
+
+def current_champion(name: str) -> Any:
+    """The model version holding the champion alias, or None (no such model, or no alias yet)."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _model_files_dir(model_uri: str, dst: Path) -> Path:
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise ModelError(f"cannot load {model_uri}: {exc.message.splitlines()[0]}") from None
+    try:
+        flavor = Model.load(str(local)).flavors["python_function"]
+        return local / flavor["data"]
+    except (OSError, KeyError) as exc:
+        raise ModelError(f"{model_uri}: not a cifar-mlflow model ({exc})") from None
+
+
+def load_torch_model(model_uri: str, device: str = "cpu") -> tuple[Any, models.ModelSpec]:
+    """A registered or logged model as a real torch.nn.Module (eval mode), rebuilt from its logged config with
+    safetensors weights: hooks (GradCAM) work on it, and nothing is unpickled."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return models.load_model_files(_model_files_dir(model_uri, Path(tmp)), device=device)

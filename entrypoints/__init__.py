@@ -1,0 +1,1 @@
+"""Thin click commands run by the MLproject as `python -m entrypoints.<name>`."""

@@ -1,0 +1,93 @@
+"""Shared fixtures: generated data in the exact CIFAR-10 python layout, a real sqlite MLflow store in a temp dir,
+and a helper that runs the real `mlflow run` on this project."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+# Small on purpose: a training step on CPU runs ~100 images/s.
+TRAIN_PER_BATCH = 64          # x 5 batch files = 320 training images
+TEST_IMAGES = 128
+
+
+def write_cifar_layout(root: Path, *, train_per_batch: int = TRAIN_PER_BATCH, test_images: int = TEST_IMAGES,
+                       bytes_keys: bool = True) -> Path:
+    """Write root/cifar-10-batches-py/ with learnable images (the synthetic generator's) as Python-2 pickles."""
+    from cifar_mlflow import data
+
+    folder = root / data.LAYOUT
+    folder.mkdir(parents=True, exist_ok=True)
+    train = data.make_synthetic(5 * train_per_batch, seed=11)
+    for i, name in enumerate(data.TRAIN_FILES):
+        part = data.Split(train.images[i * train_per_batch:(i + 1) * train_per_batch],
+                          train.labels[i * train_per_batch:(i + 1) * train_per_batch])
+        data.write_batch(folder / name, part, bytes_keys=bytes_keys, label=f"training batch {i + 1} of 5")
+    data.write_batch(folder / data.TEST_FILE, data.make_synthetic(test_images, seed=12), bytes_keys=bytes_keys,
+                     label="testing batch 1 of 1")
+    data.write_meta(folder / data.META_FILE, data.SYNTHETIC_CLASSES, bytes_keys=bytes_keys)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data_dir holding a small CIFAR-10 layout (bytes keys, like the real files). Treat as read-only."""
+    return write_cifar_layout(tmp_path_factory.mktemp("cifar"))
+
+
+@dataclass
+class Store:
+    root: Path
+    uri: str
+    experiment: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("MLFLOW_RUN_ID", None)
+        # MLproject runs `python -m ...`: make that this interpreter, whatever PATH the suite started with.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(MLFLOW_TRACKING_URI=self.uri, MLFLOW_EXPERIMENT_NAME=self.experiment,
+                   # sample system metrics every second so that short test runs record some
+                   MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", **extra)
+        return env
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """A real MLflow sqlite store with its artifacts under tmp_path, active in this process too."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+    mlflow.set_experiment("tests")
+    yield Store(tmp_path, uri, "tests")
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def mlflow_run(store: Store, params: dict[str, object], *, entry: str = "main", timeout: int = 600,
+               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`mlflow run <repo> --env-manager local -e entry -P k=v ...`, exactly as a user types it."""
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-e", entry,
+           "--experiment-name", store.experiment]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    return subprocess.run(cmd, cwd=store.root, env=store.env(**(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+TINY = {"epochs": 2, "batch_size": 64, "num_workers": 0, "max_train_samples": 256, "max_test_samples": 128}

@@ -1,0 +1,60 @@
+"""TrainConfig: defaults, type coercion and one-line validation errors."""
+import dataclasses
+
+import pytest
+
+from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.errors import ConfigError
+
+
+def test_defaults_are_valid_and_follow_the_recipe():
+    cfg = TrainConfig()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.optimizer, cfg.scheduler) == (20, 512, 0.2, "sgd", "onecycle")
+    assert (cfg.weight_decay, cfg.label_smoothing, cfg.augment, cfg.arch) == (5e-4, 0.1, "standard", "resnet18")
+    assert cfg.registered_model_name == "cifar10-resnet18" and cfg.data_dir == "data"
+
+
+def test_every_field_has_help_with_a_reason():
+    for f in dataclasses.fields(TrainConfig):
+        assert len(f.metadata["help"]) > 20, f.name
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().epochs = 3
+
+
+def test_int_is_accepted_for_float_fields():
+    cfg = TrainConfig(lr=1, weight_decay=0)
+    assert isinstance(cfg.lr, float) and cfg.lr == 1.0 and isinstance(cfg.weight_decay, float)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optimizer": "foo"}, "optimizer='foo' is not allowed: expected one of sgd, adam, adamw"),
+    ({"epochs": 0}, "epochs=0 is not allowed: expected an integer >= 1"),
+    ({"batch_size": -3}, "batch_size=-3 is not allowed: expected an integer >= 1"),
+    ({"lr": -0.1}, "lr=-0.1 is not allowed: expected a number > 0"),
+    ({"lr": 0.0}, "lr=0.0 is not allowed: expected a number > 0"),
+    ({"lr": float("nan")}, "lr=nan is not allowed"),
+    ({"momentum": 1.0}, "momentum=1.0 is not allowed: expected a number >= 0 and < 1"),
+    ({"label_smoothing": 1.5}, "label_smoothing=1.5 is not allowed"),
+    ({"scheduler": "cosine!"}, "scheduler='cosine!' is not allowed: expected one of onecycle, none"),
+    ({"dataset": "mnist"}, "dataset='mnist' is not allowed: expected one of cifar10, synthetic"),
+    ({"precision": "fp64"}, "precision='fp64' is not allowed: expected one of auto, fp32, bf16, fp16"),
+    ({"epochs": "20"}, "epochs='20' is not allowed: expected an integer >= 1"),
+    ({"epochs": True}, "epochs=True is not allowed"),
+    ({"epochs": 2.5}, "epochs=2.5 is not allowed"),
+    ({"num_workers": -2}, "num_workers=-2 is not allowed: expected an integer >= -1"),
+    ({"registered_model_name": " "}, "registered_model_name=' ' is not allowed: expected a non-empty string"),
+])
+def test_bad_values_get_one_line_errors(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**kwargs)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_to_params_lists_every_field():
+    params = TrainConfig(epochs=3).to_params()
+    assert set(params) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert params["epochs"] == 3
