@@ -338,13 +338,10 @@ class EpochSampler:
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        import torch
-
         if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-            order = torch.randperm(self.n, generator=g)
+            order = np.random.default_rng(_mix(self.seed, self.epoch)).permutation(self.n)
         else:
-            order = torch.arange(self.n)
+            order = np.arange(self.n)
         return iter((order + self.epoch * self.n).tolist())
 
 

@@ -1,0 +1,72 @@
+"""Augmentation presets: each transform of `standard` really changes images, with 2.x argument names."""
+import warnings
+
+import numpy as np
+import pytest
+
+from cifar_mlflow import augment, data
+
+MEAN = (0.5, 0.4, 0.3)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return data.make_synthetic(64, seed=9).images
+
+
+def _apply(t, img, seed):
+    t.set_random_seed(seed)
+    return t(image=img)["image"]
+
+
+def test_standard_builds_without_warnings_and_lists_its_transforms():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # albumentations warns (and ignores) 1.x argument names
+        t = augment.build_train_transform("standard", MEAN)
+    names = [type(x).__name__ for x in t.transforms]
+    assert names == ["PadIfNeeded", "RandomCrop", "HorizontalFlip", "CoarseDropout"]
+    text = augment.describe(t)
+    assert "hole_height_range=(16, 16)" in text and "min_height=40" in text
+
+
+def test_standard_changes_images_keeps_shape(images):
+    t = augment.build_train_transform("standard", MEAN)
+    out = np.stack([_apply(t, img, i) for i, img in enumerate(images)])
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert all(not np.array_equal(a, b) for a, b in zip(out, images))
+
+
+def test_cutout_is_one_16x16_hole_filled_with_the_mean():
+    t = augment.build_train_transform("standard", MEAN).transforms[3]
+    img = np.full((32, 32, 3), 255, np.uint8)
+    out = _apply(t, img, 1)
+    hole = (out != 255).all(axis=2)
+    assert hole.sum() == 16 * 16
+    assert tuple(out[hole][0]) == augment.cutout_fill(MEAN) == (128, 102, 76)
+
+
+def test_pad_crop_shifts_and_flip_mirrors(images):
+    t = augment.build_train_transform("standard", MEAN)
+    pad_crop = [t.transforms[0], t.transforms[1]]
+    shifted = 0
+    for i, img in enumerate(images[:20]):
+        x = img
+        for tr in pad_crop:
+            tr.set_random_seed(i)
+            x = tr(image=x)["image"]
+        shifted += not np.array_equal(x, img)
+    assert shifted >= 15          # 80 of 81 crop offsets move the image
+    flip = t.transforms[2]
+    flipped = [_apply(flip, images[0], s) for s in range(20)]
+    assert any(np.array_equal(f, images[0][:, ::-1]) for f in flipped)
+    assert any(np.array_equal(f, images[0]) for f in flipped)
+
+
+def test_none_preset():
+    assert augment.build_train_transform("none", MEAN) is None
+    assert "no augmentation" in augment.describe(None)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="augment='heavy!' is not allowed"):
+        augment.build_train_transform("heavy!", MEAN)

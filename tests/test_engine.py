@@ -1,0 +1,137 @@
+"""Engine: learns (overfits a tiny batch), is deterministic on CPU, schedules the LR as documented, and never
+syncs with the host inside the batch loop."""
+import sys
+
+import pytest
+import torch
+
+from cifar_mlflow import augment, data, engine, models
+from cifar_mlflow.config import TrainConfig
+
+CPU = torch.device("cpu")
+
+
+def _setup(n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standard", **cfg_kw):
+    split = data.make_synthetic(n_train, seed=1)
+    test = data.make_synthetic(n_test, seed=2)
+    mean, std = data.channel_stats(split.images)
+    engine.seed_everything(seed)
+    model = models.build_model(models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std))
+    model = model.to(memory_format=torch.channels_last)
+    tf = augment.build_train_transform(augment_preset, mean)
+    train_loader = data.make_loader(split, batch_size=batch_size, train=True, transform=tf, seed=seed)
+    test_loader = data.make_loader(test, batch_size=batch_size, train=False)
+    cfg = TrainConfig(batch_size=batch_size, seed=seed, augment=augment_preset, **cfg_kw)
+    return model, train_loader, test_loader, cfg
+
+
+def test_overfits_a_tiny_batch():
+    model, train_loader, _, cfg = _setup(n_train=16, batch_size=16, augment_preset="none", epochs=40,
+                                         scheduler="none", lr=0.02, label_smoothing=0.0, weight_decay=0.0)
+    first = last = None
+    optimizer = engine.build_optimizer(cfg, model.parameters())
+    scheduler = engine.build_scheduler(cfg, optimizer, len(train_loader))
+    for epoch in range(cfg.epochs):
+        m = engine.train_one_epoch(model, train_loader, optimizer, scheduler, CPU, "bf16", 0.0)
+        first = first or m
+        last = m
+    assert first["train/loss"] > 1.5
+    assert last["train/loss"] < 0.1 and last["train/accuracy"] == 1.0
+    assert engine.evaluate(model, train_loader, CPU, "fp32")["test/accuracy"] == 1.0
+
+
+def _fit(seed):
+    model, tr, te, cfg = _setup(seed=seed, epochs=2, lr=0.05)
+    result = engine.fit(model, tr, te, cfg, CPU, "bf16", log=lambda s: None)
+    return result, model
+
+
+def test_fit_is_deterministic_for_a_seed_on_cpu():
+    def learned(result):   # everything but wall-clock throughput
+        return [{k: v for k, v in m.items() if k != "train/images_per_sec"} for m in result.history]
+
+    (a, model_a), (b, model_b) = _fit(3), _fit(3)
+    assert learned(a) == learned(b)
+    for pa, pb in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        assert torch.equal(pa, pb)
+    c, _ = _fit(4)
+    assert learned(c) != learned(a)
+
+
+def test_fit_reports_every_epoch_through_the_callback():
+    model, tr, te, cfg = _setup(epochs=2, n_train=32)
+    seen = []
+    result = engine.fit(model, tr, te, cfg, CPU, "fp32", on_epoch_end=lambda e, m: seen.append((e, m)),
+                        log=lambda s: None)
+    assert [e for e, _ in seen] == [1, 2] and [m for _, m in seen] == result.history
+    assert set(result.final) == {"train/loss", "train/accuracy", "train/images_per_sec", "lr",
+                                 "test/loss", "test/accuracy"}
+    assert all(0 <= m[k] <= 1 for m in result.history for k in ("train/accuracy", "test/accuracy"))
+
+
+def test_onecycle_warms_up_to_the_peak_then_decays_to_zero():
+    cfg = TrainConfig(epochs=5, lr=0.2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = engine.build_scheduler(cfg, opt, steps_per_epoch=20)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = max(range(100), key=lrs.__getitem__)
+    assert lrs[peak] == pytest.approx(0.2) and 15 <= peak <= 25        # peaks at ~20% of the run
+    assert lrs[0] == pytest.approx(0.2 / 25) and 0 <= lrs[-1] < 1e-4   # starts low, ends ~0, never negative
+    assert all(x >= 0 for x in lrs)
+
+
+def test_lr_metric_is_the_lr_of_the_last_step():
+    model, tr, te, cfg = _setup(epochs=2, n_train=64)
+    result = engine.fit(model, tr, te, cfg, CPU, "fp32", log=lambda s: None)
+    assert 0 <= result.history[-1]["lr"] < 1e-4 < result.history[0]["lr"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_every_precision_trains_on_cpu(precision):
+    # fp16 autocast is emulated on CPU (~10x slower than bf16): keep the batch tiny.
+    model, tr, te, cfg = _setup(n_train=8, n_test=8, batch_size=8, epochs=1)
+    result = engine.fit(model, tr, te, cfg, CPU, precision, log=lambda s: None)
+    assert result.final["train/loss"] > 0
+
+
+def test_precision_resolution():
+    assert engine.resolve_precision("fp32", CPU) == "fp32"
+    assert engine.resolve_precision("fp16", CPU) == "fp16"
+    assert engine.resolve_precision("auto", CPU) == ("bf16" if engine.cpu_has_native_bf16() else "fp32")
+
+
+def test_optimizers():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = engine.build_optimizer(TrainConfig(), params)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["weight_decay"] == 5e-4
+    assert not engine.build_optimizer(TrainConfig(momentum=0.0), params).defaults["nesterov"]
+    assert isinstance(engine.build_optimizer(TrainConfig(optimizer="adamw"), params), torch.optim.AdamW)
+    assert isinstance(engine.build_optimizer(TrainConfig(optimizer="adam"), params), torch.optim.Adam)
+
+
+def test_no_host_sync_inside_the_batch_loop(monkeypatch):
+    """Reading a tensor on the host (.item/.tolist/.cpu/.numpy/bool) stalls a GPU pipeline; the engine does
+    it twice per epoch (loss and correct count), however many batches there are."""
+    model, tr, te, cfg = _setup(n_train=128, batch_size=16, epochs=1)   # 8 batches
+    calls = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _original=original, **k):
+            if sys._getframe(1).f_code.co_filename == engine.__file__:   # reads made by the engine itself
+                calls.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    optimizer = engine.build_optimizer(cfg, model.parameters())
+    scheduler = engine.build_scheduler(cfg, optimizer, len(tr))
+    tr.sampler.set_epoch(1)
+    engine.train_one_epoch(model, tr, optimizer, scheduler, CPU, "fp32", 0.1)
+    train_calls = list(calls)
+    calls.clear()
+    engine.evaluate(model, te, CPU, "fp32")
+    assert train_calls == ["item", "item"], train_calls
+    assert calls == ["item", "item"], calls

@@ -1,0 +1,84 @@
+"""ResNet for 32x32 on torchvision's ResNet: size, names, in-model normalisation, safe save/load."""
+import json
+import os
+
+import pytest
+import torch
+from torchvision.models.resnet import ResNet
+
+from cifar_mlflow import models
+from cifar_mlflow.errors import ModelError
+
+CLASSES = tuple(f"c{i}" for i in range(10))
+SPEC = models.ModelSpec("resnet18", CLASSES, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return models.build_model(SPEC).eval()
+
+
+def test_resnet18_has_exactly_the_cifar_parameter_count(net):
+    assert models.num_parameters(net) == 11_173_962
+
+
+def test_resnet34_parameter_count():
+    assert models.num_parameters(models.build_model(models.ModelSpec("resnet34", CLASSES, (0,) * 3, (1,) * 3))) \
+        == 21_282_122
+
+
+def test_cifar_stem_and_torchvision_names(net):
+    assert isinstance(net, ResNet)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    assert all(hasattr(net, f"layer{i}") for i in range(1, 5))
+    assert net.fc.out_features == 10
+
+
+def test_output_shape_and_in_model_normalisation(net):
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        out = net(x)
+        by_hand = ResNet.forward(net, (x - net.mean) / net.std)
+    assert out.shape == (4, 10)
+    torch.testing.assert_close(out, by_hand)
+    torch.testing.assert_close(net.mean.flatten(), torch.tensor(SPEC.mean))
+
+
+def test_save_and_load_round_trip(net, tmp_path):
+    models.save_model_files(net.to(memory_format=torch.channels_last), SPEC, tmp_path)
+    loaded, spec = models.load_model_files(tmp_path)
+    assert spec == SPEC and not loaded.training
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(models.predict_proba(loaded, x), models.predict_proba(net, x))
+    probs = models.predict_proba(loaded, x)
+    torch.testing.assert_close(probs.sum(1), torch.ones(3))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickle_planted_as_weights_is_refused_not_executed(net, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    models.save_model_files(net, SPEC, tmp_path)
+    torch.save({"conv1.weight": _Payload()}, tmp_path / models.WEIGHTS_FILE)   # a pickle, not safetensors
+    with pytest.raises(ModelError, match="weights.safetensors: not loadable weights"):
+        models.load_model_files(tmp_path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_weights_of_another_architecture_are_refused(net, tmp_path):
+    models.save_model_files(net, SPEC, tmp_path)
+    cfg = json.loads((tmp_path / models.CONFIG_FILE).read_text())
+    (tmp_path / models.CONFIG_FILE).write_text(json.dumps({**cfg, "arch": "resnet34"}))
+    with pytest.raises(ModelError, match="not loadable weights for resnet34"):
+        models.load_model_files(tmp_path)
+
+
+def test_broken_config_is_refused(tmp_path):
+    (tmp_path / models.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ModelError, match="model_config.json: not a valid model config"):
+        models.load_model_files(tmp_path)
