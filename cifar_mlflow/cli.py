@@ -3,6 +3,7 @@ two cannot drift), and one-line errors instead of tracebacks for problems the us
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import Any, Callable
 
@@ -49,7 +50,8 @@ def run_cli(command: click.Command) -> None:
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
-    from cifar_mlflow import tracking   # imported only now: --help and option parsing stay light
+    if os.environ.get("MLFLOW_RUN_ID"):   # `mlflow run` made a run: end it FAILED with the reason
+        from cifar_mlflow import tracking   # imported only here: --help and option errors stay fast
 
-    tracking.fail_run_from_env(message)
+        tracking.fail_run_from_env(message)
     sys.exit(code)

@@ -54,7 +54,7 @@ class Store:
         env.pop("MLFLOW_RUN_ID", None)
         # MLproject runs `python -m ...`: make that this interpreter, whatever PATH the suite started with.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env.update(MLFLOW_TRACKING_URI=self.uri, MLFLOW_EXPERIMENT_NAME=self.experiment,
+        env.update(MLFLOW_TRACKING_URI=self.uri,
                    # sample system metrics every second so that short test runs record some
                    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", **extra)
         return env
@@ -70,9 +70,10 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    client.create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
-    mlflow.set_experiment("tests")
+    experiment_id = client.create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
+    # (mlflow.set_experiment would export MLFLOW_EXPERIMENT_ID for good; monkeypatch undoes it after the test)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     yield Store(tmp_path, uri, "tests")
     while mlflow.active_run():
         mlflow.end_run()
@@ -82,8 +83,8 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
 def mlflow_run(store: Store, params: dict[str, object], *, entry: str = "main", timeout: int = 600,
                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`mlflow run <repo> --env-manager local -e entry -P k=v ...`, exactly as a user types it."""
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-e", entry,
-           "--experiment-name", store.experiment]
+    # The experiment comes from MLFLOW_EXPERIMENT_ID (the store fixture sets it).
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-e", entry]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     return subprocess.run(cmd, cwd=store.root, env=store.env(**(extra_env or {})), capture_output=True, text=True,

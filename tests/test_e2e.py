@@ -1,0 +1,185 @@
+"""End to end, as a user runs it: `mlflow run . --env-manager local -P ...` on generated CIFAR-layout data with a
+real sqlite store, then a fresh process loads the registered model both ways; bad input fails cleanly."""
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mlflow import MlflowClient
+
+from cifar_mlflow.config import TrainConfig
+from tests.conftest import REPO, TINY, mlflow_run
+
+METRICS = {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"}
+
+
+def _runs(store):
+    client = MlflowClient(store.uri)
+    exp = client.get_experiment_by_name(store.experiment)
+    return client.search_runs([exp.experiment_id])
+
+
+def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
+    proc = mlflow_run(store, {**TINY, "data_dir": cifar_root, "lr": "1e-1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _runs(store)
+    client = MlflowClient(store.uri)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+
+    # params: every config field (the -P spelling kept), plus derived values
+    params = run.data.params
+    assert set(f for f in TrainConfig.__dataclass_fields__) <= set(params)
+    assert params["lr"] == "1e-1" and params["epochs"] == "2" and params["optimizer"] == "sgd"
+    assert params["model/num_params"] == "11173962"
+    assert params["data/train_size"] == "256" and params["data/test_size"] == "128"
+    assert len(params["data/mean"].split(",")) == 3 and len(params["data/std"].split(",")) == 3
+    assert params["env/device"] == "cpu" and params["env/precision"] in ("bf16", "fp32")
+    assert params["env/torch_version"] == "2.14.0" and params["env/mlflow_version"] == "3.17.2"
+
+    # every metric exactly once per epoch, steps 1 and 2; system metrics sampled too
+    for key in METRICS:
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+    assert 0 <= run.data.metrics["test/accuracy"] <= 1
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+
+    # dataset inputs
+    inputs = {(i.dataset.name, i.tags[0].value) for i in run.inputs.dataset_inputs}
+    assert inputs == {("cifar10", "training"), ("cifar10", "evaluation")}
+
+    # artifacts are real files
+    local = client.download_artifacts(run_id, "", str(store.root / "dl"))
+    for name in ("curves.png", "augmented_samples.png"):
+        with open(f"{local}/{name}", "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert "11,173,962" in open(f"{local}/model_summary.txt").read()
+    assert "CoarseDropout" in open(f"{local}/augmentations.txt").read()
+
+    # registry: version 1 with tags and the champion alias
+    mv = client.get_model_version_by_alias("cifar10-resnet18", "champion")
+    assert str(mv.version) == "1" and mv.run_id == run_id
+    assert mv.tags["run_id"] == run_id and mv.tags["epochs"] == "2"
+    assert float(mv.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test/accuracy"], abs=1e-6)
+    assert "registered models:/cifar10-resnet18/1  (now @champion)" in proc.stdout
+
+    # a fresh process loads models:/cifar10-resnet18@champion both ways and predicts probabilities
+    script = textwrap.dedent(f"""
+        import json, numpy as np, mlflow, torch
+        from cifar_mlflow import data, models
+        from cifar_mlflow.tracking import load_torch_model
+        uri = "models:/cifar10-resnet18@champion"
+        test = data.read_cifar10({str(cifar_root)!r}, max_test=128).test
+        x = (test.images.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+        pyfunc = mlflow.pyfunc.load_model(uri)
+        p = pyfunc.predict(x)
+        net, spec = load_torch_model(uri)
+        q = models.predict_proba(net, torch.from_numpy(x)).numpy()
+        print(json.dumps({{"shape": p.shape, "sums": [float(p.sum(1).min()), float(p.sum(1).max())],
+            "max_diff": float(abs(p - q).max()), "module": type(net).__name__,
+            "acc": float((p.argmax(1) == test.labels).mean()), "classes": pyfunc.metadata.metadata["class_names"]}}))
+    """)
+    env = store.env()
+    out = subprocess.run([sys.executable, "-c", script], cwd=store.root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["shape"] == [128, 10] and got["module"] == "CifarResNet"
+    assert got["sums"][0] == pytest.approx(1, abs=1e-5) and got["sums"][1] == pytest.approx(1, abs=1e-5)
+    assert got["max_diff"] < 1e-5
+    assert got["classes"][0] == "red-disc"
+    # the run's accuracy was measured under bf16 autocast, this one in fp32: allow a couple of borderline images
+    assert got["acc"] == pytest.approx(run.data.metrics["test/accuracy"], abs=3 / 128)
+
+
+def _closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/cifar-10-python.tar.gz"
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"optimizer": "foo"}, "'foo' is not one of 'sgd', 'adam', 'adamw'"),
+    ({"epochs": 0}, "Invalid value for '--epochs': 0 is not in the range x>=1"),
+    ({"lr": -0.1}, "Invalid value for '--lr': -0.1 is not in the range x>0"),
+    ({"no_such_param": 1}, "No such option '--no_such_param'"),
+], ids=["optimizer", "epochs", "lr", "unknown"])
+def test_bad_parameters_fail_before_training(store, cifar_root, params, message):
+    proc = mlflow_run(store, {**TINY, "data_dir": cifar_root, **params})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (run,) = _runs(store)
+    assert run.info.status == "FAILED" and message in run.data.tags["failure_reason"]
+    assert "train/loss" not in run.data.metrics
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size", "-1"], "Invalid value for '--batch_size': -1 is not in the range x>=1"),
+    (["--epochs", "two"], "'two' is not a valid integer"),
+    (["--precision", "fp64"], "'fp64' is not one of 'auto', 'fp32', 'bf16', 'fp16'"),
+])
+def test_bad_parameters_without_mlflow_run_create_no_run(store, args, message):
+    proc = _direct_train(store, *args)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.split('error: ', 1)[1].strip()}"]
+    assert message in proc.stderr
+    assert _runs(store) == []
+
+
+def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
+    proc = mlflow_run(store, {**TINY, "data_dir": tmp_path / "nodata"},
+                      extra_env={"CIFAR_MLFLOW_CIFAR10_URL": _closed_port_url()})
+    assert proc.returncode != 0
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert "could not download CIFAR-10" in line and str(tmp_path / "nodata" / "cifar-10-batches-py") in line
+    (run,) = _runs(store)
+    assert run.info.status == "FAILED"
+
+
+def test_corrupt_data_file_is_named(store, cifar_root, tmp_path):
+    data_dir = tmp_path / "d"
+    shutil.copytree(cifar_root, data_dir)
+    bad = data_dir / "cifar-10-batches-py" / "test_batch"
+    bad.write_bytes(bad.read_bytes()[:500])
+    proc = mlflow_run(store, {**TINY, "data_dir": data_dir})
+    assert proc.returncode != 0
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert f"{bad}: not a readable CIFAR-10 pickle" in line
+    (run,) = _runs(store)
+    assert run.info.status == "FAILED" and not MlflowClient(store.uri).search_registered_models()
+
+
+def _direct_train(store, *args):
+    cmd = [sys.executable, "-m", "entrypoints.train", "--dataset", "synthetic", "--epochs", "1",
+           "--batch_size", "64", "--max_train_samples", "128", "--max_test_samples", "64", "--num_workers", "0",
+           "--registered_model_name", "synthetic-test", *args]
+    return subprocess.run(cmd, cwd=REPO, env=store.env(), capture_output=True, text=True, timeout=300)
+
+
+def test_direct_runs_on_synthetic_data_are_deterministic(store):
+    """Without `mlflow run` the entry point opens its own run; two processes with one seed learn the same."""
+    for _ in range(2):
+        proc = _direct_train(store, "--seed", "5")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _runs(store)
+    assert a.info.status == b.info.status == "FINISHED" and a.data.params["dataset"] == "synthetic"
+    for key in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr"):
+        assert a.data.metrics[key] == b.data.metrics[key], key
+    client = MlflowClient(store.uri)
+    assert {str(v.version) for v in client.search_model_versions("name='synthetic-test'")} == {"1", "2"}
+
+
+def test_help_is_fast_and_complete():
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.train", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}" in proc.stdout
+    assert "torch" not in subprocess.run(
+        [sys.executable, "-c", "import sys, entrypoints.train; print(' '.join(sys.modules))"],
+        cwd=REPO, capture_output=True, text=True, timeout=60).stdout.split()

@@ -1,0 +1,99 @@
+"""tracking.py against a real sqlite MLflow store: params that `mlflow run` already logged, the registry and the
+champion alias, and loading models back both ways."""
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cifar_mlflow import models, tracking
+from cifar_mlflow.errors import ConfigError, ModelError
+
+SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5,) * 3, (0.25,) * 3)
+
+
+def test_log_params_skips_values_already_logged_in_another_spelling(store):
+    with mlflow.start_run() as run:
+        mlflow.log_params({"lr": "2e-1", "epochs": "3", "weight_decay": "5e-4"})   # as `mlflow run -P` logs them
+        tracking.log_params({"lr": 0.2, "epochs": 3, "weight_decay": 0.0005, "data/mean": (0.5, 0.25, 0.125),
+                             "optimizer": "sgd"})
+        params = MlflowClient().get_run(run.info.run_id).data.params
+        assert params["lr"] == "2e-1" and params["data/mean"] == "0.5,0.25,0.125" and params["optimizer"] == "sgd"
+        with pytest.raises(ConfigError, match=r"param lr: the run already has '2e-1', this process uses 0.3"):
+            tracking.log_params({"lr": 0.3})
+        with pytest.raises(ConfigError, match="param optimizer"):
+            tracking.log_params({"optimizer": "adam"})
+
+
+def test_failed_run_is_tagged_with_the_reason(store):
+    with pytest.raises(RuntimeError):
+        with tracking.training_run() as run:
+            raise RuntimeError("disk on fire")
+    got = MlflowClient().get_run(run.info.run_id)
+    assert got.info.status == "FAILED" and got.data.tags[tracking.FAILURE_TAG] == "RuntimeError: disk on fire"
+
+
+def test_fail_run_from_env_ends_a_run_created_by_mlflow_run(store, monkeypatch):
+    run_id = MlflowClient().create_run(mlflow.get_experiment_by_name("tests").experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    tracking.fail_run_from_env("epochs=0 is not allowed")
+    got = MlflowClient().get_run(run_id)
+    assert got.info.status == "FAILED" and got.data.tags[tracking.FAILURE_TAG] == "epochs=0 is not allowed"
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return models.build_model(SPEC).eval()
+
+
+def _register(net, accuracy, name="reg-test"):
+    example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    with tracking.training_run() as run:
+        version = tracking.log_and_register_model(net, SPEC, example, name, accuracy, epochs=2)
+    return run.info.run_id, version
+
+
+def test_registry_versions_tags_and_champion_alias(store, net):
+    client = MlflowClient()
+    run1, v1 = _register(net, 0.50)
+    run2, v2 = _register(net, 0.40)
+    run3, v3 = _register(net, 0.70)
+    assert [v.version for v in (v1, v2, v3)] == ["1", "2", "3"]
+    assert (v1.is_champion, v2.is_champion, v3.is_champion) == (True, False, True)
+    assert str(client.get_model_version_by_alias("reg-test", "champion").version) == "3"
+    mv2 = client.get_model_version("reg-test", "2")
+    assert mv2.tags == {"test_accuracy": "0.400000", "epochs": "2", "run_id": run2}
+    assert mv2.run_id == run2
+    assert client.get_run(run2).data.tags["champion"] == "false"
+    assert client.get_run(run3).data.tags["registered_model_version"] == "3"
+
+
+def test_registered_model_loads_both_ways(store, net):
+    _register(net, 0.5, name="load-test")
+    x = np.random.default_rng(1).random((5, 3, 32, 32), dtype=np.float32)
+    expected = models.predict_proba(net, torch.from_numpy(x)).numpy()
+
+    pyfunc = mlflow.pyfunc.load_model("models:/load-test@champion")
+    probs = pyfunc.predict(x)
+    assert probs.shape == (5, 10) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert pyfunc.metadata.metadata["class_names"] == list(SPEC.class_names)
+    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 3, 32, 32)
+
+    module, spec = tracking.load_torch_model("models:/load-test/1")
+    assert isinstance(module, models.CifarResNet) and spec == SPEC
+    np.testing.assert_allclose(models.predict_proba(module, torch.from_numpy(x)).numpy(), expected, atol=1e-5)
+
+
+def test_pyfunc_rejects_wrong_input_shape(store, net):
+    _register(net, 0.5, name="shape-test")
+    pyfunc = mlflow.pyfunc.load_model("models:/shape-test/1")
+    with pytest.raises(Exception, match=r"shape|\(N, 3, 32, 32\)"):
+        pyfunc.predict(np.zeros((2, 32, 32, 3), np.float32))
+
+
+def test_unknown_model_is_a_one_line_error(store):
+    with pytest.raises(ModelError) as err:
+        tracking.load_torch_model("models:/no-such-model/1")
+    assert "models:/no-such-model/1" in str(err.value) and "\n" not in str(err.value)
