@@ -14,11 +14,10 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import mlflow
 import numpy as np
-from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
@@ -27,6 +26,9 @@ from mlflow.types import Schema, TensorSpec
 from cifar_mlflow import data as data_mod
 from cifar_mlflow import models
 from cifar_mlflow.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:   # a served model needs no matplotlib
+    from matplotlib.figure import Figure
 
 CHAMPION = "champion"
 MODEL_NAME_IN_RUN = "model"

@@ -1,5 +1,9 @@
 """tracking.py against a real sqlite MLflow store: params that `mlflow run` already logged, the registry and the
 champion alias, and loading models back both ways."""
+import os
+import subprocess
+import sys
+
 import mlflow
 import numpy as np
 import pytest
@@ -97,3 +101,23 @@ def test_unknown_model_is_a_one_line_error(store):
     with pytest.raises(ModelError) as err:
         tracking.load_torch_model("models:/no-such-model/1")
     assert "models:/no-such-model/1" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_served_model_needs_only_its_pinned_requirements(store, net):
+    """The model's pip requirements list mlflow, torch, torchvision, safetensors and numpy: loading it must not
+    import the training-only libraries (they are blocked in this fresh process)."""
+    _register(net, 0.5, name="deps-test")
+    reqs = mlflow.pyfunc.get_model_dependencies("models:/deps-test/1")
+    pinned = sorted(line.split("==")[0] for line in open(reqs).read().split() if "==" in line)
+    assert pinned == ["mlflow", "numpy", "safetensors", "torch", "torchvision"]
+    script = (
+        "import sys\n"
+        "for m in ('matplotlib', 'albumentations', 'cv2', 'pytorch_grad_cam', 'torchinfo'):\n"
+        "    sys.modules[m] = None\n"
+        "import mlflow, numpy as np\n"
+        "m = mlflow.pyfunc.load_model('models:/deps-test/1')\n"
+        "print(m.predict(np.zeros((2, 3, 32, 32), np.float32)).shape)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=store.root, env=dict(os.environ), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "(2, 10)"
