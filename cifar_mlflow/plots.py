@@ -5,6 +5,7 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def training_curves(history: Sequence[dict[str, float]]) -> Figure:
@@ -17,6 +18,7 @@ def training_curves(history: Sequence[dict[str, float]]) -> Figure:
             ax.plot(epochs, [h[f"{split}/{key}"] for h in history], style, label=split, markersize=4)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     ax_acc.set_ylim(0, 1)
