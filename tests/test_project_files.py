@@ -43,6 +43,9 @@ def test_click_options_match_config():
     for name, f in fields.items():
         assert options[name].default == f.default, name
         assert options[name].opts == [f"--{name}"]
+        click_kind = {click.IntRange: "int", click.FloatRange: "float", click.Choice: "str"}.get(
+            type(options[name].type), "str" if options[name].type is click.STRING else "?")
+        assert click_kind == f.type, name
         if f.metadata["choices"]:
             assert tuple(options[name].type.choices) == f.metadata["choices"], name
 
