@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("onecycle", "none")
 AUGMENT_PRESETS = ("standard", "none")
 DATASETS = ("cifar10", "synthetic")
+ANALYZE_DATASETS = ("auto",) + DATASETS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -29,12 +31,14 @@ def param(
     high: float | None = None,
     low_open: bool = False,
     high_open: bool = False,
+    pattern: tuple[str, str] | None = None,
 ) -> Any:
-    """A dataclass field that also carries the help text and the allowed values (used by validation and click)."""
+    """A dataclass field that also carries the help text and the allowed values (used by validation and click).
+    pattern: (regular expression the whole string must match, how to describe it to a user)."""
     return field(
         default=default,
         metadata={"help": help, "choices": choices, "low": low, "high": high,
-                  "low_open": low_open, "high_open": high_open},
+                  "low_open": low_open, "high_open": high_open, "pattern": pattern},
     )
 
 
@@ -43,6 +47,8 @@ def allowed(f: dataclasses.Field) -> str:
     m = f.metadata
     if m["choices"]:
         return "one of " + ", ".join(m["choices"])
+    if m["pattern"]:
+        return m["pattern"][1]
     kind = {int: "an integer", float: "a number", str: "a non-empty string"}[_field_type(f)]
     bounds = []
     if m["low"] is not None:
@@ -66,7 +72,8 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is float and not math.isfinite(value)):
         raise bad
-    if kind is str and (not value.strip() or (m["choices"] and value not in m["choices"])):
+    if kind is str and (not value.strip() or (m["choices"] and value not in m["choices"])
+                        or (m["pattern"] and not re.fullmatch(m["pattern"][0], value))):
         raise bad
     if m["low"] is not None and (value < m["low"] or (m["low_open"] and value == m["low"])):
         raise bad
@@ -130,3 +137,30 @@ class TrainConfig(_Validated):
         "auto", "Compute precision; auto = bf16 autocast where the device runs it natively (CUDA with bf16, "
         "CPUs with AVX512-BF16/AMX), else fp32.", choices=PRECISIONS)
     registered_model_name: str = param("cifar10-resnet18", "Registered model that receives a new version.")
+
+
+MODEL_URI_FORMS = ("models:/<name>/<version>, models:/<name>@<alias>, models:/<logged model id> "
+                   "or runs:/<run id>/<path>")
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig(_Validated):
+    """Parameters of the `analyze` entry point."""
+
+    model_uri: str = param(
+        "models:/cifar10-resnet18@champion", "The model to analyse: a registered version, an alias or a run's model.",
+        pattern=(r"(models:/[^/@\s]+(/[0-9]+|@[\w-]+)?|runs:/[0-9a-f]+/\S+)", MODEL_URI_FORMS))
+    num_images: int = param(
+        25, "Misclassified images in the gallery and the GradCAM figures, most confident mistakes first.", low=1)
+    target_layers: str = param(
+        "layer3,layer4", "Comma-separated modules to explain with GradCAM; layer3 (8x8) and layer4 (4x4) are the "
+        "last two stages, coarse-to-fine as in the course notebooks.", pattern=(r"[\w.]+(,[\w.]+)*",
+                                                                            "comma-separated layer names"))
+    data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/.")
+    dataset: str = param(
+        "auto", "Test data: auto = the dataset the model's training run used; or cifar10, synthetic.",
+        choices=ANALYZE_DATASETS)
+    max_test_samples: int = param(0, "Use only the first N test images (0 = all); for quick runs.", low=0)
+    batch_size: int = param(
+        0, "Images per evaluation/GradCAM batch; 0 = the training run's batch size, so the accuracy reproduces "
+        "the training run's exactly.", low=0)

@@ -129,16 +129,21 @@ def _concat(splits: list[Split]) -> Split:
     return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]))
 
 
-def read_cifar10(root: Path, max_train: int = 0, max_test: int = 0) -> Dataset:
-    """Read `root/cifar-10-batches-py/`. Stops reading training batches once max_train images are in hand."""
+def _empty_split() -> Split:
+    return Split(np.empty((0, 32, 32, 3), np.uint8), np.empty(0, np.int64))
+
+
+def read_cifar10(root: Path, max_train: int = 0, max_test: int = 0, test_only: bool = False) -> Dataset:
+    """Read `root/cifar-10-batches-py/`. Stops reading training batches once max_train images are in hand;
+    test_only skips them (the training split is then empty)."""
     folder = Path(root) / LAYOUT
     class_names = read_class_names(folder / META_FILE)
     parts: list[Split] = []
-    for name in TRAIN_FILES:
+    for name in () if test_only else TRAIN_FILES:
         parts.append(read_batch(folder / name))
         if max_train and sum(map(len, parts)) >= max_train:
             break
-    train = _concat(parts).head(max_train)
+    train = _concat(parts).head(max_train) if parts else _empty_split()
     test = read_batch(folder / TEST_FILE).head(max_test)
     return Dataset("cifar10", train, test, class_names, str(folder))
 
@@ -272,8 +277,8 @@ def make_synthetic(n: int, seed: int) -> Split:
     return Split(images, labels)
 
 
-def synthetic_dataset(max_train: int = 0, max_test: int = 0) -> Dataset:
-    n_train = max_train or SYNTHETIC_SIZES["train"]
+def synthetic_dataset(max_train: int = 0, max_test: int = 0, test_only: bool = False) -> Dataset:
+    n_train = 0 if test_only else max_train or SYNTHETIC_SIZES["train"]
     n_test = max_test or SYNTHETIC_SIZES["test"]
     # Fixed seeds, independent of the training seed: the dataset is the same for every run.
     return Dataset("synthetic", make_synthetic(min(n_train, SYNTHETIC_SIZES["train"]), 1234),
@@ -281,16 +286,17 @@ def synthetic_dataset(max_train: int = 0, max_test: int = 0) -> Dataset:
 
 
 def load_dataset(name: str, data_dir: str | Path, max_train: int = 0, max_test: int = 0,
-                 download: Callable[[Path], Path] = download_cifar10) -> Dataset:
-    """The dataset a run asks for; downloads CIFAR-10 first if its layout is missing from data_dir."""
+                 download: Callable[[Path], Path] = download_cifar10, test_only: bool = False) -> Dataset:
+    """The dataset a run asks for; downloads CIFAR-10 first if its layout is missing from data_dir.
+    test_only: read only the test split (analysis), leaving the training split empty."""
     if name == "synthetic":
-        return synthetic_dataset(max_train, max_test)
+        return synthetic_dataset(max_train, max_test, test_only)
     if name != "cifar10":
         raise DataError(f"dataset={name!r} is not allowed: expected one of cifar10, synthetic")
     root = Path(data_dir)
     if not (root / LAYOUT).is_dir():
         download(root)
-    return read_cifar10(root, max_train, max_test)
+    return read_cifar10(root, max_train, max_test, test_only)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -137,21 +137,29 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             "lr": float(lr)}
 
 
-def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str, desc: str = "test") -> Metrics:
-    """Plain cross-entropy and accuracy over every sample of loader."""
+def eval_logits(model: nn.Module, loader: Any, device: torch.device, precision: str,
+                desc: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 logits, labels) per batch, on the device, in eval mode without gradients. The one evaluation path:
+    training's test metrics and the analysis entry point both go through it, so they agree exactly."""
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
     with torch.inference_mode():
         for images, labels in _progress(loader, desc):
             x = to_device_images(images, device)
             y = labels.to(device, non_blocking=True)
             with autocast(device, precision):
-                logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(dim=1) == y).sum()
-            seen += len(labels)
+                logits = model(x)
+            yield logits.float(), y
+
+
+def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str, desc: str = "test") -> Metrics:
+    """Plain cross-entropy and accuracy over every sample of loader."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for logits, y in eval_logits(model, loader, device, precision, desc):
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(dim=1) == y).sum()
+        seen += len(y)
     return {"test/loss": loss_sum.item() / max(seen, 1), "test/accuracy": correct.item() / max(seen, 1)}
 
 
