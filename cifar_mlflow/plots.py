@@ -39,3 +39,71 @@ def image_grid(images: np.ndarray, titles: Sequence[str], ncols: int = 8, title:
     if title:
         fig.suptitle(title)
     return fig
+
+
+def misclassified_gallery(images: np.ndarray, true_names: Sequence[str], pred_names: Sequence[str],
+                          confidence: Sequence[float], ncols: int = 5) -> Figure:
+    """Misclassified images, each titled `true -> predicted (confidence)`."""
+    titles = [f"{t} ->\n{p} ({c:.0%})" for t, p, c in zip(true_names, pred_names, confidence)]
+    return image_grid(images, titles, ncols=ncols, title="misclassified test images, most confident first")
+
+
+def gradcam_figure(images: np.ndarray, pred_maps: np.ndarray, true_maps: np.ndarray, true_names: Sequence[str],
+                   pred_names: Sequence[str], confidence: Sequence[float], layer: str, per_row: int = 4) -> Figure:
+    """For each image three panels: the image, GradCAM for the predicted class ("why it said X") and GradCAM
+    for the true class ("where Y was")."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    n = len(images)
+    nrows = max(1, -(-n // per_row))
+    fig = Figure(figsize=(4.2 * per_row, 1.9 * nrows + 0.5), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(nrows, 3 * per_row)).reshape(nrows, 3 * per_row)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        row, col = divmod(i, per_row)
+        img = images[i].astype(np.float32) / 255.0
+        panels = ((images[i], f"{true_names[i]} ->\n{pred_names[i]} ({confidence[i]:.0%})"),
+                  (show_cam_on_image(img, pred_maps[i], use_rgb=True), f"why {pred_names[i]}"),
+                  (show_cam_on_image(img, true_maps[i], use_rgb=True), f"where {true_names[i]}"))
+        for j, (panel, title) in enumerate(panels):
+            ax = axes[row, 3 * col + j]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+    fig.suptitle(f"GradCAM at {layer}: image | predicted class | true class")
+    return fig
+
+
+def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str]) -> Figure:
+    """Row-normalised confusion matrix (each row sums to 1: where that class's images went)."""
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    k = len(class_names)
+    fig = Figure(figsize=(1.0 + 0.75 * k, 0.6 + 0.7 * k), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            if norm[i, j] >= 0.005:
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title("confusion matrix (rows normalised)")
+    return fig
+
+
+def per_class_accuracy_figure(accuracy: Sequence[float], class_names: Sequence[str], overall: float) -> Figure:
+    fig = Figure(figsize=(max(6.0, 0.7 * len(class_names)), 3.5), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(range(len(class_names)), accuracy, color="tab:blue")
+    ax.bar_label(bars, [f"{a:.0%}" for a in accuracy], fontsize=7)
+    ax.axhline(overall, color="tab:red", linestyle="--", label=f"overall {overall:.1%}")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title("per-class test accuracy")
+    ax.legend(loc="lower right")
+    return fig

@@ -50,7 +50,7 @@ def versions() -> dict[str, str]:
 # Runs
 
 @contextlib.contextmanager
-def training_run() -> Iterator[mlflow.ActiveRun]:
+def open_run() -> Iterator[mlflow.ActiveRun]:
     """Open the run: the one `mlflow run` created (MLFLOW_RUN_ID) or a new one, with system metrics sampled.
     An exception ends it FAILED with a tag saying why."""
     with mlflow.start_run(log_system_metrics=True) as run:
@@ -233,3 +233,81 @@ def load_torch_model(model_uri: str, device: str = "cpu") -> tuple[Any, models.M
     safetensors weights: hooks (GradCAM) work on it, and nothing is unpickled."""
     with tempfile.TemporaryDirectory() as tmp:
         return models.load_model_files(_model_files_dir(model_uri, Path(tmp)), device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding a model and its training run (analysis)
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model URI points at: the registered name and version (None for runs:/ and logged-model URIs),
+    and the run that trained it."""
+
+    uri: str
+    name: str | None
+    version: str | None
+    run_id: str
+
+
+def _describe_versions(client: MlflowClient, name: str) -> str:
+    versions = sorted((int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+    aliases = client.get_registered_model(name).aliases
+    alias_text = ", ".join(f"@{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
+    return f"versions: {', '.join(map(str, versions)) or 'none'}; aliases: {alias_text}"
+
+
+def resolve_model(uri: str) -> ModelRef:
+    """Resolve models:/name/version, models:/name@alias, models:/<logged model id> or runs:/<run id>/<path>.
+    An unknown name, version or alias is a one-line ModelError naming what exists."""
+    client = MlflowClient()
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].split("/", 1)[0]
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ModelError(f"model_uri {uri!r}: no run {run_id!r} in this tracking store") from None
+        return ModelRef(uri, None, None, run_id)
+    rest = uri[len("models:/"):]
+    name, sep, ref = rest.partition("@") if "@" in rest else rest.partition("/")
+    if not sep:   # models:/<logged model id> (MLflow 3)
+        try:
+            return ModelRef(uri, None, None, mlflow.get_logged_model(name).source_run_id)
+        except MlflowException:
+            pass
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise ModelError(f"model_uri {uri!r}: no registered model {name!r}; registered models: "
+                         f"{', '.join(names) or 'none yet'}") from None
+    try:
+        mv = client.get_model_version_by_alias(name, ref) if sep == "@" else client.get_model_version(name, ref)
+    except MlflowException:
+        what = f"alias @{ref}" if sep == "@" else f"version {ref}"
+        raise ModelError(f"model_uri {uri!r}: {name!r} has no {what}; {_describe_versions(client, name)}") from None
+    return ModelRef(uri, name, str(mv.version), mv.run_id)
+
+
+def run_params(run_id: str) -> dict[str, str]:
+    return MlflowClient().get_run(run_id).data.params
+
+
+@contextlib.contextmanager
+def analysis_run(ref: ModelRef) -> Iterator[mlflow.ActiveRun]:
+    """Open the analysis run (or the one `mlflow run` created), tagged with the model it analyses; the model
+    version is tagged back with this run's id, so the lineage reads both ways."""
+    with open_run() as run:
+        mlflow.set_tags({"model_uri": ref.uri, "training_run_id": ref.run_id,
+                         **({"model_name": ref.name, "model_version": ref.version} if ref.name else {})})
+        if ref.name:
+            MlflowClient().set_model_version_tag(ref.name, ref.version, "analysis_run_id", run.info.run_id)
+        yield run
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics)
+
+
+def log_table(columns: dict[str, list[Any]], artifact_file: str) -> None:
+    """A table the MLflow UI can sort and filter (Artifacts view / evaluation tables)."""
+    mlflow.log_table(data=columns, artifact_file=artifact_file)

@@ -42,7 +42,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     test_loader = data.make_loader(dataset.test, batch_size=cfg.batch_size, train=False,
                                    num_workers=workers, pin_memory=pin)
 
-    with tracking.training_run() as run:
+    with tracking.open_run() as run:
         tracking.log_params({**cfg.to_params(), **{
             "model/num_params": models.num_parameters(model), "data/train_size": len(dataset.train),
             "data/test_size": len(dataset.test), "data/mean": mean, "data/std": std,

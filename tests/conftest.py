@@ -63,6 +63,11 @@ class Store:
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     """A real MLflow sqlite store with its artifacts under tmp_path, active in this process too."""
+    yield from make_store(tmp_path, monkeypatch)
+
+
+def make_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Generator behind the store fixtures (function- or module-scoped)."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

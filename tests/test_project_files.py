@@ -8,9 +8,17 @@ import tomllib
 import click
 import yaml
 
-from cifar_mlflow.config import TrainConfig
+import pytest
+
+from cifar_mlflow.config import AnalyzeConfig, TrainConfig
+from entrypoints.analyze import analyze as analyze_command
 from entrypoints.train import train as train_command
 from tests.conftest import REPO
+
+# MLproject entry point -> (config dataclass, click command, python module)
+ENTRY_POINTS = {"main": (TrainConfig, train_command, "entrypoints.train"),
+                "analyze": (AnalyzeConfig, analyze_command, "entrypoints.analyze")}
+each_entry_point = pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 
 YAML_TYPES = {"int": int, "float": float, "string": str}
 
@@ -19,9 +27,15 @@ def _mlproject():
     return yaml.safe_load((REPO / "MLproject").read_text())
 
 
-def test_mlproject_main_matches_config_names_types_defaults():
-    params = _mlproject()["entry_points"]["main"]["parameters"]
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def test_every_entry_point_is_tested_here():
+    assert set(_mlproject()["entry_points"]) == set(ENTRY_POINTS)
+
+
+@each_entry_point
+def test_mlproject_matches_config_names_types_defaults(entry):
+    config, _, _ = ENTRY_POINTS[entry]
+    params = _mlproject()["entry_points"][entry]["parameters"]
+    fields = {f.name: f for f in dataclasses.fields(config)}
     assert list(params) == list(fields), "same names, same order"
     for name, spec in params.items():
         kind = fields[name].type
@@ -29,16 +43,20 @@ def test_mlproject_main_matches_config_names_types_defaults():
         assert spec["default"] == fields[name].default and type(spec["default"]).__name__ == kind, name
 
 
-def test_mlproject_command_passes_every_parameter():
-    entry = _mlproject()["entry_points"]["main"]
-    assert entry["command"].startswith("python -m entrypoints.train ")
-    passed = re.findall(r"--(\w+) \{(\w+)\}", entry["command"])
-    assert [a for a, b in passed] == [b for a, b in passed] == list(entry["parameters"])
+@each_entry_point
+def test_mlproject_command_passes_every_parameter(entry):
+    _, _, module = ENTRY_POINTS[entry]
+    spec = _mlproject()["entry_points"][entry]
+    assert spec["command"].startswith(f"python -m {module} ")
+    passed = re.findall(r"--(\w+) \{(\w+)\}", spec["command"])
+    assert [a for a, b in passed] == [b for a, b in passed] == list(spec["parameters"])
 
 
-def test_click_options_match_config():
-    options = {p.name: p for p in train_command.params if isinstance(p, click.Option)}
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+@each_entry_point
+def test_click_options_match_config(entry):
+    config, command, _ = ENTRY_POINTS[entry]
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    fields = {f.name: f for f in dataclasses.fields(config)}
     assert set(options) == set(fields)
     for name, f in fields.items():
         assert options[name].default == f.default, name
@@ -59,10 +77,15 @@ def test_pins_agree_between_pyproject_and_conda():
     assert "python=3.11" in conda["dependencies"]
 
 
-def test_readme_documents_every_parameter():
+@each_entry_point
+def test_readme_documents_every_parameter(entry):
+    """Each entry point has a README section whose table lists every parameter with its default."""
+    config, _, _ = ENTRY_POINTS[entry]
     readme = (REPO / "README.md").read_text()
-    for f in dataclasses.fields(TrainConfig):
-        assert re.search(rf"^\| `{f.name}` \|", readme, re.M), f"README parameter table lacks {f.name}"
+    section = readme.split(f"## Parameters (`{entry}` entry point)", 1)[1].split("\n## ", 1)[0]
+    for f in dataclasses.fields(config):
+        assert re.search(rf"^\| `{f.name}` \| {re.escape(str(f.default))} \|", section, re.M), \
+            f"README {entry} table lacks {f.name} with default {f.default}"
     assert "make train" in readme and "make test" in readme
 
 

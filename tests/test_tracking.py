@@ -31,7 +31,7 @@ def test_log_params_skips_values_already_logged_in_another_spelling(store):
 
 def test_failed_run_is_tagged_with_the_reason(store):
     with pytest.raises(RuntimeError):
-        with tracking.training_run() as run:
+        with tracking.open_run() as run:
             raise RuntimeError("disk on fire")
     got = MlflowClient().get_run(run.info.run_id)
     assert got.info.status == "FAILED" and got.data.tags[tracking.FAILURE_TAG] == "RuntimeError: disk on fire"
@@ -53,7 +53,7 @@ def net():
 
 def _register(net, accuracy, name="reg-test"):
     example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
-    with tracking.training_run() as run:
+    with tracking.open_run() as run:
         version = tracking.log_and_register_model(net, SPEC, example, name, accuracy, epochs=2)
     return run.info.run_id, version
 

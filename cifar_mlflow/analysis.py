@@ -1,0 +1,125 @@
+"""Inspecting a trained classifier on a test split: predictions, the misclassified images (most confident first),
+per-class statistics, the confusion matrix, and batched GradCAM maps. Knows nothing of MLflow."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifar_mlflow import engine
+from cifar_mlflow.errors import ModelError
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Class probabilities (N, C) float32 and true labels (N,), plus the mean cross-entropy."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    loss: float
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """Probability of the predicted class."""
+        return self.probs.max(axis=1)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.predicted == self.labels).mean()) if len(self.labels) else 0.0
+
+
+def predict(model: nn.Module, loader: Any, device: torch.device, precision: str) -> Predictions:
+    """Run the test split through engine.eval_logits (the path training's test metrics took), keeping every
+    sample's probabilities. The loss is summed per batch in float64, exactly as engine.evaluate does."""
+    probs, labels = [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for logits, y in engine.eval_logits(model, loader, device, precision, desc="analysis"):
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        probs.append(torch.softmax(logits, dim=1))
+        labels.append(y)
+    n = sum(len(y) for y in labels)
+    return Predictions(torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy(), loss_sum.item() / max(n, 1))
+
+
+def misclassified(pred: Predictions) -> np.ndarray:
+    """Indices of the wrong predictions, most confident first (they teach the most), ties by index."""
+    wrong = np.flatnonzero(pred.predicted != pred.labels)
+    order = np.lexsort((wrong, -pred.confidence[wrong]))   # last key sorts first
+    return wrong[order]
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (C, C): rows are true classes, columns predicted classes."""
+    return np.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def per_class_stats(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class accuracy (= recall: the share of a class's images classified right), precision and support."""
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, tp / support, 0.0)
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+    return {"accuracy": recall, "recall": recall, "precision": precision, "support": support}
+
+
+def most_confused_pairs(cm: np.ndarray, class_names: Sequence[str], k: int = 10) -> list[tuple[str, str, int, float]]:
+    """The k largest off-diagonal cells: (true, predicted, count, share of the true class)."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:k]
+    pairs = []
+    for i, j in zip(*np.unravel_index(flat, cm.shape)):
+        if off[i, j] > 0:
+            pairs.append((class_names[i], class_names[j], int(off[i, j]), float(off[i, j] / max(cm[i].sum(), 1))))
+    return pairs
+
+
+def resolve_layers(model: nn.Module, names: str) -> list[tuple[str, nn.Module]]:
+    """The modules named in a comma-separated list (`layer3`, `layer4.1.conv2`, ...)."""
+    modules = dict(model.named_modules())
+    out = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name not in modules or name == "":
+            top = ", ".join(n for n, _ in model.named_children())
+            raise ModelError(f"target_layers: {name!r} is not a layer of this model; valid: {top} "
+                             f"(or a dotted path inside one, e.g. layer4.1.conv2)")
+        out.append((name, modules[name]))
+    return out
+
+
+def gradcam_maps(model: nn.Module, layer: nn.Module, images: torch.Tensor, classes: Sequence[int],
+                 batch_size: int = 64) -> np.ndarray:
+    """GradCAM maps (K, H, W) in [0, 1] for images (K, 3, H, W) in [0, 1], one per requested class.
+    One GradCAM call per batch of images (not per image), in fp32, hooks released by the context manager.
+    Never pass a torch.compile'd module: its hooks do not fire."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.autocast(device_type=device.type, enabled=False), GradCAM(model=model, target_layers=[layer]) as cam:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device, torch.float32)
+            targets = [ClassifierOutputTarget(int(c)) for c in classes[i:i + batch_size]]
+            out.append(cam(input_tensor=x, targets=targets))
+    return np.concatenate(out).astype(np.float32) if out else np.empty((0,) + tuple(images.shape[2:]), np.float32)
+
+
+def gradcam_pairs(model: nn.Module, layer: nn.Module, images: torch.Tensor, predicted: Sequence[int],
+                  true: Sequence[int], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Maps for the predicted class ("why it said X") and for the true class ("where Y was"), computed together:
+    each GradCAM call takes a batch holding both, so it is still one call per batch."""
+    k = len(images)
+    both = gradcam_maps(model, layer, torch.cat([images, images]), list(predicted) + list(true),
+                        batch_size=2 * batch_size)
+    return both[:k], both[k:]

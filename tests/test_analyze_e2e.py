@@ -1,0 +1,139 @@
+"""The analyze entry point end to end: train tiny through `mlflow run`, then analyse by alias (through
+`mlflow run -e analyze`) and by version (directly), against the real registry; then the error cases."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO, TINY, make_store, mlflow_run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+ANALYZE = {"max_test_samples": 128, "num_images": 10}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cifar_root):
+    """A store holding one tiny model trained through `mlflow run` (version 1, @champion)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for store in make_store(tmp_path_factory.mktemp("analyze"), mp):
+            proc = mlflow_run(store, {**TINY, "data_dir": cifar_root})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            client = MlflowClient(store.uri)
+            (run,) = client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
+            yield store, run
+
+
+def _run_of(store, run_id):
+    return MlflowClient(store.uri).get_run(run_id)
+
+
+def _analysis_runs(store, training_run_id):
+    client = MlflowClient(store.uri)
+    exp = client.get_experiment_by_name(store.experiment).experiment_id
+    return client.search_runs([exp], f"tags.training_run_id = '{training_run_id}'", order_by=["start_time ASC"])
+
+
+def test_analyze_champion_through_mlflow_run(trained, cifar_root):
+    store, train_run = trained
+    proc = mlflow_run(store, {**ANALYZE, "data_dir": cifar_root}, entry="analyze")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _analysis_runs(store, train_run.info.run_id)
+    client = MlflowClient(store.uri)
+    assert run.info.status == "FINISHED"
+
+    # lineage both ways
+    assert run.data.tags["model_name"] == "cifar10-resnet18" and run.data.tags["model_version"] == "1"
+    assert run.data.tags["training_run_id"] == train_run.info.run_id
+    assert client.get_model_version("cifar10-resnet18", "1").tags["analysis_run_id"] == run.info.run_id
+
+    # the same accuracy as the training run's last epoch on the same data, and per-class metrics
+    metrics = run.data.metrics
+    assert metrics["test/accuracy"] == train_run.data.metrics["test/accuracy"]
+    assert metrics["test/loss"] == pytest.approx(train_run.data.metrics["test/loss"], rel=1e-6)
+    for name in ("red-disc", "lime-frame"):
+        for stat in ("accuracy", "precision", "recall"):
+            assert 0 <= metrics[f"test/{stat}/{name}"] <= 1
+
+    # artifacts
+    local = client.download_artifacts(run.info.run_id, "", str(store.root / "dl"))
+    for name in ("misclassified/gallery.png", "gradcam/layer3.png", "gradcam/layer4.png", "confusion_matrix.png",
+                 "per_class_accuracy.png"):
+        with open(f"{local}/{name}", "rb") as fh:
+            assert fh.read(8) == PNG, name
+    table = json.load(open(f"{local}/misclassified.json"))
+    assert table["columns"] == ["index", "true", "predicted", "confidence"]
+    rows = table["data"]
+    assert len(rows) == round((1 - metrics["test/accuracy"]) * 128)
+    confidences = [r[3] for r in rows]
+    assert confidences == sorted(confidences, reverse=True)
+    assert all(r[1] != r[2] for r in rows)
+    summary = open(f"{local}/confused_pairs.md").read()
+    assert summary.startswith("# Most-confused classes") and "| true | predicted as |" in summary
+
+
+def _direct(store, *args):
+    cmd = [sys.executable, "-m", "entrypoints.analyze", "--max_test_samples", "128", "--num_images", "4", *args]
+    return subprocess.run(cmd, cwd=REPO, env=store.env(), capture_output=True, text=True, timeout=300)
+
+
+def test_analyze_by_version_directly(trained, cifar_root):
+    store, train_run = trained
+    proc = _direct(store, "--model_uri", "models:/cifar10-resnet18/1", "--data_dir", str(cifar_root),
+                   "--target_layers", "layer4.1.conv2", "--batch_size", "32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = _analysis_runs(store, train_run.info.run_id)[-1]
+    assert run.info.status == "FINISHED" and run.data.tags["model_uri"] == "models:/cifar10-resnet18/1"
+    assert run.data.params["eval_batch_size"] == "32" and run.data.params["data/dataset"] == "cifar10"
+    arts = {a.path for a in MlflowClient(store.uri).list_artifacts(run.info.run_id, "gradcam")}
+    assert arts == {"gradcam/layer4.1.conv2.png"}
+    tags = MlflowClient(store.uri).get_model_version("cifar10-resnet18", "1").tags
+    assert tags["analysis_run_id"] == run.info.run_id   # the newest analysis
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("models:/no-such-model@champion", "no registered model 'no-such-model'; registered models: cifar10-resnet18"),
+    ("models:/cifar10-resnet18/7", "'cifar10-resnet18' has no version 7; versions: 1; aliases: @champion -> 1"),
+    ("models:/cifar10-resnet18@best", "'cifar10-resnet18' has no alias @best; versions: 1; aliases: @champion -> 1"),
+])
+def test_unknown_model_names_what_exists(trained, cifar_root, uri, message):
+    store, train_run = trained
+    before = len(_analysis_runs(store, train_run.info.run_id))
+    proc = _direct(store, "--model_uri", uri, "--data_dir", str(cifar_root))
+    assert proc.returncode != 0
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert len(_analysis_runs(store, train_run.info.run_id)) == before   # nothing opened
+
+
+def test_bad_target_layer_through_mlflow_run_fails_the_run(trained, cifar_root):
+    store, _ = trained
+    proc = mlflow_run(store, {**ANALYZE, "data_dir": cifar_root, "target_layers": "layer3,fc2"}, entry="analyze")
+    assert proc.returncode != 0
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert "'fc2' is not a layer of this model; valid: conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4" \
+        in line
+    client = MlflowClient(store.uri)
+    exp = client.get_experiment_by_name(store.experiment).experiment_id
+    (failed,) = client.search_runs([exp], "attributes.status = 'FAILED'")
+    assert "fc2" in failed.data.tags["failure_reason"]
+    assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
+
+
+def test_bad_uri_form(trained):
+    store, _ = trained
+    proc = _direct(store, "--model_uri", "cifar10-resnet18")
+    assert proc.returncode != 0 and "model_uri='cifar10-resnet18' is not allowed: expected models:/<name>/<version>" \
+        in proc.stderr
+
+
+def test_runs_uri_is_accepted(trained, cifar_root):
+    store, train_run = trained
+    proc = _direct(store, "--model_uri", f"runs:/{train_run.info.run_id}/model", "--data_dir", str(cifar_root),
+                   "--target_layers", "layer4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = _analysis_runs(store, train_run.info.run_id)[-1]
+    assert run.data.tags["model_uri"].startswith("runs:/") and "model_version" not in run.data.tags
+    assert run.data.metrics["test/accuracy"] == train_run.data.metrics["test/accuracy"]
