@@ -20,19 +20,44 @@ def cutout_fill(mean: Sequence[float]) -> tuple[float, ...]:
     return tuple(round(255.0 * m) for m in mean)
 
 
+HEAVY_HOLE = 16  # "half-size patch": a 16x16 hole is half the 32-px side, as in the course notebooks
+ROTATE = 5       # degrees: small enough that CIFAR's upright objects stay upright
+
+
+def _pad_crop() -> list[A.BasicTransform]:
+    return [A.PadIfNeeded(32 + 2 * PAD, 32 + 2 * PAD, border_mode=cv2.BORDER_REFLECT_101), A.RandomCrop(32, 32)]
+
+
+def _cutout(mean: Sequence[float], size: int = CUTOUT, p: float = 1.0) -> A.CoarseDropout:
+    return A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(size, size), hole_width_range=(size, size),
+                           fill=cutout_fill(mean), p=p)
+
+
 def build_train_transform(preset: str, mean: Sequence[float]) -> A.Compose | None:
     """The training pipeline for a preset name, or None for `none`."""
+    presets = {
+        # reflect-pad 4 + crop 32, flip, one 16x16 cutout: the short-schedule ResNet recipe
+        "standard": lambda: [*_pad_crop(), A.HorizontalFlip(p=0.5), _cutout(mean)],
+        # flip + coarse dropout, no translation
+        "flip-cutout": lambda: [A.HorizontalFlip(p=0.5), _cutout(mean, p=0.5)],
+        # the assignment-notebook recipe: flip, shift/scale/rotate (as Affine: ShiftScaleRotate is deprecated),
+        # a half-size hole, colour jitter with the hue bounded (CIFAR colours carry class information), to-gray
+        "heavy": lambda: [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15),
+                     border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            _cutout(mean, HEAVY_HOLE, p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=0.5),
+            A.ToGray(p=0.1)],
+        # pad-crop + 16x16 cutout + rotate +-5 degrees
+        "rotate": lambda: [*_pad_crop(), _cutout(mean),
+                           A.Rotate(limit=ROTATE, border_mode=cv2.BORDER_REFLECT_101, p=0.5)],
+    }
     if preset == "none":
         return None
-    if preset == "standard":
-        return A.Compose([
-            A.PadIfNeeded(32 + 2 * PAD, 32 + 2 * PAD, border_mode=cv2.BORDER_REFLECT_101),
-            A.RandomCrop(32, 32),
-            A.HorizontalFlip(p=0.5),
-            A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(CUTOUT, CUTOUT),
-                            hole_width_range=(CUTOUT, CUTOUT), fill=cutout_fill(mean), p=1.0),
-        ])
-    raise ValueError(f"augment={preset!r} is not allowed: expected one of standard, none")
+    if preset not in presets:
+        raise ValueError(f"augment={preset!r} is not allowed: expected one of {', '.join(presets)}, none")
+    return A.Compose(presets[preset]())
 
 
 def describe(transform: A.Compose | None) -> str:

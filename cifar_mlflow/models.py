@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +23,18 @@ CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 1
 _LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
+GROUPS = 32   # GroupNorm's default group count (Wu & He 2018); every ResNet width (64..512) divides by it
+
+
+def norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    """batch: BatchNorm2d; group: GroupNorm(32); layer: GroupNorm(1), i.e. LayerNorm over (C, H, W)."""
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "group":
+        return partial(nn.GroupNorm, GROUPS)
+    if norm == "layer":
+        return partial(nn.GroupNorm, 1)
+    raise ModelError(f"norm={norm!r} is not allowed: expected one of batch, group, layer")
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,7 @@ class ModelSpec:
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    norm: str = "batch"
     format_version: int = FORMAT_VERSION
 
     @property
@@ -44,10 +58,12 @@ class CifarResNet(ResNet):
     their resolution into layer1 (kuangliu/pytorch-cifar). `layer1..layer4` keep their torchvision names, so
     `model.layer4[-1]` is the obvious GradCAM target."""
 
-    def __init__(self, layers: list[int], num_classes: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, layers: list[int], num_classes: int, mean: Sequence[float], std: Sequence[float],
+                 norm: str = "batch") -> None:
         # zero_init_residual: each block starts as identity, which steadies the high-LR start of one-cycle
         # (Goyal et al. 2017).
-        super().__init__(BasicBlock, layers, num_classes=num_classes, zero_init_residual=True)
+        super().__init__(BasicBlock, layers, num_classes=num_classes, zero_init_residual=True,
+                         norm_layer=norm_layer(norm))
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.maxpool = nn.Identity()
@@ -62,7 +78,7 @@ class CifarResNet(ResNet):
 def build_model(spec: ModelSpec) -> CifarResNet:
     if spec.arch not in _LAYERS:
         raise ModelError(f"arch={spec.arch!r} is not allowed: expected one of {', '.join(_LAYERS)}")
-    return CifarResNet(_LAYERS[spec.arch], spec.num_classes, spec.mean, spec.std)
+    return CifarResNet(_LAYERS[spec.arch], spec.num_classes, spec.mean, spec.std, spec.norm)
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -86,7 +102,8 @@ def read_spec(folder: Path) -> ModelSpec:
     try:
         raw = json.loads(path.read_text())
         spec = ModelSpec(arch=raw["arch"], class_names=tuple(raw["class_names"]), mean=tuple(raw["mean"]),
-                         std=tuple(raw["std"]), format_version=int(raw.get("format_version", 0)))
+                         std=tuple(raw["std"]), norm=raw.get("norm", "batch"),
+                         format_version=int(raw.get("format_version", 0)))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path}: not a valid model config ({exc})") from None
     if spec.format_version != FORMAT_VERSION:

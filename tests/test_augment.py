@@ -70,3 +70,35 @@ def test_none_preset():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="augment='heavy!' is not allowed"):
         augment.build_train_transform("heavy!", MEAN)
+
+
+@pytest.mark.parametrize("preset", ["standard", "flip-cutout", "heavy", "rotate"])
+def test_every_transform_of_every_preset_changes_images(preset, images):
+    """Each transform, forced on (p=1), changes most images it is given: none is a silent no-op (as a 1.x
+    argument name would make it under albumentations 2.x)."""
+    import copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transforms = augment.build_train_transform(preset, MEAN).transforms
+    for position, t in enumerate(transforms):
+        forced = copy.deepcopy(t)
+        forced.p = 1.0
+        changed = 0
+        for i, img in enumerate(images[:20]):
+            x = img
+            for earlier in transforms[:position]:   # what this transform really receives in the pipeline
+                x = _apply(earlier, x, 1000 + i)
+            out = _apply(forced, x, i)
+            changed += out.shape != x.shape or not np.array_equal(out, x)
+        assert changed >= 16, f"{preset}: {type(t).__name__} changed only {changed}/20 images"
+
+
+def test_heavy_keeps_hue_bounded_and_uses_a_half_size_hole():
+    t = augment.build_train_transform("heavy", MEAN)
+    jitter = next(x for x in t.transforms if type(x).__name__ == "ColorJitter")
+    assert max(abs(h) for h in jitter.hue) <= 0.05
+    cutout = next(x for x in t.transforms if type(x).__name__ == "CoarseDropout")
+    assert cutout.hole_height_range == (16, 16) and cutout.hole_width_range == (16, 16)
+    assert [type(x).__name__ for x in t.transforms] == ["HorizontalFlip", "Affine", "CoarseDropout",
+                                                        "ColorJitter", "ToGray"]
