@@ -9,20 +9,38 @@ from typing import Any, Callable
 
 import click
 
-from cifar_mlflow.config import allowed
+from cifar_mlflow.config import allowed, field_type
 from cifar_mlflow.errors import CifarMlflowError
+
+
+class NumberOrWord(click.ParamType):
+    """A number in a range, or one of a few words (`--lr 0.1` or `--lr auto`)."""
+
+    name = "number|word"
+
+    def __init__(self, number: click.ParamType, words: tuple[str, ...]) -> None:
+        self.number, self.words = number, words
+        self.name = f"{number.name}|{'|'.join(words)}"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and value in self.words:
+            return value
+        return self.number.convert(value, param, ctx)
 
 
 def _click_type(f: dataclasses.Field) -> Any:
     m = f.metadata
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    kind = field_type(f)
     if m["choices"]:
         return click.Choice(m["choices"])
-    if kind == "int":
-        return click.IntRange(min=m["low"], max=m["high"], min_open=m["low_open"], max_open=m["high_open"])
-    if kind == "float":
-        return click.FloatRange(min=m["low"], max=m["high"], min_open=m["low_open"], max_open=m["high_open"])
-    return click.STRING
+    if kind is int:
+        number: click.ParamType = click.IntRange(min=m["low"], max=m["high"], min_open=m["low_open"],
+                                                 max_open=m["high_open"])
+    elif kind is float:
+        number = click.FloatRange(min=m["low"], max=m["high"], min_open=m["low_open"], max_open=m["high_open"])
+    else:
+        return click.STRING
+    return NumberOrWord(number, m["also"]) if m["also"] else number
 
 
 def config_options(config_cls: type) -> Callable[[Callable], Callable]:

@@ -15,8 +15,9 @@ from cifar_mlflow.errors import ConfigError
 
 ARCHS = ("resnet18", "resnet34")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("onecycle", "none")
-AUGMENT_PRESETS = ("standard", "none")
+SCHEDULERS = ("onecycle", "cosine", "plateau", "cyclic", "none")
+AUGMENT_PRESETS = ("standard", "flip-cutout", "heavy", "rotate", "none")
+NORMS = ("batch", "group", "layer")
 DATASETS = ("cifar10", "synthetic")
 ANALYZE_DATASETS = ("auto",) + DATASETS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -32,13 +33,15 @@ def param(
     low_open: bool = False,
     high_open: bool = False,
     pattern: tuple[str, str] | None = None,
+    also: tuple[str, ...] = (),
 ) -> Any:
     """A dataclass field that also carries the help text and the allowed values (used by validation and click).
-    pattern: (regular expression the whole string must match, how to describe it to a user)."""
+    pattern: (regular expression the whole string must match, how to describe it to a user).
+    also: words accepted besides the typed values (e.g. "auto" for the learning rate)."""
     return field(
         default=default,
         metadata={"help": help, "choices": choices, "low": low, "high": high,
-                  "low_open": low_open, "high_open": high_open, "pattern": pattern},
+                  "low_open": low_open, "high_open": high_open, "pattern": pattern, "also": also},
     )
 
 
@@ -49,23 +52,28 @@ def allowed(f: dataclasses.Field) -> str:
         return "one of " + ", ".join(m["choices"])
     if m["pattern"]:
         return m["pattern"][1]
-    kind = {int: "an integer", float: "a number", str: "a non-empty string"}[_field_type(f)]
+    kind = {int: "an integer", float: "a number", str: "a non-empty string"}[field_type(f)]
     bounds = []
     if m["low"] is not None:
         bounds.append(f"{'>' if m['low_open'] else '>='} {m['low']:g}")
     if m["high"] is not None:
         bounds.append(f"{'<' if m['high_open'] else '<='} {m['high']:g}")
-    return kind + (" " + " and ".join(bounds) if bounds else "")
+    also = "".join(f", or {word}" for word in m["also"])
+    return kind + (" " + " and ".join(bounds) if bounds else "") + also
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+def field_type(f: dataclasses.Field) -> type:
+    """The field's value type (int, float or str); `float | str` fields take a number or one of their words."""
+    name = f.type if isinstance(f.type, str) else f.type.__name__
+    return {"int": int, "float": float, "str": str, "float | str": float}[name]
 
 
 def _check(f: dataclasses.Field, value: Any) -> Any:
     """Return the value coerced to the field's type, or raise ConfigError naming the field and what is allowed."""
-    kind, m = _field_type(f), f.metadata
+    kind, m = field_type(f), f.metadata
     bad = ConfigError(f"{f.name}={value!r} is not allowed: expected {allowed(f)}")
+    if isinstance(value, str) and value in m["also"]:
+        return value
     if isinstance(value, bool):
         raise bad
     if kind is float and isinstance(value, int):
@@ -104,26 +112,35 @@ class TrainConfig(_Validated):
     batch_size: int = param(
         512, "Images per step; 512 amortises per-step overhead and is what the lr=0.2 one-cycle was tuned for.",
         low=1)
-    lr: float = param(
-        0.2, "Peak learning rate of the schedule; 0.2 is stable for batch 512 with Nesterov SGD and BatchNorm.",
-        low=0.0, low_open=True)
+    lr: float | str = param(
+        0.2, "Peak learning rate of the schedule; 0.2 is stable for batch 512 with Nesterov SGD and BatchNorm. "
+        "auto = run the LR range test first and use its suggestion (clamped to a safe range).",
+        low=0.0, low_open=True, also=("auto",))
     optimizer: str = param("sgd", "Optimiser; SGD with Nesterov momentum generalises best on CIFAR ResNets.",
                            choices=OPTIMIZERS)
     momentum: float = param(0.9, "SGD momentum (Adam beta1); 0.9 is the standard value for this recipe.",
                             low=0.0, high=1.0, high_open=True)
     weight_decay: float = param(
         0.0005, "L2 weight decay; 5e-4 is the long-standing CIFAR ResNet value (He et al. 2016).", low=0.0)
+    l1: float = param(
+        0.0, "L1 penalty on conv/linear weights added to the loss; 0 = off (weight decay already regularises).",
+        low=0.0)
     label_smoothing: float = param(
         0.1, "Label smoothing of the training loss; 0.1 (Szegedy et al. 2016) adds ~0.3-0.5 points in short runs.",
         low=0.0, high=1.0, high_open=True)
     scheduler: str = param(
         "onecycle", "LR schedule; one-cycle (linear warm-up over the first 20%, then linear decay to ~0) "
-        "converges fastest in short budgets (Smith 2018).", choices=SCHEDULERS)
+        "converges fastest in short budgets (Smith 2018). cosine: per-step cosine decay to 0; plateau: x0.1 when "
+        "the test loss stalls for 2 epochs; cyclic: triangular2 between lr/10 and lr, 2-epoch half cycles.",
+        choices=SCHEDULERS)
     augment: str = param(
         "standard", "Augmentation preset; standard = reflect-pad 4 + random crop 32, horizontal flip, one 16x16 "
-        "cutout (DeVries & Taylor 2017).", choices=AUGMENT_PRESETS)
+        "cutout (DeVries & Taylor 2017). See README for flip-cutout, heavy, rotate.", choices=AUGMENT_PRESETS)
     arch: str = param("resnet18", "Network: torchvision ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool).",
                       choices=ARCHS)
+    norm: str = param(
+        "batch", "Normalisation layers; batch is best at batch 512; group (32 groups, Wu & He 2018) and layer "
+        "(GroupNorm with one group) do not depend on the batch.", choices=NORMS)
     seed: int = param(0, "Seed for weights, shuffling and augmentation; same seed = same run on CPU.", low=0)
     data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/.")
     dataset: str = param(
@@ -164,3 +181,41 @@ class AnalyzeConfig(_Validated):
     batch_size: int = param(
         0, "Images per evaluation/GradCAM batch; 0 = the training run's batch size, so the accuracy reproduces "
         "the training run's exactly.", low=0)
+
+
+def inherit(config: type, name: str) -> Any:
+    """The same field (default, help, allowed values) as another config's: one place for each default."""
+    f = config.__dataclass_fields__[name]
+    return field(default=f.default, metadata=f.metadata)
+
+
+# The range test sweeps far enough on both sides to see the loss start falling and then blow up.
+@dataclass(frozen=True)
+class LRFindConfig(_Validated):
+    """Parameters of the `lr_find` entry point: the sweep, plus main's data, model and optimiser parameters."""
+
+    start_lr: float = param(1e-5, "First learning rate of the exponential sweep (well below any useful LR).",
+                            low=0.0, low_open=True)
+    end_lr: float = param(10.0, "Last learning rate of the sweep (well above where training diverges).",
+                          low=0.0, low_open=True)
+    num_iter: int = param(100, "Sweep steps; 100 points give a smooth curve in a fraction of an epoch.", low=5)
+    batch_size: int = inherit(TrainConfig, "batch_size")
+    optimizer: str = inherit(TrainConfig, "optimizer")
+    momentum: float = inherit(TrainConfig, "momentum")
+    weight_decay: float = inherit(TrainConfig, "weight_decay")
+    l1: float = inherit(TrainConfig, "l1")
+    label_smoothing: float = inherit(TrainConfig, "label_smoothing")
+    augment: str = inherit(TrainConfig, "augment")
+    arch: str = inherit(TrainConfig, "arch")
+    norm: str = inherit(TrainConfig, "norm")
+    seed: int = inherit(TrainConfig, "seed")
+    data_dir: str = inherit(TrainConfig, "data_dir")
+    dataset: str = inherit(TrainConfig, "dataset")
+    max_train_samples: int = inherit(TrainConfig, "max_train_samples")
+    num_workers: int = inherit(TrainConfig, "num_workers")
+    precision: str = inherit(TrainConfig, "precision")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.end_lr <= self.start_lr:
+            raise ConfigError(f"end_lr={self.end_lr!r} is not allowed: expected a number > start_lr={self.start_lr!r}")

@@ -65,24 +65,67 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Any, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+    """cfg: any config with optimizer, momentum and weight_decay; lr defaults to cfg.lr."""
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
     betas = (cfg.momentum, 0.999)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
-    """A per-step schedule (stepped after every optimiser step)."""
+# plateau: x0.1 after 2 epochs without a lower test loss -- in a 20-epoch budget a longer patience (the notebooks
+# use 4) would leave time for at most a couple of reductions.
+PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.1, 2
+# cyclic: triangular2 between lr/10 and lr with 2-epoch half cycles (Smith 2017 suggests 2-10 epochs); the
+# amplitude halves every cycle, so the LR settles low by the end as one-cycle's does.
+CYCLIC_BASE_DIV, CYCLIC_HALF_EPOCHS = 10.0, 2
+
+
+@dataclass
+class Schedule:
+    """A learning-rate scheduler and when to step it: after every optimiser step, or once per epoch on the
+    test loss (ReduceLROnPlateau)."""
+
+    scheduler: Any
+    per_step: bool
+
+    def after_step(self) -> None:
+        if self.per_step:
+            self.scheduler.step()
+
+    def after_epoch(self, test_loss: float) -> None:
+        if not self.per_step:
+            self.scheduler.step(test_loss)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
+    sched = torch.optim.lr_scheduler
+    total = cfg.epochs * steps_per_epoch
     if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=ONECYCLE_PCT_START,
+        return Schedule(sched.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=ONECYCLE_PCT_START,
             anneal_strategy="linear", div_factor=ONECYCLE_DIV_FACTOR, final_div_factor=ONECYCLE_FINAL_DIV_FACTOR,
-            cycle_momentum=False)  # keep the `momentum` parameter as given instead of cycling it
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            cycle_momentum=False), per_step=True)  # keep the `momentum` parameter as given instead of cycling it
+    if cfg.scheduler == "cosine":
+        return Schedule(sched.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0), per_step=True)
+    if cfg.scheduler == "cyclic":
+        return Schedule(sched.CyclicLR(
+            optimizer, base_lr=cfg.lr / CYCLIC_BASE_DIV, max_lr=cfg.lr,
+            step_size_up=max(1, CYCLIC_HALF_EPOCHS * steps_per_epoch), mode="triangular2",
+            cycle_momentum=False), per_step=True)   # cycling momentum would fight Adam's betas
+    if cfg.scheduler == "plateau":
+        return Schedule(sched.ReduceLROnPlateau(optimizer, mode="min", factor=PLATEAU_FACTOR,
+                                                patience=PLATEAU_PATIENCE), per_step=False)
+    return Schedule(sched.LambdaLR(optimizer, lambda _: 1.0), per_step=True)
+
+
+def l1_weights(model: nn.Module) -> list[nn.Parameter]:
+    """Conv and linear weights: what an L1 penalty should shrink (not norm scales or biases)."""
+    return [p for p in model.parameters() if p.ndim > 1]
 
 
 def to_device_images(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -99,12 +142,15 @@ def _progress(loader: Any, desc: str) -> Any:
     return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, mininterval=1.0)
 
 
-def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, schedule: Schedule,
                     device: torch.device, precision: str, label_smoothing: float,
-                    scaler: torch.amp.GradScaler | None = None, desc: str = "train") -> Metrics:
+                    scaler: torch.amp.GradScaler | None = None, desc: str = "train", l1: float = 0.0,
+                    lr_log: list[float] | None = None) -> Metrics:
     """One pass over loader. Returns train/loss (plain cross-entropy, comparable with test/loss; the optimised
-    objective adds label smoothing), train/accuracy, train/images_per_sec and lr (the LR of the epoch's last step)."""
+    objective adds label smoothing and the L1 penalty), train/accuracy, train/images_per_sec and lr (the LR of the
+    epoch's last step). Every step's LR is appended to lr_log."""
     model.train()
+    penalised = l1_weights(model) if l1 > 0 else []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, lr = 0, float(optimizer.param_groups[0]["lr"])
@@ -115,6 +161,8 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         with autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if penalised:
+            loss = loss + l1 * torch.stack([p.abs().sum() for p in penalised]).sum()
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -124,7 +172,9 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             loss.backward()
             optimizer.step()
         lr = optimizer.param_groups[0]["lr"]   # the LR this step used (a Python float: no sync)
-        scheduler.step()
+        if lr_log is not None:
+            lr_log.append(float(lr))
+        schedule.after_step()
         with torch.no_grad():
             logits = logits.detach().float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
@@ -163,10 +213,28 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
     return {"test/loss": loss_sum.item() / max(seen, 1), "test/accuracy": correct.item() / max(seen, 1)}
 
 
+def evaluate_flip_tta(model: nn.Module, loader: Any, device: torch.device, precision: str) -> float:
+    """Accuracy of the mean softmax over each image and its horizontal mirror (flip test-time augmentation)."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    with torch.inference_mode():
+        for images, labels in _progress(loader, "test (flip TTA)"):
+            x = to_device_images(images, device)
+            y = labels.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits, flipped = model(x), model(torch.flip(x, dims=[3]))
+            probs = torch.softmax(logits.float(), 1) + torch.softmax(flipped.float(), 1)
+            correct += (probs.argmax(dim=1) == y).sum()
+            seen += len(y)
+    return correct.item() / max(seen, 1)
+
+
 @dataclass
 class FitResult:
     history: list[Metrics]      # one dict per epoch, epoch 1 first
     final: Metrics              # the last epoch's metrics
+    lr_steps: list[float]       # the LR of every optimiser step, in order
 
 
 def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig, device: torch.device,
@@ -174,14 +242,17 @@ def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig,
         log: Callable[[str], None] = print) -> FitResult:
     """Train for cfg.epochs, evaluating after each epoch; on_epoch_end(epoch, metrics) gets 1-based epochs."""
     optimizer = build_optimizer(cfg, model.parameters())
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
+    schedule = build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     history: list[Metrics] = []
+    lr_steps: list[float] = []
     for epoch in range(1, cfg.epochs + 1):
         train_loader.sampler.set_epoch(epoch)
-        metrics = train_one_epoch(model, train_loader, optimizer, scheduler, device, precision,
-                                  cfg.label_smoothing, scaler, desc=f"epoch {epoch}/{cfg.epochs} train")
+        metrics = train_one_epoch(model, train_loader, optimizer, schedule, device, precision,
+                                  cfg.label_smoothing, scaler, desc=f"epoch {epoch}/{cfg.epochs} train",
+                                  l1=cfg.l1, lr_log=lr_steps)
         metrics.update(evaluate(model, test_loader, device, precision, desc=f"epoch {epoch}/{cfg.epochs} test"))
+        schedule.after_epoch(metrics["test/loss"])
         history.append(metrics)
         log(f"epoch {epoch}/{cfg.epochs}  train loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.4f}"
             f"  test loss {metrics['test/loss']:.4f} acc {metrics['test/accuracy']:.4f}"
@@ -190,4 +261,4 @@ def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig,
             raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
-    return FitResult(history, history[-1])
+    return FitResult(history, history[-1], lr_steps)

@@ -107,3 +107,35 @@ def per_class_accuracy_figure(accuracy: Sequence[float], class_names: Sequence[s
     ax.set_title("per-class test accuracy")
     ax.legend(loc="lower right")
     return fig
+
+
+def lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
+                     suggested: float) -> Figure:
+    """Range-test curve: raw and smoothed loss against the learning rate (log axis), suggestion marked."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="0.75", linewidth=1, label="loss")
+    ax.plot(lrs, smoothed, color="tab:blue", label="smoothed loss")
+    ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested lr {suggested:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    finite = [v for v in smoothed if np.isfinite(v)]
+    if finite:   # keep the divergence spike from flattening the useful part of the curve
+        ax.set_ylim(min(finite) * 0.95, min(max(finite), 3 * finite[0]) * 1.05)
+    ax.set_title("LR range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return fig
+
+
+def lr_schedule_figure(lr_steps: Sequence[float], steps_per_epoch: int) -> Figure:
+    """The learning rate of every optimiser step, with the epoch on the x axis."""
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(np.arange(1, len(lr_steps) + 1) / max(steps_per_epoch, 1), lr_steps, color="tab:green")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning rate per step")
+    ax.grid(alpha=0.3)
+    return fig

@@ -1,12 +1,13 @@
-"""The training job end to end: config -> data -> model -> fit, with every step reported through tracking."""
+"""The `main` entry point's work: config -> data -> model -> (LR range test) -> fit, reported through tracking."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-import torch
-
-from cifar_mlflow import augment, data, engine, models, plots, tracking
-from cifar_mlflow.config import TrainConfig
+from cifar_mlflow import augment, engine, lr_finder, plots, tracking
+from cifar_mlflow.config import LRFindConfig, TrainConfig
+from cifar_mlflow.lr_finder_job import log_range_test, range_test
+from cifar_mlflow.prepare import prepare
 
 SAMPLE_GRID = 32   # augmented training images shown in augmented_samples.png
 
@@ -19,61 +20,47 @@ class TrainOutcome:
 
 
 def run_training(cfg: TrainConfig) -> TrainOutcome:
-    # Everything that can fail on bad input (data, model) happens before the run is opened.
-    device = engine.resolve_device()
-    precision = engine.resolve_precision(cfg.precision, device)
-    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train_samples, cfg.max_test_samples)
-    if len(dataset.train) < 2 or len(dataset.test) < 1:
-        raise data.DataError(f"{dataset.source}: need at least 2 training and 1 test image, "
-                             f"got {len(dataset.train)} and {len(dataset.test)}")
-    mean, std = data.channel_stats(dataset.train.images)
-    engine.seed_everything(cfg.seed)
-    spec = models.ModelSpec(cfg.arch, dataset.class_names, mean, std)
-    model = models.build_model(spec)
-    summary = _model_summary(model)
-    model = model.to(device, memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True   # fixed 32x32 shapes: let cuDNN pick the fastest kernels once
-    transform = augment.build_train_transform(cfg.augment, mean)
-    workers = data.auto_num_workers(cfg.num_workers)
-    pin = device.type == "cuda"
-    train_loader = data.make_loader(dataset.train, batch_size=cfg.batch_size, train=True, transform=transform,
-                                    seed=cfg.seed, num_workers=workers, pin_memory=pin)
-    test_loader = data.make_loader(dataset.test, batch_size=cfg.batch_size, train=False,
-                                   num_workers=workers, pin_memory=pin)
-
+    p = prepare(cfg, cfg.max_test_samples)   # everything that can fail on bad input, before the run opens
     with tracking.open_run() as run:
-        tracking.log_params({**cfg.to_params(), **{
-            "model/num_params": models.num_parameters(model), "data/train_size": len(dataset.train),
-            "data/test_size": len(dataset.test), "data/mean": mean, "data/std": std,
-            "env/device": _device_name(device), "env/precision": precision, "env/num_workers": workers,
-            **{f"env/{k}_version": v for k, v in tracking.versions().items()}}})
-        tracking.log_dataset(dataset, dataset.train, "training")
-        tracking.log_dataset(dataset, dataset.test, "evaluation")
-        tracking.log_text(summary, "model_summary.txt")
-        tracking.log_text(augment.describe(transform), "augmentations.txt")
-        tracking.log_figure(_augmented_grid(train_loader, dataset.class_names), "augmented_samples.png")
+        tracking.log_params({**cfg.to_params(), **p.derived_params(),
+                             **{f"env/{k}_version": v for k, v in tracking.versions().items()}})
+        tracking.log_dataset(p.dataset, p.dataset.train, "training")
+        tracking.log_dataset(p.dataset, p.dataset.test, "evaluation")
+        tracking.log_text(p.summary, "model_summary.txt")
+        tracking.log_text(augment.describe(p.transform), "augmentations.txt")
+        tracking.log_figure(_augmented_grid(p.train_loader, p.dataset.class_names), "augmented_samples.png")
+        if cfg.lr == "auto":
+            cfg = _resolve_auto_lr(cfg, p)
 
-        result = engine.fit(model, train_loader, test_loader, cfg, device, precision,
+        result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision,
                             on_epoch_end=tracking.log_epoch)
+        tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision)
+        tracking.log_epoch(cfg.epochs, {"test/accuracy_tta": tta})
         tracking.log_figure(plots.training_curves(result.history), "curves.png")
+        tracking.log_figure(plots.lr_schedule_figure(result.lr_steps, len(p.train_loader)), "lr_schedule.png")
 
-        example = dataset.test.images[:2].transpose(0, 3, 1, 2).astype("float32") / 255.0
+        example = p.dataset.test.images[:2].transpose(0, 3, 1, 2).astype("float32") / 255.0
         version = tracking.log_and_register_model(
-            model, spec, example, cfg.registered_model_name, result.final["test/accuracy"], cfg.epochs)
-        _print_summary(result.final, version, tracking.run_url(run))
+            p.model, p.spec, example, cfg.registered_model_name, result.final["test/accuracy"], cfg.epochs)
+        _print_summary({**result.final, "test/accuracy_tta": tta}, version, tracking.run_url(run))
         return TrainOutcome(run.info.run_id, result.final, version)
 
 
-def _model_summary(model: torch.nn.Module) -> str:
-    from torchinfo import summary
-
-    return str(summary(model, input_size=(1, 3, 32, 32), device="cpu", verbose=0,
-                       col_names=("output_size", "num_params")))
+AUTO_LR_MIN_STEPS, AUTO_LR_MAX_STEPS = 20, 100
 
 
-def _device_name(device: torch.device) -> str:
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+def _resolve_auto_lr(cfg: TrainConfig, p) -> TrainConfig:
+    """lr=auto: range test with the run's optimiser settings and lr_find's sweep bounds, clamped to the
+    optimiser's safe range. The sweep takes about one epoch of steps (20 to 100): a few percent of a run."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LRFindConfig) if hasattr(cfg, f.name)}
+    steps = max(AUTO_LR_MIN_STEPS, min(AUTO_LR_MAX_STEPS, len(p.train_loader)))
+    sweep = LRFindConfig(**shared, num_iter=steps)
+    result = range_test(p, sweep)
+    log_range_test(result)
+    lr = lr_finder.clamp_lr(result.suggested_lr, cfg.optimizer)
+    tracking.log_params({"lr/resolved": lr})
+    print(f"lr=auto: range test suggests {result.suggested_lr:.4g}; training with peak lr {lr:.4g}")
+    return dataclasses.replace(cfg, lr=lr)
 
 
 def _augmented_grid(loader, class_names):
@@ -89,6 +76,7 @@ def _augmented_grid(loader, class_names):
 def _print_summary(final: dict[str, float], version: tracking.RegisteredVersion, url: str) -> None:
     print("\n".join([
         "", "training finished",
-        f"  test accuracy {final['test/accuracy']:.4f}   test loss {final['test/loss']:.4f}",
+        f"  test accuracy {final['test/accuracy']:.4f} (flip TTA {final['test/accuracy_tta']:.4f})"
+        f"   test loss {final['test/loss']:.4f}",
         f"  registered {version.model_uri}" + ("  (now @champion)" if version.is_champion else ""),
         f"  view: {url}", ""]))

@@ -11,17 +11,17 @@ from cifar_mlflow.config import TrainConfig
 CPU = torch.device("cpu")
 
 
-def _setup(n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standard", **cfg_kw):
+def _setup(n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standard", norm="batch", **cfg_kw):
     split = data.make_synthetic(n_train, seed=1)
     test = data.make_synthetic(n_test, seed=2)
     mean, std = data.channel_stats(split.images)
     engine.seed_everything(seed)
-    model = models.build_model(models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std))
+    model = models.build_model(models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std, norm))
     model = model.to(memory_format=torch.channels_last)
     tf = augment.build_train_transform(augment_preset, mean)
     train_loader = data.make_loader(split, batch_size=batch_size, train=True, transform=tf, seed=seed)
     test_loader = data.make_loader(test, batch_size=batch_size, train=False)
-    cfg = TrainConfig(batch_size=batch_size, seed=seed, augment=augment_preset, **cfg_kw)
+    cfg = TrainConfig(batch_size=batch_size, seed=seed, augment=augment_preset, norm=norm, **cfg_kw)
     return model, train_loader, test_loader, cfg
 
 
@@ -69,15 +69,22 @@ def test_fit_reports_every_epoch_through_the_callback():
     assert all(0 <= m[k] <= 1 for m in result.history for k in ("train/accuracy", "test/accuracy"))
 
 
-def test_onecycle_warms_up_to_the_peak_then_decays_to_zero():
-    cfg = TrainConfig(epochs=5, lr=0.2)
+def _lr_curve(scheduler, epochs=5, steps_per_epoch=20, test_losses=None, lr=0.2):
+    cfg = TrainConfig(epochs=epochs, lr=lr, scheduler=scheduler)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = engine.build_scheduler(cfg, opt, steps_per_epoch=20)
+    schedule = engine.build_scheduler(cfg, opt, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    for epoch in range(epochs):
+        for _ in range(steps_per_epoch):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            schedule.after_step()
+        schedule.after_epoch(test_losses[epoch] if test_losses else 1.0)
+    return lrs
+
+
+def test_onecycle_warms_up_to_the_peak_then_decays_to_zero():
+    lrs = _lr_curve("onecycle")
     peak = max(range(100), key=lrs.__getitem__)
     assert lrs[peak] == pytest.approx(0.2) and 15 <= peak <= 25        # peaks at ~20% of the run
     assert lrs[0] == pytest.approx(0.2 / 25) and 0 <= lrs[-1] < 1e-4   # starts low, ends ~0, never negative
@@ -135,3 +142,57 @@ def test_no_host_sync_inside_the_batch_loop(monkeypatch):
     engine.evaluate(model, te, CPU, "fp32")
     assert train_calls == ["item", "item"], train_calls
     assert calls == ["item", "item"], calls
+
+
+def test_cosine_decays_from_lr_to_zero():
+    lrs = _lr_curve("cosine")
+    assert lrs[0] == pytest.approx(0.2) and lrs[50] == pytest.approx(0.1, rel=0.05) and lrs[-1] < 1e-3
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_cyclic_triangular2_halves_its_amplitude():
+    lrs = _lr_curve("cyclic", epochs=8, steps_per_epoch=10)     # half cycle = 2 epochs = 20 steps
+    assert lrs[0] == pytest.approx(0.02) and lrs[20] == pytest.approx(0.2) and lrs[40] == pytest.approx(0.02)
+    assert lrs[60] == pytest.approx(0.02 + 0.18 / 2)             # second peak: half the amplitude
+
+
+def test_plateau_cuts_the_lr_when_the_test_loss_stalls():
+    lrs = _lr_curve("plateau", epochs=6, steps_per_epoch=2, test_losses=[1.0, 0.9, 0.9, 0.9, 0.9, 0.9])
+    per_epoch = lrs[::2]
+    assert per_epoch[:5] == pytest.approx([0.2] * 5) and per_epoch[5] == pytest.approx(0.02)
+
+
+def test_none_keeps_the_lr():
+    assert set(_lr_curve("none")) == {0.2}
+
+
+def test_l1_penalty_shrinks_weights():
+    norms = {}
+    for l1 in (0.0, 1e-3):
+        model, tr, te, cfg = _setup(n_train=32, epochs=1, augment_preset="none", scheduler="none", lr=0.01,
+                                    weight_decay=0.0, l1=l1)
+        optimizer = engine.build_optimizer(cfg, model.parameters())
+        tr.sampler.set_epoch(1)
+        engine.train_one_epoch(model, tr, optimizer, engine.build_scheduler(cfg, optimizer, len(tr)), CPU, "fp32",
+                               0.0, l1=cfg.l1)
+        norms[l1] = sum(p.abs().sum().item() for p in engine.l1_weights(model))
+    assert norms[1e-3] < norms[0.0]
+
+
+def test_fit_records_every_step_lr():
+    model, tr, te, cfg = _setup(epochs=2, n_train=64, scheduler="cosine")
+    result = engine.fit(model, tr, te, cfg, CPU, "fp32", log=lambda s: None)
+    assert len(result.lr_steps) == 2 * len(tr) and result.lr_steps[0] == pytest.approx(cfg.lr)
+
+
+def test_flip_tta_accuracy_is_a_fraction_and_sees_the_mirror():
+    model, _, te, _ = _setup(n_test=40)
+    acc = engine.evaluate_flip_tta(model, te, CPU, "fp32")
+    assert 0 <= acc <= 1 and acc * 40 == int(round(acc * 40))
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_norm_variants_train(norm):
+    model, tr, te, cfg = _setup(n_train=16, n_test=8, batch_size=8, epochs=1, norm=norm)
+    result = engine.fit(model, tr, te, cfg, CPU, "bf16", log=lambda s: None)
+    assert result.final["train/loss"] > 0

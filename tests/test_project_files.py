@@ -11,16 +11,21 @@ import yaml
 import pytest
 
 from cifar_mlflow.config import AnalyzeConfig, TrainConfig
+from cifar_mlflow.cli import NumberOrWord
+from cifar_mlflow.config import LRFindConfig
 from entrypoints.analyze import analyze as analyze_command
+from entrypoints.lr_find import lr_find as lr_find_command
 from entrypoints.train import train as train_command
 from tests.conftest import REPO
 
 # MLproject entry point -> (config dataclass, click command, python module)
 ENTRY_POINTS = {"main": (TrainConfig, train_command, "entrypoints.train"),
-                "analyze": (AnalyzeConfig, analyze_command, "entrypoints.analyze")}
+                "analyze": (AnalyzeConfig, analyze_command, "entrypoints.analyze"),
+                "lr_find": (LRFindConfig, lr_find_command, "entrypoints.lr_find")}
 each_entry_point = pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 
-YAML_TYPES = {"int": int, "float": float, "string": str}
+# MLproject type -> dataclass annotation ("float | str": a number or a word such as lr=auto)
+YAML_TYPES = {"int": {"int"}, "float": {"float"}, "string": {"str", "float | str"}}
 
 
 def _mlproject():
@@ -39,8 +44,8 @@ def test_mlproject_matches_config_names_types_defaults(entry):
     assert list(params) == list(fields), "same names, same order"
     for name, spec in params.items():
         kind = fields[name].type
-        assert YAML_TYPES[spec["type"]].__name__ == kind, name
-        assert spec["default"] == fields[name].default and type(spec["default"]).__name__ == kind, name
+        assert kind in YAML_TYPES[spec["type"]], name
+        assert spec["default"] == fields[name].default and type(spec["default"]).__name__ in kind, name
 
 
 @each_entry_point
@@ -61,7 +66,8 @@ def test_click_options_match_config(entry):
     for name, f in fields.items():
         assert options[name].default == f.default, name
         assert options[name].opts == [f"--{name}"]
-        click_kind = {click.IntRange: "int", click.FloatRange: "float", click.Choice: "str"}.get(
+        click_kind = {click.IntRange: "int", click.FloatRange: "float", click.Choice: "str",
+                      NumberOrWord: "float | str"}.get(
             type(options[name].type), "str" if options[name].type is click.STRING else "?")
         assert click_kind == f.type, name
         if f.metadata["choices"]:

@@ -1,0 +1,69 @@
+"""What training and the LR range test both need, built from their configs: device, precision, data,
+normalisation statistics, the model and the loaders. Everything here can fail on bad input, so it all happens
+before an MLflow run is opened."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cifar_mlflow import augment, data, engine, models
+
+
+@dataclass
+class Prepared:
+    device: torch.device
+    precision: str
+    dataset: data.Dataset
+    spec: models.ModelSpec
+    model: torch.nn.Module        # on the device, channels_last
+    summary: str                  # torchinfo table
+    transform: Any                # albumentations pipeline or None
+    num_workers: int
+    train_loader: Any
+    test_loader: Any
+
+    def derived_params(self) -> dict[str, Any]:
+        """Values worth logging beside the config: they follow from it and from the machine."""
+        return {"model/num_params": models.num_parameters(self.model), "data/train_size": len(self.dataset.train),
+                "data/test_size": len(self.dataset.test), "data/mean": self.spec.mean, "data/std": self.spec.std,
+                "env/device": _device_name(self.device), "env/precision": self.precision,
+                "env/num_workers": self.num_workers}
+
+
+def prepare(cfg: Any, max_test: int) -> Prepared:
+    """cfg: a TrainConfig or LRFindConfig (the fields they share)."""
+    device = engine.resolve_device()
+    precision = engine.resolve_precision(cfg.precision, device)
+    dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train_samples, max_test)
+    if len(dataset.train) < 2 or len(dataset.test) < 1:
+        raise data.DataError(f"{dataset.source}: need at least 2 training and 1 test image, "
+                             f"got {len(dataset.train)} and {len(dataset.test)}")
+    mean, std = data.channel_stats(dataset.train.images)
+    engine.seed_everything(cfg.seed)
+    spec = models.ModelSpec(cfg.arch, dataset.class_names, mean, std, cfg.norm)
+    model = models.build_model(spec)
+    summary = _model_summary(model)
+    model = model.to(device, memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # fixed 32x32 shapes: let cuDNN pick the fastest kernels once
+    transform = augment.build_train_transform(cfg.augment, mean)
+    workers = data.auto_num_workers(cfg.num_workers)
+    pin = device.type == "cuda"
+    train_loader = data.make_loader(dataset.train, batch_size=cfg.batch_size, train=True, transform=transform,
+                                    seed=cfg.seed, num_workers=workers, pin_memory=pin)
+    test_loader = data.make_loader(dataset.test, batch_size=cfg.batch_size, train=False,
+                                   num_workers=workers, pin_memory=pin)
+    return Prepared(device, precision, dataset, spec, model, summary, transform, workers, train_loader, test_loader)
+
+
+def _model_summary(model: torch.nn.Module) -> str:
+    from torchinfo import summary
+
+    return str(summary(model, input_size=(1, 3, 32, 32), device="cpu", verbose=0,
+                       col_names=("output_size", "num_params")))
+
+
+def _device_name(device: torch.device) -> str:
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"

@@ -1,0 +1,24 @@
+"""`lr_find` entry point: LR range test with main's data, model and optimiser parameters; logs the curve, the
+series and `lr_find/suggested_lr`.
+
+    mlflow run . -e lr_find -P num_iter=100
+    python -m entrypoints.lr_find --num_iter 100
+"""
+import click
+
+from cifar_mlflow.cli import config_options, run_cli
+from cifar_mlflow.config import LRFindConfig
+
+
+@click.command(context_settings={"show_default": True, "max_content_width": 110})
+@config_options(LRFindConfig)
+def lr_find(**params) -> None:
+    """Sweep the learning rate exponentially, stop when the loss diverges, suggest a peak LR."""
+    config = LRFindConfig(**params)
+    from cifar_mlflow.lr_finder_job import run_lr_find   # heavy imports only when work starts
+
+    run_lr_find(config)
+
+
+if __name__ == "__main__":
+    run_cli(lr_find)

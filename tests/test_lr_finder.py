@@ -1,0 +1,104 @@
+"""LR range test: the pure suggestion rule, a sensible LR on a task with a known good range, exact state
+restoration, early stop on divergence."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cifar_mlflow import data, lr_finder
+from cifar_mlflow.errors import ConfigError
+
+CPU = torch.device("cpu")
+
+
+def test_suggest_lr_is_the_steepest_descent_before_the_minimum():
+    lrs = np.logspace(-5, 1, 121)
+    x = np.log10(lrs)
+    loss = 2.3 - 1.5 / (1 + np.exp(-4 * (x + 2))) + np.exp(3 * (x - 0.5))   # falls fastest at 1e-2, blows up
+    suggested = lr_finder.suggest_lr(lrs, loss)
+    assert 0.01 / 1.3 < suggested < 0.01 * 1.3
+    # a steeper fall beyond the minimum (the divergence side) is never chosen
+    assert suggested < lrs[np.argmin(loss)]
+
+
+def test_suggest_lr_needs_enough_points():
+    with pytest.raises(ValueError, match="need at least 6 points"):
+        lr_finder.suggest_lr([1e-3, 1e-2, 1e-1], [2.0, 1.0, 3.0])
+
+
+def test_clamp_to_the_optimiser_safe_range():
+    assert lr_finder.clamp_lr(5.0, "sgd") == 1.0 and lr_finder.clamp_lr(1e-4, "sgd") == 0.01
+    assert lr_finder.clamp_lr(0.3, "sgd") == 0.3 and lr_finder.clamp_lr(0.1, "adam") == 1e-2
+
+
+@pytest.fixture(scope="module")
+def convex_task():
+    """Softmax regression on raw pixels, a convex problem whose good LR range is known from its curvature:
+    the Hessian is (diag(p) - pp') (x) X'X/n, so with lam = lambda_max(X'X/n)
+      - at initialisation (p uniform over K=10 classes) the curvature is lam/K: SGD diverges from the first
+        steps above 2K/lam;
+      - it never exceeds lam/2: SGD is stable everywhere below 4/lam.
+    A sensible suggestion lies between (4/lam)/10 and 2K/lam."""
+    split = data.make_synthetic(256, seed=8)
+    x = split.images.reshape(len(split), -1).astype(np.float64) / 255.0
+    lam = np.linalg.eigvalsh(x.T @ x / len(x))[-1]
+    loader = data.make_loader(split, batch_size=64, train=True, seed=0)
+    return loader, (4 / lam) / 10, 2 * 10 / lam
+
+
+def _linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+
+def _final_loss(loader, lr, epochs=5):
+    model = _linear()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for epoch in range(1, epochs + 1):
+        loader.sampler.set_epoch(epoch)
+        for images, labels in loader:
+            loss = nn.functional.cross_entropy(model(images.permute(0, 3, 1, 2).float() / 255), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return loss.item()
+
+
+def test_finds_a_sensible_lr_and_stops_on_divergence(convex_task):
+    loader, low, diverges_above = convex_task
+    model = _linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_finder.range_test(model, loader, opt, CPU, "fp32", start_lr=1e-6, end_lr=10.0, num_iter=120)
+    assert low < result.suggested_lr < diverges_above
+    assert result.diverged and len(result.lrs) < 120 and result.lrs[-1] > diverges_above
+    assert result.lrs == sorted(result.lrs) and result.lrs[0] == pytest.approx(1e-6)
+    # and it is a good LR in practice: 5 epochs at it beat 5 epochs at a tenth of it
+    assert _final_loss(loader, result.suggested_lr) < _final_loss(loader, result.suggested_lr / 10)
+
+
+def test_restores_model_and_optimizer_state_exactly(convex_task):
+    loader, _, _ = convex_task
+    model = _linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader.sampler.set_epoch(1)
+    images, labels = next(iter(loader))
+    nn.functional.cross_entropy(model(images.permute(0, 3, 1, 2).float() / 255), labels).backward()
+    opt.step()                                    # momentum buffers now exist
+    before_model, before_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    lr_finder.range_test(model, loader, opt, CPU, "fp32", start_lr=1e-5, end_lr=1.0, num_iter=15)
+    for k, v in before_model.items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    after = opt.state_dict()
+    assert after["param_groups"] == before_opt["param_groups"]
+    for k, st in before_opt["state"].items():
+        assert torch.equal(st["momentum_buffer"], after["state"][k]["momentum_buffer"])
+
+
+def test_a_sweep_that_diverges_at_once_is_a_clear_error(convex_task):
+    loader, _, _ = convex_task
+    model = _linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="start_lr=1000.0 is not allowed: the loss diverged after"):
+        lr_finder.range_test(model, loader, opt, CPU, "fp32", start_lr=1e3, end_lr=1e6, num_iter=50)
