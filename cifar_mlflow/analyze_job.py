@@ -24,6 +24,7 @@ class AnalyzeOutcome:
 
 def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     # Resolve, load and check everything before the run is opened: bad input leaves nothing half-written.
+    tracking.check_tracking_server()
     ref = tracking.resolve_model(cfg.model_uri)
     trained_with = tracking.run_params(ref.run_id)
     device = engine.resolve_device()

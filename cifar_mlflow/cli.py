@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from typing import Any, Callable
 
 import click
 
 from cifar_mlflow.config import allowed, field_type
-from cifar_mlflow.errors import CifarMlflowError
+from cifar_mlflow.errors import CifarMlflowError, Terminated
 
 
 class NumberOrWord(click.ParamType):
@@ -53,22 +54,37 @@ def config_options(config_cls: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def run_cli(command: click.Command) -> None:
-    """Run a click command; user errors become one line on stderr, the MLflow run (if `mlflow run` made one)
-    is ended FAILED with the reason, and the exit code is non-zero."""
+def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, str]:
+    """Run a click command in this process: (0, "") on success, else (exit code, one-line message)."""
     try:
-        command.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
+        command.main(args=args, standalone_mode=False)
+    except click.exceptions.Abort:      # Ctrl-C (click turns KeyboardInterrupt into Abort)
+        return 130, "interrupted (Ctrl-C); the run is KILLED and its last checkpoint kept"
+    except Terminated:
+        return 143, "terminated (SIGTERM); the run is KILLED and its last checkpoint kept"
     except click.ClickException as exc:
-        _fail(f"{exc.format_message()}", exc.exit_code)
+        return exc.exit_code, exc.format_message()
     except CifarMlflowError as exc:
-        _fail(str(exc), 1)
+        return 1, str(exc)
+    return 0, ""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def run_cli(command: click.Command) -> None:
+    """Run a click command as a program: user errors become one line on stderr, the MLflow run (if `mlflow run`
+    made one) is ended FAILED with the reason, and the exit code is non-zero. SIGTERM ends the run KILLED."""
+    signal.signal(signal.SIGTERM, _terminate)
+    code, message = invoke(command)
+    if code:
+        _fail(message, code)
 
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
-    if os.environ.get("MLFLOW_RUN_ID"):   # `mlflow run` made a run: end it FAILED with the reason
+    if code not in (130, 143) and os.environ.get("MLFLOW_RUN_ID"):   # `mlflow run` made a run: FAILED + reason
         from cifar_mlflow import tracking   # imported only here: --help and option errors stay fast
 
         tracking.fail_run_from_env(message)

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_mlflow import checkpoint
 from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.errors import TrainingDiverged
 
 # One-cycle shape: linear warm-up over the first 20% of steps, then linear decay to ~0 (Smith 2018; the
 # DAWNBench ResNet recipes peak at epoch ~5 of 24). Start at peak/25 and end at peak/25/1e4 ~ 0.
@@ -142,20 +144,27 @@ def _progress(loader: Any, desc: str) -> Any:
     return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, mininterval=1.0)
 
 
+# How often the loop looks at the device for a NaN/inf loss: a host sync every 10 steps costs little even on a
+# GPU, and the exact first bad step is recorded on the device in between.
+NAN_CHECK_EVERY = 10
+
+
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, schedule: Schedule,
                     device: torch.device, precision: str, label_smoothing: float,
                     scaler: torch.amp.GradScaler | None = None, desc: str = "train", l1: float = 0.0,
-                    lr_log: list[float] | None = None) -> Metrics:
+                    lr_log: list[float] | None = None, epoch: int = 1, first_step: int = 1) -> Metrics:
     """One pass over loader. Returns train/loss (plain cross-entropy, comparable with test/loss; the optimised
     objective adds label smoothing and the L1 penalty), train/accuracy, train/images_per_sec and lr (the LR of the
-    epoch's last step). Every step's LR is appended to lr_log."""
+    epoch's last step). Every step's LR is appended to lr_log. A NaN/inf loss raises TrainingDiverged naming
+    the global step (first_step is the number of this epoch's first step)."""
     model.train()
     penalised = l1_weights(model) if l1 > 0 else []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)   # first step with a non-finite loss
     seen, lr = 0, float(optimizer.param_groups[0]["lr"])
     start = time.perf_counter()
-    for images, labels in _progress(loader, desc):
+    for i, (images, labels) in enumerate(_progress(loader, desc)):
         x = to_device_images(images, device)
         y = labels.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -176,11 +185,16 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             lr_log.append(float(lr))
         schedule.after_step()
         with torch.no_grad():
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), first_step + i, bad_step)
             logits = logits.detach().float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(dim=1) == y).sum()
         seen += len(labels)
-    total_loss, total_correct = loss_sum.item(), correct.item()  # the epoch's one host sync
+        if (i + 1) % NAN_CHECK_EVERY == 0:
+            _raise_if_diverged(int(bad_step.item()), epoch)
+    # the epoch's one host sync: all three values in one transfer
+    total_loss, total_correct, first_bad = torch.stack([loss_sum, correct.double(), bad_step.double()]).tolist()
+    _raise_if_diverged(int(first_bad), epoch)
     elapsed = time.perf_counter() - start
     return {"train/loss": total_loss / max(seen, 1), "train/accuracy": total_correct / max(seen, 1),
             "train/images_per_sec": seen / elapsed if elapsed > 0 else 0.0,
@@ -213,6 +227,11 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
     return {"test/loss": loss_sum.item() / max(seen, 1), "test/accuracy": correct.item() / max(seen, 1)}
 
 
+def _raise_if_diverged(bad_step: int, epoch: int) -> None:
+    if bad_step >= 0:
+        raise TrainingDiverged(bad_step, epoch)
+
+
 def evaluate_flip_tta(model: nn.Module, loader: Any, device: torch.device, precision: str) -> float:
     """Accuracy of the mean softmax over each image and its horizontal mirror (flip test-time augmentation)."""
     model.eval()
@@ -238,27 +257,35 @@ class FitResult:
 
 
 def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig, device: torch.device,
-        precision: str, on_epoch_end: Callable[[int, Metrics], None] | None = None,
-        log: Callable[[str], None] = print) -> FitResult:
-    """Train for cfg.epochs, evaluating after each epoch; on_epoch_end(epoch, metrics) gets 1-based epochs."""
+        precision: str, on_epoch_end: Callable[[int, Metrics, Callable[[], dict]], None] | None = None,
+        log: Callable[[str], None] = print, resume: dict[str, Any] | None = None) -> FitResult:
+    """Train for cfg.epochs, evaluating after each epoch. on_epoch_end(epoch, metrics, capture) gets 1-based
+    epochs and a function returning the full checkpoint state. resume: a checkpoint.capture() state to continue
+    from (the next epoch after it); the result then covers every epoch, the resumed ones included."""
     optimizer = build_optimizer(cfg, model.parameters())
     schedule = build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     history: list[Metrics] = []
     lr_steps: list[float] = []
-    for epoch in range(1, cfg.epochs + 1):
+    start = 1
+    if resume is not None:
+        checkpoint.restore(resume, model, optimizer, schedule.scheduler, scaler)
+        history, lr_steps, start = list(resume["history"]), list(resume["lr_steps"]), int(resume["epoch"]) + 1
+    for epoch in range(start, cfg.epochs + 1):
         train_loader.sampler.set_epoch(epoch)
         metrics = train_one_epoch(model, train_loader, optimizer, schedule, device, precision,
                                   cfg.label_smoothing, scaler, desc=f"epoch {epoch}/{cfg.epochs} train",
-                                  l1=cfg.l1, lr_log=lr_steps)
+                                  l1=cfg.l1, lr_log=lr_steps, epoch=epoch,
+                                  first_step=(epoch - 1) * len(train_loader) + 1)
         metrics.update(evaluate(model, test_loader, device, precision, desc=f"epoch {epoch}/{cfg.epochs} test"))
+        if not all(math.isfinite(v) for v in metrics.values()):   # e.g. fp16 overflow in evaluation
+            raise TrainingDiverged(epoch * len(train_loader), epoch, "non-finite in evaluation")
         schedule.after_epoch(metrics["test/loss"])
         history.append(metrics)
         log(f"epoch {epoch}/{cfg.epochs}  train loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.4f}"
             f"  test loss {metrics['test/loss']:.4f} acc {metrics['test/accuracy']:.4f}"
             f"  lr {metrics['lr']:.3g}  {metrics['train/images_per_sec']:.0f} img/s")
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
         if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+            on_epoch_end(epoch, metrics, lambda e=epoch: checkpoint.capture(
+                model, optimizer, schedule.scheduler, scaler, e, history, lr_steps))
     return FitResult(history, history[-1], lr_steps)

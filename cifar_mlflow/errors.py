@@ -16,3 +16,20 @@ class DataError(CifarMlflowError):
 
 class ModelError(CifarMlflowError):
     """A model that cannot be found or loaded safely."""
+
+
+class TrainingDiverged(CifarMlflowError, FloatingPointError):
+    """The loss became NaN or infinite; training stopped before anything was saved or registered."""
+
+    def __init__(self, step: int, epoch: int, value: str = "nan") -> None:
+        self.step, self.epoch = step, epoch
+        super().__init__(f"the training loss became {value} at step {step} (epoch {epoch}); training stopped and "
+                         "nothing was registered; try a lower lr or precision=fp32")
+
+
+class TrackingError(CifarMlflowError):
+    """The tracking server cannot be reached or refuses access; the message names its URI."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that the run is ended KILLED and the last checkpoint kept."""

@@ -25,6 +25,7 @@ def log_range_test(result: lr_finder.RangeTestResult) -> None:
 
 
 def run_lr_find(cfg: LRFindConfig) -> float:
+    tracking.check_tracking_server()
     p = prepare(cfg, max_test=1)
     with tracking.open_run():
         tracking.log_params({**cfg.to_params(), **p.derived_params()})

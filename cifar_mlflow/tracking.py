@@ -7,10 +7,14 @@ and whose loader is `_load_pyfunc` below, with this package shipped as its code:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import sys
 import tempfile
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -20,12 +24,14 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.entities import Metric
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from cifar_mlflow import checkpoint
 from cifar_mlflow import data as data_mod
 from cifar_mlflow import models
-from cifar_mlflow.errors import ConfigError, ModelError
+from cifar_mlflow.errors import ConfigError, ModelError, Terminated, TrackingError
 
 if TYPE_CHECKING:   # a served model needs no matplotlib
     from matplotlib.figure import Figure
@@ -49,16 +55,54 @@ def versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Runs
 
+def check_tracking_server(timeout: float = 5.0) -> None:
+    """Before any work: a tracking server that is down or refuses our credentials fails in seconds with its URI
+    named, instead of after MLflow's minutes of retries (or after a whole training run that cannot log)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    try:
+        resp = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                            auth=(user, password or "") if user else None, timeout=timeout)
+    except requests.RequestException as exc:
+        text = str(exc)
+        reason = ("connection refused" if "refused" in text.lower() else
+                  f"no answer within {timeout:g} s" if isinstance(exc, requests.Timeout) else text[:160])
+        raise TrackingError(f"tracking server {uri} is unreachable ({reason}); start it, or point "
+                            "MLFLOW_TRACKING_URI at one that is up") from None
+    if resp.status_code in (401, 403):
+        if user:
+            raise TrackingError(f"tracking server {uri} refused the credentials of user {user!r} "
+                                f"(HTTP {resp.status_code}); check MLFLOW_TRACKING_USERNAME/PASSWORD")
+        raise TrackingError(f"tracking server {uri} requires authentication (HTTP {resp.status_code}); set "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if resp.status_code >= 400:
+        raise TrackingError(f"tracking server {uri} answered HTTP {resp.status_code} to a simple query; "
+                            "is it an MLflow server?")
+
+
 @contextlib.contextmanager
 def open_run() -> Iterator[mlflow.ActiveRun]:
     """Open the run: the one `mlflow run` created (MLFLOW_RUN_ID) or a new one, with system metrics sampled.
-    An exception ends it FAILED with a tag saying why."""
+    An exception ends it FAILED, Ctrl-C or SIGTERM ends it KILLED, each with a tag saying why."""
     with mlflow.start_run(log_system_metrics=True) as run:
         try:
             yield run
+        except (KeyboardInterrupt, Terminated) as exc:
+            with contextlib.suppress(Exception):
+                why = "terminated by SIGTERM" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+                mlflow.set_tag(FAILURE_TAG, why)
+                mlflow.end_run("KILLED")
+            raise
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 mlflow.set_tag(FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
+                step = getattr(exc, "step", None)
+                if step is not None:
+                    mlflow.set_tag("diverged_at_step", str(step))
             raise
 
 
@@ -86,6 +130,11 @@ def run_url(run: mlflow.ActiveRun) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Params, metrics, datasets, artifacts
 
+def _as_param(value: Any) -> str:
+    """How a value is logged: tuples (mean, std) as comma-separated numbers, everything else as str()."""
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
 def _same(logged: str, value: Any) -> bool:
     """Is an already-logged string the same value? `mlflow run` logs -P values as typed ("1e-3"), we as parsed."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -93,7 +142,7 @@ def _same(logged: str, value: Any) -> bool:
             return float(logged) == float(value)
         except ValueError:
             return False
-    return logged == str(value)
+    return logged == _as_param(value)
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -102,18 +151,26 @@ def log_params(params: dict[str, Any]) -> None:
     run_id = mlflow.active_run().info.run_id
     existing = MlflowClient().get_run(run_id).data.params
     new: dict[str, str] = {}
+    differ = []
     for key, value in params.items():
         if key in existing:
             if not _same(existing[key], value):
-                raise ConfigError(f"param {key}: the run already has {existing[key]!r}, this process uses {value!r}")
+                differ.append(f"{key} (run: {existing[key]!r}, now: {value!r})")
             continue
-        new[key] = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+        new[key] = _as_param(value)
+    if differ:
+        raise ConfigError(f"run {run_id} was logged with other parameters: {'; '.join(differ)}; resume it with "
+                          "the same parameters, or start a new run")
     if new:
         mlflow.log_params(new)
 
 
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)
 
 
 def log_dataset(dataset: data_mod.Dataset, split: data_mod.Split, context: str) -> None:
@@ -198,14 +255,38 @@ def log_and_register_model(model: Any, spec: models.ModelSpec, input_example: np
                       "input": "float32 (N, 3, 32, 32) in [0, 1]", "output": "class probabilities (N, C)"})
     tags = {"test_accuracy": f"{test_accuracy:.6f}", "epochs": str(epochs), "run_id": run.info.run_id}
     mv = mlflow.register_model(info.model_uri, registered_name, tags=tags)
-    client = MlflowClient()
-    champion = current_champion(registered_name)
-    better = champion is None or test_accuracy > float(champion.tags.get("test_accuracy", "-inf"))
-    if better:
-        client.set_registered_model_alias(registered_name, CHAMPION, mv.version)
+    champion = settle_champion(registered_name)
+    is_champion = champion == str(mv.version)
     mlflow.set_tags({"registered_model_name": registered_name, "registered_model_version": mv.version,
-                     "champion": str(better).lower()})
-    return RegisteredVersion(registered_name, str(mv.version), f"models:/{registered_name}/{mv.version}", better)
+                     "champion": str(is_champion).lower()})
+    return RegisteredVersion(registered_name, str(mv.version), f"models:/{registered_name}/{mv.version}",
+                             is_champion)
+
+
+def _best_version(client: MlflowClient, name: str) -> str | None:
+    """The version with the highest test_accuracy tag; ties go to the earlier version (it got there first)."""
+    scored = [(float(v.tags["test_accuracy"]), -int(v.version), str(v.version))
+              for v in client.search_model_versions(f"name='{name}'") if "test_accuracy" in v.tags]
+    return max(scored)[2] if scored else None
+
+
+def settle_champion(name: str, attempts: int = 10) -> str | None:
+    """Point `champion` at the best version, race-safe without a compare-and-set: write the best of a fresh
+    read, read again, and repeat until the alias and the best agree. Two runs registering at once both end
+    with the alias on the better one, whichever writes last."""
+    client = MlflowClient()
+    for _ in range(attempts):
+        best = _best_version(client, name)
+        if best is None:
+            return None
+        current = current_champion(name)
+        if current is None or str(current.version) != best:
+            client.set_registered_model_alias(name, CHAMPION, best)
+        time.sleep(0.05)
+        current = current_champion(name)
+        if current is not None and str(current.version) == _best_version(client, name):
+            return str(current.version)
+    return best
 
 
 def current_champion(name: str) -> Any:
@@ -311,3 +392,102 @@ def log_metrics(metrics: dict[str, float]) -> None:
 def log_table(columns: dict[str, list[Any]], artifact_file: str) -> None:
     """A table the MLflow UI can sort and filter (Artifacts view / evaluation tables)."""
     mlflow.log_table(data=columns, artifact_file=artifact_file)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints, per-epoch reporting and resume
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = f"{CHECKPOINTS}/latest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def log_checkpoint(run_id: str, state: dict[str, Any], epoch: int) -> None:
+    """Two slots used in turn (odd epochs in slot-a, even in slot-b), then a manifest naming the slot just
+    finished and its SHA-256. A crash while uploading a slot leaves the manifest on the other, complete one;
+    the store holds two checkpoints, not one per epoch."""
+    client = MlflowClient()
+    slot = f"{CHECKPOINTS}/slot-{'a' if epoch % 2 else 'b'}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint.pt"
+        checkpoint.save_atomic(state, path)
+        digest = _sha256(path)
+        client.log_artifact(run_id, str(path), slot)
+        client.log_dict(run_id, {"epoch": epoch, "path": f"{slot}/checkpoint.pt", "sha256": digest}, MANIFEST)
+
+
+def load_latest_checkpoint(run_id: str) -> dict[str, Any] | None:
+    """The run's last complete checkpoint (verified against the manifest), or None if it has none."""
+    client = MlflowClient()
+    if not client.list_artifacts(run_id, CHECKPOINTS):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            manifest = json.loads(Path(client.download_artifacts(run_id, MANIFEST, tmp)).read_text())
+            path = Path(client.download_artifacts(run_id, manifest["path"], tmp))
+        except (MlflowException, OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"run {run_id}: its checkpoint manifest {MANIFEST} is unreadable ({exc})") from None
+        if _sha256(path) != manifest["sha256"]:
+            raise ModelError(f"run {run_id}: {manifest['path']} does not match the SHA-256 in {MANIFEST}")
+        state = checkpoint.load(path)
+    if state["epoch"] != manifest["epoch"]:
+        raise ModelError(f"run {run_id}: {manifest['path']} holds epoch {state['epoch']}, the manifest says "
+                         f"{manifest['epoch']}")
+    return state
+
+
+class EpochReporter:
+    """on_epoch_end for engine.fit: reports each finished epoch from a background thread, in order, checkpoint
+    first and then the epoch's metrics, so MLflow never shows an epoch that has no checkpoint and training never
+    waits for the store (a slow or restarting server only delays the reports). close() waits for all of them
+    and raises the first error."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-reporter")
+        self._pending: list[Future] = []
+
+    def __call__(self, epoch: int, metrics: dict[str, float], capture: Any) -> None:
+        self._raise_finished_errors()
+        state = capture()    # copied now, on the training thread: the model keeps changing afterwards
+        self._pending.append(self._pool.submit(self._report, epoch, dict(metrics), state))
+
+    def _report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        log_checkpoint(self.run_id, state, epoch)
+        now = int(time.time() * 1000)
+        MlflowClient().log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+
+    def _raise_finished_errors(self) -> None:
+        for fut in [f for f in self._pending if f.done()]:
+            self._pending.remove(fut)
+            fut.result()
+
+    def close(self) -> None:
+        try:
+            for fut in self._pending:
+                fut.result()
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
+
+
+def backfill_epochs(run_id: str, history: list[dict[str, float]]) -> None:
+    """After a crash between a checkpoint and its metrics: log the metrics of checkpointed epochs that the run
+    lacks, so that its history holds every epoch exactly once."""
+    client = MlflowClient()
+    missing = []
+    now = int(time.time() * 1000)
+    for key in history[0] if history else ():
+        logged = {m.step for m in client.get_metric_history(run_id, key)}
+        missing += [Metric(key, float(h[key]), now, epoch) for epoch, h in enumerate(history, start=1)
+                    if epoch not in logged]
+    if missing:
+        client.log_batch(run_id, metrics=missing)

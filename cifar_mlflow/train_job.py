@@ -19,21 +19,34 @@ class TrainOutcome:
     version: tracking.RegisteredVersion
 
 
-def run_training(cfg: TrainConfig) -> TrainOutcome:
+def run_training(cfg: TrainConfig) -> TrainOutcome | None:
+    tracking.check_tracking_server()          # seconds, not a wasted run, if the server is down
     p = prepare(cfg, cfg.max_test_samples)   # everything that can fail on bad input, before the run opens
     with tracking.open_run() as run:
+        run_id = run.info.run_id
+        # On a resumed run (mlflow run --run-id) this also refuses parameters that differ from the logged ones.
         tracking.log_params({**cfg.to_params(), **p.derived_params(),
                              **{f"env/{k}_version": v for k, v in tracking.versions().items()}})
-        tracking.log_dataset(p.dataset, p.dataset.train, "training")
-        tracking.log_dataset(p.dataset, p.dataset.test, "evaluation")
-        tracking.log_text(p.summary, "model_summary.txt")
-        tracking.log_text(augment.describe(p.transform), "augmentations.txt")
-        tracking.log_figure(_augmented_grid(p.train_loader, p.dataset.class_names), "augmented_samples.png")
+        resume = tracking.load_latest_checkpoint(run_id)
+        if resume is None:
+            _log_run_inputs(p)
+        else:
+            if "registered_model_version" in run.data.tags:
+                print(f"run {run_id} already finished all {resume['epoch']} epochs and registered "
+                      f"version {run.data.tags['registered_model_version']}; nothing to resume")
+                return None
+            tracking.backfill_epochs(run_id, resume["history"])
+            tracking.set_tags({"resumed_from_epoch": str(resume["epoch"])})
+            print(f"resuming run {run_id} after epoch {resume['epoch']} of {cfg.epochs}")
         if cfg.lr == "auto":
-            cfg = _resolve_auto_lr(cfg, p)
+            cfg = _resolve_auto_lr(cfg, p, run.data.params.get("lr/resolved"))
 
-        result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision,
-                            on_epoch_end=tracking.log_epoch)
+        reporter = tracking.EpochReporter(run_id)
+        try:
+            result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision,
+                                on_epoch_end=reporter, resume=resume)
+        finally:
+            reporter.close()    # the last finished epoch's checkpoint lands even if training was interrupted
         tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision)
         tracking.log_epoch(cfg.epochs, {"test/accuracy_tta": tta})
         tracking.log_figure(plots.training_curves(result.history), "curves.png")
@@ -43,15 +56,27 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         version = tracking.log_and_register_model(
             p.model, p.spec, example, cfg.registered_model_name, result.final["test/accuracy"], cfg.epochs)
         _print_summary({**result.final, "test/accuracy_tta": tta}, version, tracking.run_url(run))
-        return TrainOutcome(run.info.run_id, result.final, version)
+        return TrainOutcome(run_id, result.final, version)
+
+
+def _log_run_inputs(p) -> None:
+    """What a fresh run records once: datasets, model summary, augmentations and a sample grid."""
+    tracking.log_dataset(p.dataset, p.dataset.train, "training")
+    tracking.log_dataset(p.dataset, p.dataset.test, "evaluation")
+    tracking.log_text(p.summary, "model_summary.txt")
+    tracking.log_text(augment.describe(p.transform), "augmentations.txt")
+    tracking.log_figure(_augmented_grid(p.train_loader, p.dataset.class_names), "augmented_samples.png")
 
 
 AUTO_LR_MIN_STEPS, AUTO_LR_MAX_STEPS = 20, 100
 
 
-def _resolve_auto_lr(cfg: TrainConfig, p) -> TrainConfig:
+def _resolve_auto_lr(cfg: TrainConfig, p, already: str | None) -> TrainConfig:
     """lr=auto: range test with the run's optimiser settings and lr_find's sweep bounds, clamped to the
-    optimiser's safe range. The sweep takes about one epoch of steps (20 to 100): a few percent of a run."""
+    optimiser's safe range. The sweep takes about one epoch of steps (20 to 100): a few percent of a run.
+    A resumed run reuses the LR it resolved before (`already`)."""
+    if already is not None:
+        return dataclasses.replace(cfg, lr=float(already))
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LRFindConfig) if hasattr(cfg, f.name)}
     steps = max(AUTO_LR_MIN_STEPS, min(AUTO_LR_MAX_STEPS, len(p.train_loader)))
     sweep = LRFindConfig(**shared, num_iter=steps)

@@ -2,9 +2,16 @@
 and a helper that runs the real `mlflow run` on this project."""
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +104,64 @@ def mlflow_run(store: Store, params: dict[str, object], *, entry: str = "main", 
 
 
 TINY = {"epochs": 2, "batch_size": 64, "num_workers": 0, "max_train_samples": 256, "max_test_samples": 128}
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www: (folder, base URL)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by the server), which a test can
+    stop and start again on the same port and store."""
+
+    def __init__(self, root: Path, *, app_name: str | None = None, env: dict[str, str] | None = None) -> None:
+        self.root, self.port, self.app_name = root, free_port(), app_name
+        self.env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> "MlflowServer":
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+               "--artifacts-destination", str(self.root / "server-artifacts")]
+        if self.app_name:
+            cmd += ["--app-name", self.app_name]
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=self.env, stdout=log, stderr=log,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.2)
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None

@@ -1,15 +1,12 @@
 """The CIFAR-10 layout reader (both key styles, corrupt files, hostile pickles), download + MD5 + safe
 extraction over a real local HTTP server, the synthetic set, statistics and the loaders."""
-import functools
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import shutil
 import socket
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -114,21 +111,6 @@ def test_load_dataset_downloads_only_when_layout_missing(layout, tmp_path_factor
 
 
 # ---------------------------------------------------------------------------------------------- download
-
-@pytest.fixture
-def http_dir(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
 
 def _tar_of(folder: Path, out: Path) -> str:
     with tarfile.open(out, "w:gz") as tar:

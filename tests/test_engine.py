@@ -61,7 +61,7 @@ def test_fit_is_deterministic_for_a_seed_on_cpu():
 def test_fit_reports_every_epoch_through_the_callback():
     model, tr, te, cfg = _setup(epochs=2, n_train=32)
     seen = []
-    result = engine.fit(model, tr, te, cfg, CPU, "fp32", on_epoch_end=lambda e, m: seen.append((e, m)),
+    result = engine.fit(model, tr, te, cfg, CPU, "fp32", on_epoch_end=lambda e, m, capture: seen.append((e, m)),
                         log=lambda s: None)
     assert [e for e, _ in seen] == [1, 2] and [m for _, m in seen] == result.history
     assert set(result.final) == {"train/loss", "train/accuracy", "train/images_per_sec", "lr",
@@ -120,10 +120,12 @@ def test_optimizers():
     assert isinstance(engine.build_optimizer(TrainConfig(optimizer="adam"), params), torch.optim.Adam)
 
 
-def test_no_host_sync_inside_the_batch_loop(monkeypatch):
-    """Reading a tensor on the host (.item/.tolist/.cpu/.numpy/bool) stalls a GPU pipeline; the engine does
-    it twice per epoch (loss and correct count), however many batches there are."""
-    model, tr, te, cfg = _setup(n_train=128, batch_size=16, epochs=1)   # 8 batches
+@pytest.mark.parametrize("n_train", [128, 352], ids=["8-batches", "22-batches"])
+def test_no_host_sync_inside_the_batch_loop(monkeypatch, n_train):
+    """Reading a tensor on the host (.item/.tolist/.cpu/.numpy/bool) stalls a GPU pipeline. Training reads once
+    per epoch (loss, correct count and NaN step in one tolist) plus one NaN check every 10 steps; evaluation
+    reads twice per pass, however many batches there are."""
+    model, tr, te, cfg = _setup(n_train=n_train, batch_size=16, epochs=1)
     calls = []
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -140,7 +142,7 @@ def test_no_host_sync_inside_the_batch_loop(monkeypatch):
     train_calls = list(calls)
     calls.clear()
     engine.evaluate(model, te, CPU, "fp32")
-    assert train_calls == ["item", "item"], train_calls
+    assert train_calls == ["item"] * (len(tr) // engine.NAN_CHECK_EVERY) + ["tolist"], train_calls
     assert calls == ["item", "item"], calls
 
 
@@ -196,3 +198,37 @@ def test_norm_variants_train(norm):
     model, tr, te, cfg = _setup(n_train=16, n_test=8, batch_size=8, epochs=1, norm=norm)
     result = engine.fit(model, tr, te, cfg, CPU, "bf16", log=lambda s: None)
     assert result.final["train/loss"] > 0
+
+
+def test_nan_loss_stops_training_at_once_naming_the_step():
+    from cifar_mlflow.errors import TrainingDiverged
+
+    model, tr, te, cfg = _setup(n_train=256, batch_size=16, epochs=2, lr=1e6, scheduler="none", momentum=0.0)
+    seen = []
+    with pytest.raises(TrainingDiverged) as err:
+        engine.fit(model, tr, te, cfg, CPU, "fp32", on_epoch_end=lambda *a: seen.append(a), log=lambda s: None)
+    assert 1 <= err.value.step <= 16 and err.value.epoch == 1 and not seen, "stopped inside epoch 1"
+    assert f"at step {err.value.step} (epoch 1)" in str(err.value)
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_fit():
+    from cifar_mlflow import checkpoint
+
+    def run(stop_after=None, resume=None):
+        model, tr, te, cfg = _setup(epochs=3, n_train=64, seed=2)
+        states = {}
+        try:
+            engine.fit(model, tr, te, cfg, CPU, "bf16", log=lambda s: None, resume=resume,
+                       on_epoch_end=lambda e, m, capture: states.update({e: capture()}) or (
+                           e == stop_after and (_ for _ in ()).throw(KeyboardInterrupt)))
+        except KeyboardInterrupt:
+            pass
+        return model, states
+
+    full, _ = run()
+    _, states = run(stop_after=1)
+    path = "/tmp/_resume_test.pt"
+    checkpoint.save_atomic(states[1], path)
+    resumed, _ = run(resume=checkpoint.load(path))
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -1,0 +1,107 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped (model, optimiser,
+scheduler, gradient scaler, RNG states, epoch, metric history), written atomically and read back with
+`torch.load(weights_only=True)`, which refuses to run code hidden in a pickle. Knows nothing of MLflow."""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cifar_mlflow.errors import ModelError
+
+FORMAT = 1
+
+
+def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+            scaler: torch.amp.GradScaler | None, epoch: int, history: list[dict[str, float]],
+            lr_steps: list[float]) -> dict[str, Any]:
+    """The complete training state after `epoch` (1-based), as tensors and plain Python values only."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "format": FORMAT, "epoch": epoch, "history": [dict(h) for h in history], "lr_steps": list(lr_steps),
+        "best_test_accuracy": max((h["test/accuracy"] for h in history), default=0.0),
+        # copies, not references: the state may be written out in the background while training goes on
+        "model": _cpu_copy(model.state_dict()),
+        "optimizer": _cpu_copy(optimizer.state_dict()),
+        "scheduler": _cpu_copy(scheduler.state_dict()),
+        "scaler": _cpu_copy(scaler.state_dict()) if scaler is not None else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                          "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                          "gauss": float(np_state["gauss"])},
+                "python": _to_lists(random.getstate())},
+    }
+
+
+def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+            scaler: torch.amp.GradScaler | None) -> None:
+    """Put a captured state back into freshly built objects (the same architecture and optimiser)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
+                                                               "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    random.setstate(_to_tuples(rng["python"]))
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename: a crash leaves either the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True: tensors and plain containers only, nothing executed."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable checkpoint ({first[:300]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a cifar-mlflow checkpoint (format {FORMAT})")
+    return state
+
+
+def _cpu_copy(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _cpu_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu_copy(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
