@@ -187,7 +187,16 @@ def log_dataset(dataset: data_mod.Dataset, split: data_mod.Split, context: str) 
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         ds = mlflow.data.from_numpy(split.images, targets=split.labels, name=dataset.name,
                                     digest=data_mod.array_digest(split), source=source)
-    mlflow.log_input(ds, context=context)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(ds, context=context)
+            return
+        except MlflowException as exc:
+            # Two runs logging the same dataset at once race inside the server's check-then-insert
+            # ("UNIQUE constraint failed: datasets..."); a moment later the dataset exists and is simply linked.
+            if attempt == 2 or "UNIQUE constraint" not in str(exc):
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def log_figure(fig: Figure, artifact_file: str) -> None:

@@ -1,7 +1,6 @@
 """End to end, as a user runs it: `mlflow run . --env-manager local -P ...` on generated CIFAR-layout data with a
 real sqlite store, then a fresh process loads the registered model both ways; bad input fails cleanly."""
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -101,12 +100,12 @@ def _closed_port_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}/cifar-10-python.tar.gz"
 
 
+# Every bad value of every parameter is in tests/test_hostile_input.py (in-process); these two go through the
+# whole `mlflow run` path, to show the run it created ends FAILED with the reason.
 @pytest.mark.parametrize("params, message", [
     ({"optimizer": "foo"}, "'foo' is not one of 'sgd', 'adam', 'adamw'"),
-    ({"epochs": 0}, "Invalid value for '--epochs': 0 is not in the range x>=1"),
-    ({"lr": -0.1}, "Invalid value for '--lr': -0.1 is not in the range x>0"),
     ({"no_such_param": 1}, "No such option '--no_such_param'"),
-], ids=["optimizer", "epochs", "lr", "unknown"])
+], ids=["optimizer", "unknown"])
 def test_bad_parameters_fail_before_training(store, cifar_root, params, message):
     proc = mlflow_run(store, {**TINY, "data_dir": cifar_root, **params})
     assert proc.returncode != 0
@@ -141,19 +140,6 @@ def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
     assert run.info.status == "FAILED"
 
 
-def test_corrupt_data_file_is_named(store, cifar_root, tmp_path):
-    data_dir = tmp_path / "d"
-    shutil.copytree(cifar_root, data_dir)
-    bad = data_dir / "cifar-10-batches-py" / "test_batch"
-    bad.write_bytes(bad.read_bytes()[:500])
-    proc = mlflow_run(store, {**TINY, "data_dir": data_dir})
-    assert proc.returncode != 0
-    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
-    assert f"{bad}: not a readable CIFAR-10 pickle" in line
-    (run,) = _runs(store)
-    assert run.info.status == "FAILED" and not MlflowClient(store.uri).search_registered_models()
-
-
 def _direct_train(store, *args):
     cmd = [sys.executable, "-m", "entrypoints.train", "--dataset", "synthetic", "--epochs", "1",
            "--batch_size", "64", "--max_train_samples", "128", "--max_test_samples", "64", "--num_workers", "0",
@@ -161,17 +147,15 @@ def _direct_train(store, *args):
     return subprocess.run(cmd, cwd=REPO, env=store.env(), capture_output=True, text=True, timeout=300)
 
 
-def test_direct_runs_on_synthetic_data_are_deterministic(store):
-    """Without `mlflow run` the entry point opens its own run; two processes with one seed learn the same."""
-    for _ in range(2):
-        proc = _direct_train(store, "--seed", "5")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _runs(store)
-    assert a.info.status == b.info.status == "FINISHED" and a.data.params["dataset"] == "synthetic"
-    for key in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr"):
-        assert a.data.metrics[key] == b.data.metrics[key], key
-    client = MlflowClient(store.uri)
-    assert {str(v.version) for v in client.search_model_versions("name='synthetic-test'")} == {"1", "2"}
+def test_direct_run_on_synthetic_data(store):
+    """Without `mlflow run` the entry point opens its own run. (Runs are deterministic across processes:
+    tests/test_resume.py compares two separate `mlflow run`s weight for weight.)"""
+    proc = _direct_train(store, "--seed", "5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _runs(store)
+    assert run.info.status == "FINISHED" and run.data.params["dataset"] == "synthetic"
+    assert run.data.params["data/train_size"] == "128" and run.data.tags["registered_model_version"] == "1"
+    assert MlflowClient(store.uri).get_model_version_by_alias("synthetic-test", "champion").run_id == run.info.run_id
 
 
 @pytest.mark.parametrize("module, config", [("entrypoints.train", TrainConfig),

@@ -16,7 +16,7 @@ from cifar_mlflow import tracking
 from cifar_mlflow.errors import ModelError
 from tests.conftest import REPO, make_store
 
-FOUR = {"epochs": 4, "batch_size": 32, "num_workers": 0, "max_test_samples": 64, "seed": 3}
+FOUR = {"epochs": 4, "batch_size": 32, "num_workers": 0, "max_train_samples": 192, "max_test_samples": 64, "seed": 3}
 METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec")
 
 
@@ -109,7 +109,7 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
 
 def _direct(store, *args):
     cmd = [sys.executable, "-m", "entrypoints.train", "--epochs", "20", "--batch_size", "32", "--num_workers",
-           "0", "--max_test_samples", "32", *args]
+           "0", "--max_train_samples", "128", "--max_test_samples", "32", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=store.env(), start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
