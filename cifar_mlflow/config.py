@@ -153,6 +153,10 @@ class TrainConfig(_Validated):
     precision: str = param(
         "auto", "Compute precision; auto = bf16 autocast where the device runs it natively (CUDA with bf16, "
         "CPUs with AVX512-BF16/AMX), else fp32.", choices=PRECISIONS)
+    compile: str = param(
+        "false", "torch.compile the model for training and evaluation; pays off on a GPU over many epochs, costs "
+        "a minute or more of compilation first. GradCAM and saved weights always use the uncompiled module.",
+        choices=("false", "true"))
     registered_model_name: str = param("cifar10-resnet18", "Registered model that receives a new version.")
 
 

@@ -152,7 +152,8 @@ NAN_CHECK_EVERY = 10
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, schedule: Schedule,
                     device: torch.device, precision: str, label_smoothing: float,
                     scaler: torch.amp.GradScaler | None = None, desc: str = "train", l1: float = 0.0,
-                    lr_log: list[float] | None = None, epoch: int = 1, first_step: int = 1) -> Metrics:
+                    lr_log: list[float] | None = None, epoch: int = 1, first_step: int = 1,
+                    first_step_time: list[float] | None = None) -> Metrics:
     """One pass over loader. Returns train/loss (plain cross-entropy, comparable with test/loss; the optimised
     objective adds label smoothing and the L1 penalty), train/accuracy, train/images_per_sec and lr (the LR of the
     epoch's last step). Every step's LR is appended to lr_log. A NaN/inf loss raises TrainingDiverged naming
@@ -183,6 +184,8 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         lr = optimizer.param_groups[0]["lr"]   # the LR this step used (a Python float: no sync)
         if lr_log is not None:
             lr_log.append(float(lr))
+        if first_step_time is not None and not first_step_time:
+            first_step_time.append(time.time())   # start-up cost as users feel it (reported by the job)
         schedule.after_step()
         with torch.no_grad():
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), first_step + i, bad_step)
@@ -254,6 +257,7 @@ class FitResult:
     history: list[Metrics]      # one dict per epoch, epoch 1 first
     final: Metrics              # the last epoch's metrics
     lr_steps: list[float]       # the LR of every optimiser step, in order
+    first_step_at: float | None = None   # time.time() when this process finished its first optimiser step
 
 
 def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig, device: torch.device,
@@ -265,19 +269,22 @@ def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig,
     optimizer = build_optimizer(cfg, model.parameters())
     schedule = build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    # The compiled module shares parameters with `model`; state_dicts, checkpoints and GradCAM use `model`.
+    net = torch.compile(model) if getattr(cfg, "compile", "false") == "true" else model
     history: list[Metrics] = []
     lr_steps: list[float] = []
+    first_step: list[float] = []
     start = 1
     if resume is not None:
         checkpoint.restore(resume, model, optimizer, schedule.scheduler, scaler)
         history, lr_steps, start = list(resume["history"]), list(resume["lr_steps"]), int(resume["epoch"]) + 1
     for epoch in range(start, cfg.epochs + 1):
         train_loader.sampler.set_epoch(epoch)
-        metrics = train_one_epoch(model, train_loader, optimizer, schedule, device, precision,
+        metrics = train_one_epoch(net, train_loader, optimizer, schedule, device, precision,
                                   cfg.label_smoothing, scaler, desc=f"epoch {epoch}/{cfg.epochs} train",
                                   l1=cfg.l1, lr_log=lr_steps, epoch=epoch,
-                                  first_step=(epoch - 1) * len(train_loader) + 1)
-        metrics.update(evaluate(model, test_loader, device, precision, desc=f"epoch {epoch}/{cfg.epochs} test"))
+                                  first_step=(epoch - 1) * len(train_loader) + 1, first_step_time=first_step)
+        metrics.update(evaluate(net, test_loader, device, precision, desc=f"epoch {epoch}/{cfg.epochs} test"))
         if not all(math.isfinite(v) for v in metrics.values()):   # e.g. fp16 overflow in evaluation
             raise TrainingDiverged(epoch * len(train_loader), epoch, "non-finite in evaluation")
         schedule.after_epoch(metrics["test/loss"])
@@ -288,4 +295,4 @@ def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig,
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics, lambda e=epoch: checkpoint.capture(
                 model, optimizer, schedule.scheduler, scaler, e, history, lr_steps))
-    return FitResult(history, history[-1], lr_steps)
+    return FitResult(history, history[-1], lr_steps, first_step[0] if first_step else None)

@@ -53,8 +53,8 @@ def prepare(cfg: Any, max_test: int) -> Prepared:
     pin = device.type == "cuda"
     train_loader = data.make_loader(dataset.train, batch_size=cfg.batch_size, train=True, transform=transform,
                                     seed=cfg.seed, num_workers=workers, pin_memory=pin)
-    test_loader = data.make_loader(dataset.test, batch_size=cfg.batch_size, train=False,
-                                   num_workers=workers, pin_memory=pin)
+    # Test batches are array slices (no per-sample work): a worker process would only add IPC latency.
+    test_loader = data.make_loader(dataset.test, batch_size=cfg.batch_size, train=False, pin_memory=pin)
     return Prepared(device, precision, dataset, spec, model, summary, transform, workers, train_loader, test_loader)
 
 

@@ -7,7 +7,6 @@ and whose loader is `_load_pyfunc` below, with this package shipped as its code:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -412,11 +411,7 @@ MANIFEST = f"{CHECKPOINTS}/latest.json"
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return data_mod.file_digest(path, "sha256")
 
 
 def log_checkpoint(run_id: str, state: dict[str, Any], epoch: int) -> None:

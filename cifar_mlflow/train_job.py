@@ -48,7 +48,10 @@ def run_training(cfg: TrainConfig) -> TrainOutcome | None:
         finally:
             reporter.close()    # the last finished epoch's checkpoint lands even if training was interrupted
         tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision)
-        tracking.log_epoch(cfg.epochs, {"test/accuracy_tta": tta})
+        final = {"test/accuracy_tta": tta}
+        if result.first_step_at is not None:   # from process start: imports, data, model, run set-up
+            final["perf/seconds_to_first_step"] = result.first_step_at - _process_start()
+        tracking.log_epoch(cfg.epochs, final)
         tracking.log_figure(plots.training_curves(result.history), "curves.png")
         tracking.log_figure(plots.lr_schedule_figure(result.lr_steps, len(p.train_loader)), "lr_schedule.png")
 
@@ -57,6 +60,12 @@ def run_training(cfg: TrainConfig) -> TrainOutcome | None:
             p.model, p.spec, example, cfg.registered_model_name, result.final["test/accuracy"], cfg.epochs)
         _print_summary({**result.final, "test/accuracy_tta": tta}, version, tracking.run_url(run))
         return TrainOutcome(run_id, result.final, version)
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _log_run_inputs(p) -> None:

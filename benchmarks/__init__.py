@@ -1,0 +1,1 @@
+"""Runnable speed comparisons; see benchmarks/RESULTS.md for the figures measured and the machine."""

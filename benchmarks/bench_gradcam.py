@@ -1,0 +1,138 @@
+"""Target 5 of the speed issue: GradCAM for 25 images batched (one call per layer) against one call per image,
+with identical maps (tolerance 1e-5); and the analysis entry point on 2,000 test images with 25 images x 2 layers
+of GradCAM: wall time, and where it goes.
+
+    python -m benchmarks.bench_gradcam [--images 25] [--test-images 2000] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+import time
+from collections import defaultdict
+
+import benchmarks._common as common  # noqa: F401  (sets the environment first)
+
+import mlflow
+import numpy as np
+import torch
+
+from benchmarks._common import interleaved, machine, median, table
+from cifar_mlflow import analysis, analyze_job, data, engine, models, plots, tracking
+from cifar_mlflow.config import AnalyzeConfig, TrainConfig
+
+
+def per_image(model, layer, x, classes) -> np.ndarray:
+    """The notebook way: one GradCAM object, one call per image."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with GradCAM(model=model, target_layers=[layer]) as cam:
+        return np.concatenate([cam(input_tensor=x[i:i + 1], targets=[ClassifierOutputTarget(int(c))])
+                               for i, c in enumerate(classes)])
+
+
+def _trained_model(uri: str) -> str:
+    """A quickly trained, registered model in a fresh store (GradCAM of an untrained net is not representative)."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("bench")
+    split, test = data.make_synthetic(256, seed=1), data.make_synthetic(64, seed=2)
+    mean, std = data.channel_stats(split.images)
+    spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std)
+    torch.manual_seed(0)
+    model = models.build_model(spec).to(memory_format=torch.channels_last)
+    cfg = TrainConfig(epochs=2, batch_size=64, dataset="synthetic")
+    cpu = engine.resolve_device()
+    with tracking.open_run():
+        tracking.log_params({**cfg.to_params(), "env/precision": engine.resolve_precision("auto", cpu)})
+        result = engine.fit(model, data.make_loader(split, batch_size=64, train=True),
+                            data.make_loader(test, batch_size=64, train=False), cfg, cpu,
+                            engine.resolve_precision("auto", cpu), log=lambda s: None)
+        example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
+        return tracking.log_and_register_model(model, spec, example, "bench-gradcam",
+                                               result.final["test/accuracy"], 2).model_uri
+
+
+def _profile_analysis(model_uri: str, test_images: int) -> tuple[float, dict[str, float]]:
+    """Run the real analysis job, timing the stages it calls (by wrapping them where the job looks them up)."""
+    spent: dict[str, float] = defaultdict(float)
+    stages = {(data, "load_dataset"): "read/generate test data", (tracking, "resolve_model"): "registry lookups",
+              (tracking, "load_torch_model"): "download + load model", (analysis, "predict"): "evaluate test set",
+              (analysis, "gradcam_pairs"): "GradCAM (2 layers x 25 images x 2 classes)",
+              (tracking, "log_figure"): "render + log figures", (tracking, "log_table"): "log table",
+              (tracking, "log_dataset"): "log dataset input", (tracking, "log_metrics"): "log metrics"}
+    originals = {}
+    for (module, name), label in stages.items():
+        fn = getattr(module, name)
+        originals[(module, name)] = fn
+
+        @functools.wraps(fn)
+        def wrapper(*a, _fn=fn, _label=label, **k):
+            start = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent[_label] += time.perf_counter() - start
+        setattr(module, name, wrapper)
+    try:
+        start = time.perf_counter()
+        analyze_job.run_analysis(AnalyzeConfig(model_uri=model_uri, dataset="synthetic",
+                                               max_test_samples=test_images, num_images=25))
+        total = time.perf_counter() - start
+    finally:
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
+    return total, dict(spent)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=25)
+    parser.add_argument("--test-images", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    tmp = tempfile.mkdtemp(prefix="bench-gradcam-")
+    model_uri = _trained_model(f"sqlite:///{tmp}/mlflow.db")
+    model, _ = tracking.load_torch_model(model_uri)
+    images = data.make_synthetic(args.images, seed=7).images
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    classes = models.predict_proba(model, x).argmax(1).tolist()
+
+    rows, diffs = [], {}
+    for layer_name in ("layer3", "layer4"):
+        layer = dict(model.named_modules())[layer_name]
+        maps = {}
+
+        def batched(_layer=layer, _name=layer_name) -> float:
+            start = time.perf_counter()
+            maps["batched"] = analysis.gradcam_maps(model, _layer, x, classes, batch_size=len(x))
+            return time.perf_counter() - start
+
+        def single(_layer=layer) -> float:
+            start = time.perf_counter()
+            maps["per image"] = per_image(model, _layer, x, classes)
+            return time.perf_counter() - start
+
+        interleaved({"b": batched, "s": single}, 1)
+        res = interleaved({"one call per image": single, "batched (one call)": batched}, args.repeats)
+        diffs[layer_name] = float(np.abs(maps["batched"] - maps["per image"]).max())
+        speedup = median(res["one call per image"]) / median(res["batched (one call)"])
+        rows.append([layer_name, median(res["one call per image"]), median(res["batched (one call)"]), speedup,
+                     diffs[layer_name]])
+    print(f"machine: {machine()}\n")
+    print(f"GradCAM, {args.images} images, median of {args.repeats} interleaved runs")
+    print(table(["layer", "per image s", "batched s", "speed-up (target >= 2)", "max |diff| (<= 1e-5)"], rows))
+
+    total, spent = _profile_analysis(model_uri, args.test_images)
+    other = total - sum(spent.values())
+    print(f"\nanalysis entry point, {args.test_images} test images, 25 images x 2 layers: {total:.1f} s wall")
+    print(table(["stage", "seconds", "share"], [[k, v, f"{v / total:.0%}"] for k, v in
+                                                sorted(spent.items(), key=lambda kv: -kv[1])] +
+                [["run set-up, params, tags, the rest", other, f"{other / total:.0%}"]]))
+    return {"speedup_layer4": rows[1][3], "max_diff": max(diffs.values()), "analysis_s": total}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Target 6 of the speed issue: `python -m entrypoints.train --help` answers in under 1 s (heavy imports happen
+only when work starts), and the time from process start to the end of the first training step, as a real run
+logs it (`perf/seconds_to_first_step`).
+
+    python -m benchmarks.bench_startup [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import benchmarks._common as common  # noqa: F401  (sets the environment first)
+
+from benchmarks._common import machine, median, table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def help_seconds(module: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def first_step_seconds(store: Path) -> float:
+    import mlflow
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+    subprocess.run([sys.executable, "-m", "entrypoints.train", "--dataset", "synthetic", "--epochs", "1",
+                    "--max_train_samples", "64", "--max_test_samples", "32", "--batch_size", "32",
+                    "--num_workers", "0"], cwd=store, env=env, check=True, capture_output=True)
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = client.search_runs(["0"], order_by=["start_time DESC"], max_results=1)[0]
+    return run.data.metrics["perf/seconds_to_first_step"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    rows = []
+    out = {}
+    for module in ("entrypoints.train", "entrypoints.analyze", "entrypoints.lr_find"):
+        runs = [help_seconds(module) for _ in range(args.repeats)]
+        out[module] = median(runs)
+        rows.append([f"{module} --help (target < 1 s)", median(runs), ", ".join(f"{r:.2f}" for r in runs)])
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [first_step_seconds(Path(tmp)) for _ in range(max(1, args.repeats // 2))]
+    out["first_step"] = median(runs)
+    rows.append(["process start -> first training step (synthetic data)", median(runs),
+                 ", ".join(f"{r:.2f}" for r in runs)])
+    print(f"machine: {machine()}\n")
+    print(table(["measure", "seconds (median)", "runs"], rows))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Target 3 of the speed issue: the same epochs with full MLflow tracking -- sqlite store, params, dataset inputs,
+system metrics (sampled every second, 10x MLflow's default), every epoch's metrics and checkpoint, the curves
+figure -- against the engine with tracking off. Target: wall-time ratio <= 1.02. Model registration, a one-off
+at the end of a run, is timed separately.
+
+    python -m benchmarks.bench_tracking [--images 1024] [--epochs 2] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import benchmarks._common as common  # noqa: F401  (sets the environment first)
+
+import mlflow
+import torch
+
+from benchmarks._common import interleaved, machine, median, table
+from cifar_mlflow import augment, data, engine, models, plots, tracking
+from cifar_mlflow.config import TrainConfig
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+
+    device = engine.resolve_device()
+    precision = engine.resolve_precision("auto", device)
+    split, test = data.make_synthetic(args.images, seed=1), data.make_synthetic(256, seed=2)
+    ds = data.Dataset("synthetic", split, test, data.SYNTHETIC_CLASSES, "synthetic")
+    mean, std = data.channel_stats(split.images)
+    spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std)
+    cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs)
+    workers = data.auto_num_workers(-1)
+    loader = data.make_loader(split, batch_size=args.batch_size, train=True, seed=0, num_workers=workers,
+                              transform=augment.build_train_transform("standard", mean))
+    test_loader = data.make_loader(test, batch_size=args.batch_size, train=False)
+    tmp = tempfile.mkdtemp(prefix="bench-tracking-")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    mlflow.set_experiment("bench")
+    registration: list[float] = []
+
+    def fresh():
+        torch.manual_seed(0)
+        return models.build_model(spec).to(device, memory_format=torch.channels_last)
+
+    def off() -> float:
+        model = fresh()
+        start = time.perf_counter()
+        engine.fit(model, loader, test_loader, cfg, device, precision, log=lambda s: None)
+        return time.perf_counter() - start
+
+    def on() -> float:
+        model = fresh()
+        start = time.perf_counter()
+        with tracking.open_run() as run:
+            tracking.log_params({**cfg.to_params(), "data/mean": mean, "data/std": std})
+            tracking.log_dataset(ds, split, "training")
+            tracking.log_dataset(ds, test, "evaluation")
+            reporter = tracking.EpochReporter(run.info.run_id)
+            try:
+                result = engine.fit(model, loader, test_loader, cfg, device, precision, on_epoch_end=reporter,
+                                    log=lambda s: None)
+            finally:
+                reporter.close()
+            tracking.log_figure(plots.training_curves(result.history), "curves.png")
+            elapsed = time.perf_counter() - start
+            if not registration:
+                t = time.perf_counter()
+                example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
+                tracking.log_and_register_model(model, spec, example, "bench", result.final["test/accuracy"],
+                                                args.epochs)
+                registration.append(time.perf_counter() - t)
+        return elapsed
+
+    interleaved({"off": off}, 1)     # warm-up
+    results = interleaved({"tracking off": off, "full MLflow tracking": on}, args.repeats)
+    t_off, t_on = median(results["tracking off"]), median(results["full MLflow tracking"])
+    per_epoch = (t_on - t_off) / args.epochs
+    rate = args.images * args.epochs / t_off
+    print(f"machine: {machine()}")
+    print(f"{args.epochs} epochs x {args.images} images, batch {args.batch_size}, median of {args.repeats} "
+          f"interleaved runs\n")
+    print(table(["contender", "wall s (median)", "runs"],
+                [[k, median(v), ", ".join(f"{x:.2f}" for x in v)] for k, v in results.items()]))
+    full_epoch = 50_000 / rate
+    print()
+    print(table(["measure", "value"], [
+        ["ratio on/off (target <= 1.02)", f"{t_on / t_off:.3f}"],
+        ["tracking cost per epoch, s", per_epoch],
+        [f"projected ratio for a full CIFAR-10 epoch (50k images, {full_epoch:.0f} s here)",
+         f"{(full_epoch + per_epoch) / full_epoch:.4f}"],
+        ["model log + registration (once per run), s", registration[0]],
+    ]))
+    return {"ratio": t_on / t_off, "per_epoch_s": per_epoch}
+
+
+if __name__ == "__main__":
+    main()
