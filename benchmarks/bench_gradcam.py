@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import analysis, analyze_job, data, engine, models, plots, tracking
+from cifar_mlflow import analysis, analyze_job, data, engine, models, tracking
 from cifar_mlflow.config import AnalyzeConfig, TrainConfig
 
 

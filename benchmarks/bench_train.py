@@ -17,7 +17,6 @@ import time
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 
 import albumentations as A
-import numpy as np
 import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2

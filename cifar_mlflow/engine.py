@@ -130,6 +130,11 @@ def l1_weights(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.ndim > 1]
 
 
+def l1_penalty(weights: list[nn.Parameter]) -> torch.Tensor:
+    """Sum of absolute values of the given weights, on their device (no host sync)."""
+    return torch.stack([p.abs().sum() for p in weights]).sum()
+
+
 def to_device_images(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1]. The permuted view of an NHWC tensor already has the
     channels_last layout, so no copy is needed for the model's memory format."""
@@ -172,7 +177,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if penalised:
-            loss = loss + l1 * torch.stack([p.abs().sum() for p in penalised]).sum()
+            loss = loss + l1 * l1_penalty(penalised)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

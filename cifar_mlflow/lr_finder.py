@@ -82,7 +82,7 @@ def range_test(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
             with engine.autocast(device, precision):
                 loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             if penalised:
-                loss = loss + l1 * torch.stack([p.abs().sum() for p in penalised]).sum()
+                loss = loss + l1 * engine.l1_penalty(penalised)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
