@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # The entry point command in MLproject calls `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv train test clean
+.PHONY: venv system-packages train test clean
 
 venv: $(STAMP)
 
@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/mlflow run . --env-manager local $(foreach p,$(P),-P $(p))
 
-test: $(STAMP)
+# Debian's chromium and postgresql, which the UI and team-server tests drive (installed only if missing).
+system-packages:
+	bash scripts/system-packages.sh
+
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest
 
 clean:

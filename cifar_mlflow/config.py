@@ -157,6 +157,10 @@ class TrainConfig(_Validated):
         "false", "torch.compile the model for training and evaluation; pays off on a GPU over many epochs, costs "
         "a minute or more of compilation first. GradCAM and saved weights always use the uncompiled module.",
         choices=("false", "true"))
+    log_images_every: int = param(
+        -1, "Log a panel of fixed test images with predictions and GradCAM (layer3) every N epochs and after the "
+        "last, as MLflow images (step = epoch), to watch attention form; -1 = auto (epoch 1, about 5 more, the "
+        "last), 0 = off.", low=-1)
     registered_model_name: str = param("cifar10-resnet18", "Registered model that receives a new version.")
 
 
@@ -223,3 +227,54 @@ class LRFindConfig(_Validated):
         super().__post_init__()
         if self.end_lr <= self.start_lr:
             raise ConfigError(f"end_lr={self.end_lr!r} is not allowed: expected a number > start_lr={self.start_lr!r}")
+
+
+# The pipeline's own parameters, besides those it passes through to its steps.
+PIPELINE_STEPS = ("lr_find", "main", "analyze")
+
+
+@dataclass(frozen=True)
+class PipelineConfig(_Validated):
+    """Parameters of the `pipeline` entry point: the range test's sweep, every training parameter but `lr`
+    (the range test chooses it), the analysis' gallery and layers, and whether to reuse finished steps."""
+
+    start_lr: float = inherit(LRFindConfig, "start_lr")
+    end_lr: float = inherit(LRFindConfig, "end_lr")
+    num_iter: int = inherit(LRFindConfig, "num_iter")
+    epochs: int = inherit(TrainConfig, "epochs")
+    batch_size: int = inherit(TrainConfig, "batch_size")
+    optimizer: str = inherit(TrainConfig, "optimizer")
+    momentum: float = inherit(TrainConfig, "momentum")
+    weight_decay: float = inherit(TrainConfig, "weight_decay")
+    l1: float = inherit(TrainConfig, "l1")
+    label_smoothing: float = inherit(TrainConfig, "label_smoothing")
+    scheduler: str = inherit(TrainConfig, "scheduler")
+    augment: str = inherit(TrainConfig, "augment")
+    arch: str = inherit(TrainConfig, "arch")
+    norm: str = inherit(TrainConfig, "norm")
+    seed: int = inherit(TrainConfig, "seed")
+    data_dir: str = inherit(TrainConfig, "data_dir")
+    dataset: str = inherit(TrainConfig, "dataset")
+    max_train_samples: int = inherit(TrainConfig, "max_train_samples")
+    max_test_samples: int = inherit(TrainConfig, "max_test_samples")
+    num_workers: int = inherit(TrainConfig, "num_workers")
+    precision: str = inherit(TrainConfig, "precision")
+    compile: str = inherit(TrainConfig, "compile")
+    log_images_every: int = inherit(TrainConfig, "log_images_every")
+    registered_model_name: str = inherit(TrainConfig, "registered_model_name")
+    num_images: int = inherit(AnalyzeConfig, "num_images")
+    target_layers: str = inherit(AnalyzeConfig, "target_layers")
+    reuse: str = param(
+        "true", "Reuse a step whose FINISHED run with the same parameters and the same code exists (MLflow's "
+        "multistep pattern) instead of running it again; false = always run every step.", choices=("true", "false"))
+
+    def steps(self) -> tuple[LRFindConfig, TrainConfig, AnalyzeConfig]:
+        """The three steps' configs (validated): training's lr and analysis' model_uri are placeholders that
+        the pipeline fills in from the earlier steps' results."""
+        mine = self.to_params()
+
+        def pick(config: type, **extra: Any) -> Any:
+            return config(**{**{k: v for k, v in mine.items() if k in config.__dataclass_fields__}, **extra})
+
+        return (pick(LRFindConfig), pick(TrainConfig),
+                pick(AnalyzeConfig, model_uri=f"models:/{self.registered_model_name}/1", dataset=self.dataset))

@@ -139,3 +139,27 @@ def lr_schedule_figure(lr_steps: Sequence[float], steps_per_epoch: int) -> Figur
     ax.set_title("learning rate per step")
     ax.grid(alpha=0.3)
     return fig
+
+
+def watch_panel(images: np.ndarray, maps: np.ndarray, true_names: Sequence[str], pred_names: Sequence[str],
+                confidence: Sequence[float], epoch: int, layer: str) -> Figure:
+    """The fixed test images (top row) over their GradCAM for the predicted class (bottom row), titled with the
+    prediction: green when right, red when wrong. Logged every few epochs to watch attention form."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    n = len(images)
+    fig = Figure(figsize=(1.25 * n + 0.3, 3.2), layout="constrained")
+    axes = np.array(fig.subplots(2, n)).reshape(2, n)
+    for i in range(n):
+        right = true_names[i] == pred_names[i]
+        axes[0, i].imshow(images[i], interpolation="nearest")
+        axes[0, i].set_title(f"{true_names[i]}", fontsize=8)
+        cam = show_cam_on_image(images[i].astype(np.float32) / 255.0, maps[i], use_rgb=True)
+        axes[1, i].imshow(cam, interpolation="nearest")
+        axes[1, i].set_title(f"{pred_names[i]} {confidence[i]:.0%}", fontsize=8,
+                             color="tab:green" if right else "tab:red")
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.suptitle(f"epoch {epoch}: test images | GradCAM at {layer} for the predicted class", fontsize=9)
+    return fig
+

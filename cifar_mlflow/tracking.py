@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import mlflow
 import numpy as np
@@ -83,11 +83,31 @@ def check_tracking_server(timeout: float = 5.0) -> None:
                             "is it an MLflow server?")
 
 
+CODE_VERSION_TAG = "code_version"
+
+
+def code_version() -> str:
+    """A digest of the code a run executes (this package, the entry points, MLproject and the pins), tagged on
+    every run: the pipeline reuses a step only if it ran the same code. Unlike the git commit it also sees
+    uncommitted edits, and it exists where there is no git checkout."""
+    import hashlib
+
+    root = _PACKAGE_DIR.parent
+    files = sorted([*_PACKAGE_DIR.glob("*.py"), *(root / "entrypoints").glob("*.py")])
+    files += [f for f in (root / "MLproject", root / "pyproject.toml") if f.is_file()]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def open_run() -> Iterator[mlflow.ActiveRun]:
-    """Open the run: the one `mlflow run` created (MLFLOW_RUN_ID) or a new one, with system metrics sampled.
-    An exception ends it FAILED, Ctrl-C or SIGTERM ends it KILLED, each with a tag saying why."""
+    """Open the run: the one `mlflow run` created (MLFLOW_RUN_ID) or a new one, with system metrics sampled and
+    the code version tagged. An exception ends it FAILED, Ctrl-C or SIGTERM ends it KILLED, each with a tag
+    saying why."""
     with mlflow.start_run(log_system_metrics=True) as run:
+        mlflow.set_tag(CODE_VERSION_TAG, code_version())
         try:
             yield run
         except (KeyboardInterrupt, Terminated) as exc:
@@ -202,6 +222,15 @@ def log_figure(fig: Figure, artifact_file: str) -> None:
     mlflow.log_figure(fig, artifact_file)
 
 
+def _figure_rgb(fig: Figure) -> np.ndarray:
+    """A figure as the uint8 RGB array that mlflow's log_image takes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
@@ -306,6 +335,8 @@ def current_champion(name: str) -> Any:
 
 
 def _model_files_dir(model_uri: str, dst: Path) -> Path:
+    if not sys.stderr.isatty():   # MLflow's per-file download bar floods logs and CI output
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except MlflowException as exc:
@@ -459,15 +490,22 @@ class EpochReporter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-reporter")
         self._pending: list[Future] = []
 
-    def __call__(self, epoch: int, metrics: dict[str, float], capture: Any) -> None:
+    def __call__(self, epoch: int, metrics: dict[str, float], capture: Any,
+                 images: dict[str, Callable[[], Figure]] | None = None) -> None:
+        """images: key -> a function building the figure to log with mlflow's log_image(key=key, step=epoch);
+        built in the reporting thread (rendering takes a few hundred ms)."""
         self._raise_finished_errors()
         state = capture()    # copied now, on the training thread: the model keeps changing afterwards
-        self._pending.append(self._pool.submit(self._report, epoch, dict(metrics), state))
+        self._pending.append(self._pool.submit(self._report, epoch, dict(metrics), state, images or {}))
 
-    def _report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
+    def _report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any],
+                images: dict[str, Callable[[], Figure]]) -> None:
         log_checkpoint(self.run_id, state, epoch)
+        client = MlflowClient()
         now = int(time.time() * 1000)
-        MlflowClient().log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        for key, build in images.items():
+            client.log_image(self.run_id, _figure_rgb(build()), key=key, step=epoch)
 
     def _raise_finished_errors(self) -> None:
         for fut in [f for f in self._pending if f.done()]:
@@ -495,3 +533,61 @@ def backfill_epochs(run_id: str, history: list[dict[str, float]]) -> None:
                     if epoch not in logged]
     if missing:
         client.log_batch(run_id, metrics=missing)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multistep workflows (the `pipeline` entry point)
+
+def project_dir() -> Path:
+    """The MLflow Project this package belongs to (the folder holding MLproject)."""
+    root = _PACKAGE_DIR.parent
+    if not (root / "MLproject").is_file():
+        raise ConfigError(f"the pipeline runs the MLflow Project's entry points, but {root} holds no MLproject "
+                          "file; run it from a checkout of cifar-mlflow")
+    return root
+
+
+def finished_step(entry_point: str, params: dict[str, Any], needs: Callable[[Any], bool]) -> Any:
+    """The newest FINISHED run of this experiment made by `entry_point` of this project with the same code
+    version and the same value for every one of `params`, for which needs(run) holds; else None.
+    (MLflow's multistep example compares the git commit; code_version also sees uncommitted edits.)"""
+    client = MlflowClient()
+    experiment_id = mlflow.active_run().info.experiment_id
+    query = (f"attributes.status = 'FINISHED' and tags.`mlflow.project.entryPoint` = '{entry_point}' "
+             f"and tags.{CODE_VERSION_TAG} = '{code_version()}'")
+    for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"]):
+        logged = run.data.params
+        if all(k in logged and _same(logged[k], v) for k, v in params.items()) and needs(run):
+            return run
+    return None
+
+
+def run_step(entry_point: str, params: dict[str, Any]) -> Any:
+    """Run an entry point of this project as a child of the active run (`mlflow run` semantics: a fresh process
+    and a run of its own, tagged with mlflow.parentRunId) and return the finished run. A failed step is a
+    TrackingError naming the run and the reason it recorded."""
+    from mlflow.projects import run as run_project
+
+    parent = mlflow.active_run().info
+    try:
+        submitted = run_project(str(project_dir()), entry_point=entry_point, env_manager="local",
+                                parameters={k: _as_param(v) for k, v in params.items()},
+                                experiment_id=parent.experiment_id, run_name=entry_point, synchronous=False)
+    except MlflowException as exc:
+        raise TrackingError(f"pipeline step {entry_point!r} could not start: {exc.message.splitlines()[0]}") from None
+    try:
+        ok = submitted.wait()
+    except BaseException:      # Ctrl-C or SIGTERM of the pipeline: stop the step too (it ends KILLED)
+        submitted.cancel()
+        raise
+    client = MlflowClient()
+    run = client.get_run(submitted.run_id)
+    if run.info.status == "RUNNING":    # the step died before it could close its run
+        client.set_terminated(submitted.run_id, "FINISHED" if ok else "FAILED")
+        run = client.get_run(submitted.run_id)
+    if not ok or run.info.status != "FINISHED":
+        why = run.data.tags.get(FAILURE_TAG, "see its log above")
+        raise TrackingError(f"pipeline step {entry_point!r} (run {submitted.run_id}) ended "
+                            f"{run.info.status}: {why}")
+    return run
+

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
-from cifar_mlflow import augment, engine, lr_finder, plots, tracking
+from cifar_mlflow import augment, engine, lr_finder, plots, tracking, watch
 from cifar_mlflow.config import LRFindConfig, TrainConfig
 from cifar_mlflow.lr_finder_job import log_range_test, range_test
 from cifar_mlflow.prepare import prepare
@@ -44,7 +45,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome | None:
         reporter = tracking.EpochReporter(run_id)
         try:
             result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision,
-                                on_epoch_end=reporter, resume=resume)
+                                on_epoch_end=_with_panels(reporter, cfg, p), resume=resume)
         finally:
             reporter.close()    # the last finished epoch's checkpoint lands even if training was interrupted
         tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision)
@@ -60,6 +61,22 @@ def run_training(cfg: TrainConfig) -> TrainOutcome | None:
             p.model, p.spec, example, cfg.registered_model_name, result.final["test/accuracy"], cfg.epochs)
         _print_summary({**result.final, "test/accuracy_tta": tta}, version, tracking.run_url(run))
         return TrainOutcome(run_id, result.final, version)
+
+
+def _with_panels(reporter: tracking.EpochReporter, cfg: TrainConfig, p) -> Callable[..., None]:
+    """on_epoch_end that also hands the reporter a GradCAM panel of fixed test images on the chosen epochs. The
+    panel is computed here, on the training thread between epochs (the model must not change meanwhile), and
+    rendered and logged by the reporter's thread."""
+    epochs = set(watch.panel_epochs(cfg.log_images_every, cfg.epochs))
+    indices = watch.panel_indices(p.dataset.test.labels, len(p.dataset.class_names))
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float], capture: Callable[[], dict]) -> None:
+        images = None
+        if epoch in epochs:
+            panel = watch.compute_panel(p.model, p.dataset.test, indices, p.dataset.class_names, epoch)
+            images = {watch.PANEL_KEY: panel.figure}
+        reporter(epoch, metrics, capture, images)
+    return on_epoch_end
 
 
 def _process_start() -> float:

@@ -58,6 +58,13 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     assert "11,173,962" in open(f"{local}/model_summary.txt").read()
     assert "CoarseDropout" in open(f"{local}/augmentations.txt").read()
 
+    # the GradCAM panel, logged with log_image(key, step=epoch) after epochs 1 and 2 (auto for 2 epochs)
+    panels = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
+    assert [p.split("+")[:3] for p in panels] == [["images/gradcam_panel", "step", "1"],
+                                                  ["images/gradcam_panel", "step", "2"]]
+    with open(f"{local}/{panels[-1]}", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
     # registry: version 1 with tags and the champion alias
     mv = client.get_model_version_by_alias("cifar10-resnet18", "champion")
     assert str(mv.version) == "1" and mv.run_id == run_id

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from cifar_mlflow import augment, data, engine, models
+from cifar_mlflow import augment, data, engine, models, watch
 from cifar_mlflow.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -232,3 +232,27 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_fit():
     resumed, _ = run(resume=checkpoint.load(path))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("every, epochs, expected", [
+    (-1, 20, [1, 4, 8, 12, 16, 20]), (-1, 3, [1, 2, 3]), (-1, 1, [1]), (-1, 7, [1, 2, 4, 6, 7]),
+    (0, 20, []), (7, 20, [7, 14, 20]), (1, 3, [1, 2, 3]), (50, 3, [3])])
+def test_panel_epochs(every, epochs, expected):
+    assert watch.panel_epochs(every, epochs) == expected
+
+
+def test_panel_shows_one_test_image_per_class_with_gradcam():
+    split = data.make_synthetic(60, seed=3)
+    idx = watch.panel_indices(split.labels, 10)
+    assert split.labels[idx].tolist() == list(range(10))
+    torch.manual_seed(0)
+    model = models.build_model(models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, (0.5,) * 3, (0.25,) * 3))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    panel = watch.compute_panel(model, split, idx, data.SYNTHETIC_CLASSES, epoch=4)
+    assert panel.maps.shape == (10, 32, 32) and 0 <= panel.maps.min() and panel.maps.max() <= 1
+    assert list(panel.true_names) == list(data.SYNTHETIC_CLASSES)
+    assert all(0 < c <= 1 for c in panel.confidence)
+    # computing a panel changes no weights and no BatchNorm statistics
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert panel.figure().get_suptitle().startswith("epoch 4:")

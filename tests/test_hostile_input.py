@@ -16,13 +16,15 @@ from mlflow import MlflowClient
 
 from cifar_mlflow import data
 from cifar_mlflow.cli import invoke
-from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, TrainConfig, field_type
+from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig, field_type
 from entrypoints.analyze import analyze
 from entrypoints.lr_find import lr_find
+from entrypoints.pipeline import pipeline
 from entrypoints.train import train
 from tests.conftest import make_store
 
-COMMANDS = {"main": (train, TrainConfig), "analyze": (analyze, AnalyzeConfig), "lr_find": (lr_find, LRFindConfig)}
+COMMANDS = {"main": (train, TrainConfig), "analyze": (analyze, AnalyzeConfig), "lr_find": (lr_find, LRFindConfig),
+            "pipeline": (pipeline, PipelineConfig)}
 
 
 def _bad_values(f: dataclasses.Field):

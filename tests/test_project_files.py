@@ -12,16 +12,18 @@ import pytest
 
 from cifar_mlflow.config import AnalyzeConfig, TrainConfig
 from cifar_mlflow.cli import NumberOrWord
-from cifar_mlflow.config import LRFindConfig
+from cifar_mlflow.config import LRFindConfig, PipelineConfig
 from entrypoints.analyze import analyze as analyze_command
 from entrypoints.lr_find import lr_find as lr_find_command
+from entrypoints.pipeline import pipeline as pipeline_command
 from entrypoints.train import train as train_command
 from tests.conftest import REPO
 
 # MLproject entry point -> (config dataclass, click command, python module)
 ENTRY_POINTS = {"main": (TrainConfig, train_command, "entrypoints.train"),
                 "analyze": (AnalyzeConfig, analyze_command, "entrypoints.analyze"),
-                "lr_find": (LRFindConfig, lr_find_command, "entrypoints.lr_find")}
+                "lr_find": (LRFindConfig, lr_find_command, "entrypoints.lr_find"),
+                "pipeline": (PipelineConfig, pipeline_command, "entrypoints.pipeline")}
 each_entry_point = pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 
 # MLproject type -> dataclass annotation ("float | str": a number or a word such as lr=auto)

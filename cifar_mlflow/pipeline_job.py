@@ -1,0 +1,67 @@
+"""The `pipeline` entry point's work: LR range test -> training with the suggested LR -> analysis of the version
+that training registered, as one parent run whose steps are child runs (MLflow's multistep pattern). A step
+whose FINISHED run with the same parameters and code version exists is reused instead of run again."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cifar_mlflow import lr_finder, tracking
+from cifar_mlflow.config import PipelineConfig
+
+SUGGESTED = "lr_find/suggested_lr"
+VERSION_TAG = "registered_model_version"
+
+
+@dataclass(frozen=True)
+class PipelineOutcome:
+    run_id: str
+    step_runs: dict[str, str]     # entry point -> run id
+    reused: dict[str, bool]
+    lr: float
+    model_uri: str
+
+
+def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
+    tracking.check_tracking_server()
+    sweep, train, analyze = cfg.steps()     # every step's parameters validated before anything runs
+    tracking.project_dir()
+    with tracking.open_run() as parent:
+        tracking.log_params(cfg.to_params())
+        runs: dict[str, Any] = {}
+        reused: dict[str, bool] = {}
+
+        def step(entry: str, params: dict[str, Any], needs: Callable[[Any], bool]) -> Any:
+            found = tracking.finished_step(entry, params, needs) if cfg.reuse == "true" else None
+            reused[entry] = found is not None
+            print(f"pipeline: {entry}: " + (f"reusing finished run {found.info.run_id}" if found else "running"))
+            runs[entry] = found or tracking.run_step(entry, params)
+            tracking.set_tags({f"step/{entry}/run_id": runs[entry].info.run_id,
+                               f"step/{entry}/reused": str(reused[entry]).lower()})
+            return runs[entry]
+
+        found = step("lr_find", sweep.to_params(), lambda r: SUGGESTED in r.data.metrics)
+        suggested = found.data.metrics[SUGGESTED]
+        lr = lr_finder.clamp_lr(suggested, train.optimizer)
+        trained = step("main", {**train.to_params(), "lr": lr}, lambda r: VERSION_TAG in r.data.tags)
+        model_uri = f"models:/{cfg.registered_model_name}/{trained.data.tags[VERSION_TAG]}"
+        analysed = step("analyze", {**analyze.to_params(), "model_uri": model_uri}, lambda r: True)
+
+        summary = {SUGGESTED: suggested, "lr": lr, **{k: v for k, v in trained.data.metrics.items()
+                                                     if k in ("test/accuracy", "test/loss", "test/accuracy_tta")}}
+        tracking.log_metrics(summary)
+        tracking.set_tags({"model_uri": model_uri})
+        _print_summary(runs, reused, suggested, lr, model_uri, analysed, tracking.run_url(parent))
+        return PipelineOutcome(parent.info.run_id, {k: r.info.run_id for k, r in runs.items()}, reused, lr,
+                               model_uri)
+
+
+def _print_summary(runs, reused, suggested, lr, model_uri, analysed, url) -> None:
+    lines = ["", "pipeline finished"]
+    for entry, run in runs.items():
+        lines.append(f"  {entry:8s} run {run.info.run_id}" + ("  (reused)" if reused[entry] else ""))
+    acc = analysed.data.metrics.get("test/accuracy")
+    lines += [f"  lr: range test suggested {suggested:.4g}, trained with {lr:.4g}",
+              f"  model {model_uri}" + (f"  test accuracy {acc:.4f}" if acc is not None else ""),
+              f"  view: {url}", ""]
+    print("\n".join(lines))

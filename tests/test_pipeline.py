@@ -1,0 +1,84 @@
+"""The `pipeline` entry point, as a user runs it (`mlflow run . -e pipeline`): three child runs the first time,
+all three reused the second time; and the reuse rule itself on hand-made runs."""
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from cifar_mlflow import lr_finder, tracking
+from tests.conftest import mlflow_run
+
+PIPELINE = {"epochs": 1, "batch_size": 32, "num_workers": 0, "max_train_samples": 128, "max_test_samples": 64,
+            "num_iter": 12, "num_images": 4, "target_layers": "layer4"}
+STEPS = ("lr_find", "main", "analyze")
+
+
+def _runs(store):
+    client = MlflowClient(store.uri)
+    return client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
+
+
+def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root):
+    proc = mlflow_run(store, {**PIPELINE, "data_dir": cifar_root}, entry="pipeline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = _runs(store)
+    (parent,) = [r for r in runs if r.data.tags["mlflow.project.entryPoint"] == "pipeline"]
+    children = {r.data.tags["mlflow.project.entryPoint"]: r for r in runs if r is not parent}
+    assert sorted(children) == sorted(STEPS) and len(runs) == 4
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for entry, run in children.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, entry
+        assert run.data.tags["mlflow.runName"] == entry
+        assert run.data.tags["code_version"] == parent.data.tags["code_version"] == tracking.code_version()
+        assert parent.data.tags[f"step/{entry}/run_id"] == run.info.run_id
+        assert parent.data.tags[f"step/{entry}/reused"] == "false"
+
+    # data flows through: the range test's suggestion (clamped) is training's LR; analysis gets its version
+    suggested = children["lr_find"].data.metrics["lr_find/suggested_lr"]
+    lr = lr_finder.clamp_lr(suggested, "sgd")
+    assert float(children["main"].data.params["lr"]) == pytest.approx(lr, rel=1e-12)
+    assert children["main"].data.params["epochs"] == "1" and children["lr_find"].data.params["num_iter"] == "12"
+    assert children["analyze"].data.params["model_uri"] == "models:/cifar10-resnet18/1"
+    assert children["analyze"].data.params["target_layers"] == "layer4"
+    assert children["analyze"].data.tags["model_version"] == "1"
+    assert parent.data.metrics["lr"] == pytest.approx(lr) and parent.data.tags["model_uri"] == "models:/cifar10-resnet18/1"
+    assert parent.data.metrics["test/accuracy"] == children["main"].data.metrics["test/accuracy"]
+    assert "pipeline finished" in proc.stdout
+
+    # the same call again: every step is reused, nothing is trained or registered again
+    again = mlflow_run(store, {**PIPELINE, "data_dir": cifar_root}, entry="pipeline")
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = _runs(store)
+    assert len(runs) == 5
+    (second,) = [r for r in runs if r.data.tags["mlflow.project.entryPoint"] == "pipeline"
+                 and r.info.run_id != parent.info.run_id]
+    assert second.info.status == "FINISHED"
+    for entry, run in children.items():
+        assert second.data.tags[f"step/{entry}/run_id"] == run.info.run_id
+        assert second.data.tags[f"step/{entry}/reused"] == "true"
+    assert [str(v.version) for v in MlflowClient(store.uri).search_model_versions("name='cifar10-resnet18'")] == ["1"]
+    assert again.stdout.count("(reused)") == 3
+
+
+def test_reuse_needs_same_entry_point_params_code_and_a_finished_run(store):
+    client = MlflowClient(store.uri)
+    exp = client.get_experiment_by_name(store.experiment).experiment_id
+
+    def make(entry="main", lr="0.1", code=None, status="FINISHED"):
+        run = client.create_run(exp, tags={"mlflow.project.entryPoint": entry,
+                                           "code_version": code or tracking.code_version()})
+        client.log_param(run.info.run_id, "lr", lr)
+        client.log_param(run.info.run_id, "epochs", "2")
+        client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    make(entry="lr_find")
+    make(lr="0.2")
+    make(code="0123456789abcdef")
+    make(status="FAILED")
+    with mlflow.start_run():
+        find = tracking.finished_step
+        assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: True) is None
+        good = make(lr="1e-1")      # `mlflow run` keeps the -P spelling: 1e-1 is the same value as 0.1
+        assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: True).info.run_id == good
+        assert find("main", {"lr": 0.1, "epochs": 3}, lambda r: True) is None
+        assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: False) is None
