@@ -333,23 +333,32 @@ def _mix(*parts: int) -> int:
 class EpochSampler:
     """Yields keys `epoch * n + index`: a (seed, epoch)-determined permutation, with the epoch encoded so that the
     dataset can seed augmentation per batch. Augmentation then depends only on (seed, epoch, batch), not on the
-    number of workers or on which worker runs a batch, and a resumed run sees exactly the same images."""
+    number of workers or on which worker runs a batch, and a resumed run sees exactly the same images.
 
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+    Data-parallel (world > 1): every process draws the same permutation and takes every world-th index from
+    position `rank`, so the shards never overlap. Training drops the permutation's last n % world indices (as
+    torch's DistributedSampler with drop_last=True): every process then runs the same number of steps.
+    Evaluation keeps every index (shards may differ by one; evaluation has no collective per batch)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.rank, self.world = rank, world
+        self.used = n - n % world if shuffle else n
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return len(range(self.rank, self.used, self.world))
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
             order = np.random.default_rng(_mix(self.seed, self.epoch)).permutation(self.n)
         else:
             order = np.arange(self.n)
-        return iter((order + self.epoch * self.n).tolist())
+        return iter((order[:self.used][self.rank::self.world] + self.epoch * self.n).tolist())
 
 
 class SplitDataset:
@@ -400,24 +409,26 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def auto_num_workers(requested: int) -> int:
+def auto_num_workers(requested: int, processes: int = 1) -> int:
     """-1 means one worker per spare core (cores minus the one the training loop uses), capped at 8: augmenting
-    32x32 images runs at ~10k images/s per core, so a few workers out-pace any device here."""
+    32x32 images runs at ~10k images/s per core, so a few workers out-pace any device here. With several
+    training processes on the machine (data-parallel), each gets its share of the cores."""
     if requested >= 0:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, cores // max(processes, 1) - 1))
 
 
 def make_loader(split: Split, *, batch_size: int, train: bool, transform: Any = None, seed: int = 0,
-                num_workers: int = 0, pin_memory: bool = False) -> Any:
-    """A DataLoader over a split. Training: shuffled per epoch, augmented, last partial batch dropped when the
-    split holds more than one batch (a batch of 1 would break BatchNorm). Evaluation: in order, every sample."""
+                num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1) -> Any:
+    """A DataLoader over a split (over this process's shard of it when world > 1; batch_size is then per
+    process). Training: shuffled per epoch, augmented, last partial batch dropped when the shard holds more than
+    one batch (a batch of 1 would break BatchNorm). Evaluation: in order, every sample of the shard."""
     from torch.utils.data import DataLoader
 
-    sampler = EpochSampler(len(split), seed, shuffle=train)
+    sampler = EpochSampler(len(split), seed, shuffle=train, rank=rank, world=world)
     return DataLoader(
         SplitDataset(split, transform if train else None, seed), batch_size=batch_size, sampler=sampler,
-        drop_last=train and len(split) > batch_size, num_workers=num_workers, collate_fn=_collated,
+        drop_last=train and len(sampler) > batch_size, num_workers=num_workers, collate_fn=_collated,
         pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=_worker_init,
         prefetch_factor=4 if num_workers > 0 else None)

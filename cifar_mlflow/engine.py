@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_mlflow import checkpoint
+from cifar_mlflow import checkpoint, distributed
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import TrainingDiverged
 
@@ -38,7 +38,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device() -> torch.device:
+def resolve_device(ctx: distributed.Context | None = None) -> torch.device:
+    """The GPU if there is one (under torchrun: this process's own), else the CPU."""
+    if ctx is not None:
+        return ctx.device
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -158,11 +161,14 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
                     device: torch.device, precision: str, label_smoothing: float,
                     scaler: torch.amp.GradScaler | None = None, desc: str = "train", l1: float = 0.0,
                     lr_log: list[float] | None = None, epoch: int = 1, first_step: int = 1,
-                    first_step_time: list[float] | None = None) -> Metrics:
+                    first_step_time: list[float] | None = None,
+                    ctx: distributed.Context | None = None) -> Metrics:
     """One pass over loader. Returns train/loss (plain cross-entropy, comparable with test/loss; the optimised
     objective adds label smoothing and the L1 penalty), train/accuracy, train/images_per_sec and lr (the LR of the
     epoch's last step). Every step's LR is appended to lr_log. A NaN/inf loss raises TrainingDiverged naming
-    the global step (first_step is the number of this epoch's first step)."""
+    the global step (first_step is the number of this epoch's first step).
+    Data-parallel (ctx): the metrics cover every process's shard (sums gathered once per epoch), and
+    `ranks/<r>/train/loss|accuracy|samples` report each process's own share."""
     model.train()
     penalised = l1_weights(model) if l1 > 0 else []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -200,13 +206,22 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         seen += len(labels)
         if (i + 1) % NAN_CHECK_EVERY == 0:
             _raise_if_diverged(int(bad_step.item()), epoch)
-    # the epoch's one host sync: all three values in one transfer
-    total_loss, total_correct, first_bad = torch.stack([loss_sum, correct.double(), bad_step.double()]).tolist()
-    _raise_if_diverged(int(first_bad), epoch)
+    # the epoch's one host sync: all values in one transfer (one collective too, when data-parallel)
+    local = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device),
+                         bad_step.double()])
+    ranks = (distributed.all_gather(local, ctx.world) if ctx else local[None]).tolist()
+    bad = [int(r[3]) for r in ranks if r[3] >= 0]
+    _raise_if_diverged(min(bad) if bad else -1, epoch)
+    total_loss, total_correct, total_seen = (sum(r[i] for r in ranks) for i in range(3))
     elapsed = time.perf_counter() - start
-    return {"train/loss": total_loss / max(seen, 1), "train/accuracy": total_correct / max(seen, 1),
-            "train/images_per_sec": seen / elapsed if elapsed > 0 else 0.0,
-            "lr": float(lr)}
+    out = {"train/loss": total_loss / max(total_seen, 1), "train/accuracy": total_correct / max(total_seen, 1),
+           "train/images_per_sec": total_seen / elapsed if elapsed > 0 else 0.0,
+           "lr": float(lr)}
+    if ctx:
+        for r, (r_loss, r_correct, r_seen, _) in enumerate(ranks):
+            out.update({f"ranks/{r}/train/loss": r_loss / max(r_seen, 1),
+                        f"ranks/{r}/train/accuracy": r_correct / max(r_seen, 1), f"ranks/{r}/train/samples": r_seen})
+    return out
 
 
 def eval_logits(model: nn.Module, loader: Any, device: torch.device, precision: str,
@@ -223,8 +238,9 @@ def eval_logits(model: nn.Module, loader: Any, device: torch.device, precision: 
             yield logits.float(), y
 
 
-def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str, desc: str = "test") -> Metrics:
-    """Plain cross-entropy and accuracy over every sample of loader."""
+def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str, desc: str = "test",
+             ctx: distributed.Context | None = None) -> Metrics:
+    """Plain cross-entropy and accuracy over every sample of loader (of every process's shard, with ctx)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
@@ -232,7 +248,11 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(dim=1) == y).sum()
         seen += len(y)
-    return {"test/loss": loss_sum.item() / max(seen, 1), "test/accuracy": correct.item() / max(seen, 1)}
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    if ctx:
+        distributed.all_reduce_sum(totals)
+    total_loss, total_correct, total_seen = totals.tolist()
+    return {"test/loss": total_loss / max(total_seen, 1), "test/accuracy": total_correct / max(total_seen, 1)}
 
 
 def _raise_if_diverged(bad_step: int, epoch: int) -> None:
@@ -240,8 +260,10 @@ def _raise_if_diverged(bad_step: int, epoch: int) -> None:
         raise TrainingDiverged(bad_step, epoch)
 
 
-def evaluate_flip_tta(model: nn.Module, loader: Any, device: torch.device, precision: str) -> float:
-    """Accuracy of the mean softmax over each image and its horizontal mirror (flip test-time augmentation)."""
+def evaluate_flip_tta(model: nn.Module, loader: Any, device: torch.device, precision: str,
+                      ctx: distributed.Context | None = None) -> float:
+    """Accuracy of the mean softmax over each image and its horizontal mirror (flip test-time augmentation),
+    over every process's shard with ctx."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
@@ -254,7 +276,11 @@ def evaluate_flip_tta(model: nn.Module, loader: Any, device: torch.device, preci
             probs = torch.softmax(logits.float(), 1) + torch.softmax(flipped.float(), 1)
             correct += (probs.argmax(dim=1) == y).sum()
             seen += len(y)
-    return correct.item() / max(seen, 1)
+    totals = torch.stack([correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    if ctx:
+        distributed.all_reduce_sum(totals)
+    total_correct, total_seen = totals.tolist()
+    return total_correct / max(total_seen, 1)
 
 
 @dataclass
@@ -267,15 +293,25 @@ class FitResult:
 
 def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig, device: torch.device,
         precision: str, on_epoch_end: Callable[[int, Metrics, Callable[[], dict]], None] | None = None,
-        log: Callable[[str], None] = print, resume: dict[str, Any] | None = None) -> FitResult:
+        log: Callable[[str], None] = print, resume: dict[str, Any] | None = None,
+        ctx: distributed.Context | None = None) -> FitResult:
     """Train for cfg.epochs, evaluating after each epoch. on_epoch_end(epoch, metrics, capture) gets 1-based
     epochs and a function returning the full checkpoint state. resume: a checkpoint.capture() state to continue
-    from (the next epoch after it); the result then covers every epoch, the resumed ones included."""
+    from (the next epoch after it); the result then covers every epoch, the resumed ones included.
+    ctx (torchrun): training through DistributedDataParallel on each process's shard; evaluation on each
+    process's shard of the test split with rank 0's BatchNorm statistics; metrics summed over processes."""
     optimizer = build_optimizer(cfg, model.parameters())
     schedule = build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    # The compiled module shares parameters with `model`; state_dicts, checkpoints and GradCAM use `model`.
-    net = torch.compile(model) if getattr(cfg, "compile", "false") == "true" else model
+    # The compiled/DDP modules share parameters with `model`; state_dicts, checkpoints and GradCAM use `model`.
+    compiled = getattr(cfg, "compile", "false") == "true"
+    eval_net = torch.compile(model) if compiled else model
+    train_net = eval_net
+    if ctx is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_net = torch.compile(ddp) if compiled else ddp
     history: list[Metrics] = []
     lr_steps: list[float] = []
     first_step: list[float] = []
@@ -285,11 +321,15 @@ def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig,
         history, lr_steps, start = list(resume["history"]), list(resume["lr_steps"]), int(resume["epoch"]) + 1
     for epoch in range(start, cfg.epochs + 1):
         train_loader.sampler.set_epoch(epoch)
-        metrics = train_one_epoch(net, train_loader, optimizer, schedule, device, precision,
+        metrics = train_one_epoch(train_net, train_loader, optimizer, schedule, device, precision,
                                   cfg.label_smoothing, scaler, desc=f"epoch {epoch}/{cfg.epochs} train",
                                   l1=cfg.l1, lr_log=lr_steps, epoch=epoch,
-                                  first_step=(epoch - 1) * len(train_loader) + 1, first_step_time=first_step)
-        metrics.update(evaluate(net, test_loader, device, precision, desc=f"epoch {epoch}/{cfg.epochs} test"))
+                                  first_step=(epoch - 1) * len(train_loader) + 1, first_step_time=first_step,
+                                  ctx=ctx)
+        if ctx is not None:
+            distributed.sync_buffers(model)
+        metrics.update(evaluate(eval_net, test_loader, device, precision, desc=f"epoch {epoch}/{cfg.epochs} test",
+                                ctx=ctx))
         if not all(math.isfinite(v) for v in metrics.values()):   # e.g. fp16 overflow in evaluation
             raise TrainingDiverged(epoch * len(train_loader), epoch, "non-finite in evaluation")
         schedule.after_epoch(metrics["test/loss"])

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cifar_mlflow import augment, data, engine, models
+from cifar_mlflow import augment, data, distributed, engine, models
 
 
 @dataclass
@@ -23,18 +23,22 @@ class Prepared:
     num_workers: int
     train_loader: Any
     test_loader: Any
+    ctx: distributed.Context | None = None
 
     def derived_params(self) -> dict[str, Any]:
         """Values worth logging beside the config: they follow from it and from the machine."""
-        return {"model/num_params": models.num_parameters(self.model), "data/train_size": len(self.dataset.train),
+        world = {"env/world_size": self.ctx.world, "env/backend": self.ctx.backend,
+                 "env/per_process_batch_size": self.train_loader.batch_size} if self.ctx else {}
+        return {**world, "model/num_params": models.num_parameters(self.model), "data/train_size": len(self.dataset.train),
                 "data/test_size": len(self.dataset.test), "data/mean": self.spec.mean, "data/std": self.spec.std,
                 "env/device": _device_name(self.device), "env/precision": self.precision,
                 "env/num_workers": self.num_workers}
 
 
-def prepare(cfg: Any, max_test: int) -> Prepared:
-    """cfg: a TrainConfig or LRFindConfig (the fields they share)."""
-    device = engine.resolve_device()
+def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> Prepared:
+    """cfg: a TrainConfig or LRFindConfig (the fields they share). ctx (torchrun): this process's shards of
+    both splits, batch_size / world images per step, and this process's GPU."""
+    device = engine.resolve_device(ctx)
     precision = engine.resolve_precision(cfg.precision, device)
     dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train_samples, max_test)
     if len(dataset.train) < 2 or len(dataset.test) < 1:
@@ -49,13 +53,17 @@ def prepare(cfg: Any, max_test: int) -> Prepared:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed 32x32 shapes: let cuDNN pick the fastest kernels once
     transform = augment.build_train_transform(cfg.augment, mean)
-    workers = data.auto_num_workers(cfg.num_workers)
+    rank, world = (ctx.rank, ctx.world) if ctx else (0, 1)
+    workers = data.auto_num_workers(cfg.num_workers, processes=world)
     pin = device.type == "cuda"
-    train_loader = data.make_loader(dataset.train, batch_size=cfg.batch_size, train=True, transform=transform,
-                                    seed=cfg.seed, num_workers=workers, pin_memory=pin)
+    batch = cfg.batch_size // world
+    train_loader = data.make_loader(dataset.train, batch_size=batch, train=True, transform=transform,
+                                    seed=cfg.seed, num_workers=workers, pin_memory=pin, rank=rank, world=world)
     # Test batches are array slices (no per-sample work): a worker process would only add IPC latency.
-    test_loader = data.make_loader(dataset.test, batch_size=cfg.batch_size, train=False, pin_memory=pin)
-    return Prepared(device, precision, dataset, spec, model, summary, transform, workers, train_loader, test_loader)
+    test_loader = data.make_loader(dataset.test, batch_size=batch, train=False, pin_memory=pin, rank=rank,
+                                   world=world)
+    return Prepared(device, precision, dataset, spec, model, summary, transform, workers, train_loader, test_loader,
+                    ctx)
 
 
 def _model_summary(model: torch.nn.Module) -> str:

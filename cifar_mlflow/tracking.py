@@ -235,6 +235,10 @@ def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
 
+def log_dict(obj: dict[str, Any], artifact_file: str) -> None:
+    mlflow.log_dict(obj, artifact_file)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Models and registry
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from cifar_mlflow import augment, engine, lr_finder, plots, tracking, watch
+from cifar_mlflow import augment, distributed, engine, lr_finder, plots, tracking, watch
 from cifar_mlflow.config import LRFindConfig, TrainConfig
 from cifar_mlflow.lr_finder_job import log_range_test, range_test
 from cifar_mlflow.prepare import prepare
@@ -21,8 +21,41 @@ class TrainOutcome:
 
 
 def run_training(cfg: TrainConfig) -> TrainOutcome | None:
+    """One process, or one of torchrun's: rank 0 does all the MLflow work (one run, one registered version),
+    the other ranks train their shards and follow rank 0's decisions (resume state, learning rate)."""
+    distributed.check_batch_size(cfg.batch_size)
+    ctx = distributed.setup()
+    try:
+        if ctx is not None and not ctx.is_main:
+            return _follow(cfg, ctx)
+        return _lead(cfg, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _share(ctx: distributed.Context | None, value: Any = None) -> Any:
+    """Rank 0's value on every process (a no-op for a single process)."""
+    return distributed.broadcast_object(value) if ctx is not None else value
+
+
+def _follow(cfg: TrainConfig, ctx: distributed.Context) -> None:
+    """A rank > 0: the same collectives as _lead, in the same order, and no MLflow."""
+    p = prepare(cfg, cfg.max_test_samples, ctx)
+    distributed.gather_objects(_epoch1_indices(p.train_loader), ctx.world)
+    start = _share(ctx)
+    if start["done"]:
+        return None
+    cfg = dataclasses.replace(cfg, lr=_share(ctx))
+    engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision, log=lambda _: None,
+               resume=start["resume"], ctx=ctx)
+    engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
+    return None
+
+
+def _lead(cfg: TrainConfig, ctx: distributed.Context | None) -> TrainOutcome | None:
     tracking.check_tracking_server()          # seconds, not a wasted run, if the server is down
-    p = prepare(cfg, cfg.max_test_samples)   # everything that can fail on bad input, before the run opens
+    p = prepare(cfg, cfg.max_test_samples, ctx)   # everything that can fail on bad input, before the run opens
+    shards = distributed.gather_objects(_epoch1_indices(p.train_loader), ctx.world) if ctx else None
     with tracking.open_run() as run:
         run_id = run.info.run_id
         # On a resumed run (mlflow run --run-id) this also refuses parameters that differ from the logged ones.
@@ -30,25 +63,28 @@ def run_training(cfg: TrainConfig) -> TrainOutcome | None:
                              **{f"env/{k}_version": v for k, v in tracking.versions().items()}})
         resume = tracking.load_latest_checkpoint(run_id)
         if resume is None:
-            _log_run_inputs(p)
+            _log_run_inputs(p, shards)
+        elif "registered_model_version" in run.data.tags:
+            print(f"run {run_id} already finished all {resume['epoch']} epochs and registered "
+                  f"version {run.data.tags['registered_model_version']}; nothing to resume")
+            _share(ctx, {"done": True})
+            return None
         else:
-            if "registered_model_version" in run.data.tags:
-                print(f"run {run_id} already finished all {resume['epoch']} epochs and registered "
-                      f"version {run.data.tags['registered_model_version']}; nothing to resume")
-                return None
             tracking.backfill_epochs(run_id, resume["history"])
             tracking.set_tags({"resumed_from_epoch": str(resume["epoch"])})
             print(f"resuming run {run_id} after epoch {resume['epoch']} of {cfg.epochs}")
+        _share(ctx, {"done": False, "resume": resume})
         if cfg.lr == "auto":
             cfg = _resolve_auto_lr(cfg, p, run.data.params.get("lr/resolved"))
+        _share(ctx, cfg.lr)
 
         reporter = tracking.EpochReporter(run_id)
         try:
             result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision,
-                                on_epoch_end=_with_panels(reporter, cfg, p), resume=resume)
+                                on_epoch_end=_with_panels(reporter, cfg, p), resume=resume, ctx=ctx)
         finally:
             reporter.close()    # the last finished epoch's checkpoint lands even if training was interrupted
-        tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision)
+        tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
         final = {"test/accuracy_tta": tta}
         if result.first_step_at is not None:   # from process start: imports, data, model, run set-up
             final["perf/seconds_to_first_step"] = result.first_step_at - _process_start()
@@ -85,8 +121,20 @@ def _process_start() -> float:
     return psutil.Process().create_time()
 
 
-def _log_run_inputs(p) -> None:
-    """What a fresh run records once: datasets, model summary, augmentations and a sample grid."""
+def _epoch1_indices(loader) -> list[int]:
+    """The training-set indices this process draws in epoch 1 (its shard, in order)."""
+    sampler = loader.sampler
+    sampler.set_epoch(1)
+    return [k - sampler.n for k in sampler]
+
+
+def _log_run_inputs(p, shards: list[list[int]] | None = None) -> None:
+    """What a fresh run records once: datasets, model summary, augmentations and a sample grid; data-parallel,
+    also the processes and the training indices each drew in epoch 1 (disjoint shards, checkable)."""
+    if shards is not None:
+        tracking.log_dict({"world_size": p.ctx.world, "backend": p.ctx.backend,
+                           "per_process_batch_size": p.train_loader.batch_size,
+                           "epoch1_indices_by_rank": shards}, "distributed/shards.json")
     tracking.log_dataset(p.dataset, p.dataset.train, "training")
     tracking.log_dataset(p.dataset, p.dataset.test, "evaluation")
     tracking.log_text(p.summary, "model_summary.txt")

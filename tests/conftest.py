@@ -127,21 +127,28 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by the server), which a test can
-    stop and start again on the same port and store."""
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend unless `backend_store_uri` names another, artifacts
+    served by the server from root/server-artifacts, `args` appended to its command line), which a test can stop
+    and start again on the same port and store."""
 
-    def __init__(self, root: Path, *, app_name: str | None = None, env: dict[str, str] | None = None) -> None:
-        self.root, self.port, self.app_name = root, free_port(), app_name
-        self.env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    def __init__(self, root: Path, *, app_name: str | None = None, env: dict[str, str] | None = None,
+                 backend_store_uri: str | None = None, args: tuple[str, ...] = ()) -> None:
+        self.root, self.port, self.app_name, self.args = root, free_port(), app_name, tuple(args)
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'server.db'}"
+        self.artifacts_destination = root / "server-artifacts"
+        # no job-execution workers (three extra processes the tests never use)
+        self.env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                    **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> "MlflowServer":
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-               "--artifacts-destination", str(self.root / "server-artifacts")]
+               "--workers", "1", "--backend-store-uri", self.backend_store_uri,
+               "--artifacts-destination", str(self.artifacts_destination)]
         if self.app_name:
             cmd += ["--app-name", self.app_name]
+        cmd += self.args
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=self.env, stdout=log, stderr=log,
                                      start_new_session=True)

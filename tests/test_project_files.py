@@ -35,7 +35,19 @@ def _mlproject():
 
 
 def test_every_entry_point_is_tested_here():
-    assert set(_mlproject()["entry_points"]) == set(ENTRY_POINTS)
+    assert set(_mlproject()["entry_points"]) == set(ENTRY_POINTS) | {"ddp"}
+
+
+def test_ddp_entry_point_is_main_under_torchrun():
+    """`ddp` takes main's parameters (same order, types, defaults) plus nproc_per_node, and runs main's command
+    under torchrun."""
+    points = _mlproject()["entry_points"]
+    ddp, main = points["ddp"], points["main"]
+    assert list(ddp["parameters"]) == ["nproc_per_node"] + list(main["parameters"])
+    assert {k: v for k, v in ddp["parameters"].items() if k != "nproc_per_node"} == main["parameters"]
+    assert ddp["parameters"]["nproc_per_node"] == {"type": "int", "default": 2}
+    launcher = "torchrun --standalone --nproc_per_node {nproc_per_node} -m entrypoints.train "
+    assert ddp["command"] == launcher + main["command"].removeprefix("python -m entrypoints.train ")
 
 
 @each_entry_point

@@ -1,0 +1,127 @@
+"""Data-parallel training with torchrun on 2 CPU processes (gloo), through `mlflow run -e ddp` as documented:
+one FINISHED run and one registered version, metrics that are the reduction of the per-process values,
+disjoint shards; the sharded sampler itself; and resume of a data-parallel run after a crash."""
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cifar_mlflow import data, engine
+from cifar_mlflow.tracking import load_torch_model
+from tests.conftest import REPO, TINY
+
+DDP = {**TINY, "nproc_per_node": 2, "max_test_samples": 100}
+
+
+def _runs(store):
+    client = MlflowClient(store.uri)
+    return client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
+
+
+def _mlflow_run_ddp(store, params, *extra):
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-e", "ddp", *extra]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    return subprocess.Popen(cmd, cwd=store.root, env=store.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (11, 3), (7, 4)])
+def test_sharded_sampler_splits_each_epoch_without_overlap(n, world):
+    for shuffle in (True, False):
+        shards = []
+        for rank in range(world):
+            sampler = data.EpochSampler(n, seed=3, shuffle=shuffle, rank=rank, world=world)
+            sampler.set_epoch(2)
+            keys = list(sampler)
+            assert len(keys) == len(sampler)
+            shards.append({k - 2 * n for k in keys})
+        union = set().union(*shards)
+        assert sum(map(len, shards)) == len(union), "shards overlap"
+        if shuffle:   # training: equal shards (same number of steps everywhere), at most world-1 left out
+            assert len({len(s) for s in shards}) == 1 and n - len(union) == n % world
+        else:         # evaluation: every sample exactly once
+            assert union == set(range(n))
+
+
+def test_torchrun_two_processes_one_run_reduced_metrics_disjoint_shards(store, cifar_root):
+    proc = _mlflow_run_ddp(store, {**DDP, "data_dir": cifar_root})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    (run,) = _runs(store)
+    client = MlflowClient(store.uri)
+    run_id, m = run.info.run_id, run.data.metrics
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert (p["env/world_size"], p["env/backend"], p["env/per_process_batch_size"]) == ("2", "gloo", "32")
+
+    # one version, registered by rank 0 only
+    versions = client.search_model_versions("name='cifar10-resnet18'")
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == run_id
+
+    # every epoch logged once; train metrics are the sample-weighted reduction of the per-process values
+    for key in ("train/loss", "train/accuracy", "test/accuracy", "ranks/0/train/loss", "ranks/1/train/loss"):
+        assert sorted(x.step for x in client.get_metric_history(run_id, key)) == [1, 2], key
+    n0, n1 = m["ranks/0/train/samples"], m["ranks/1/train/samples"]
+    assert n0 == n1 == 128
+    for key in ("train/loss", "train/accuracy"):
+        r0, r1 = m[f"ranks/0/{key}"], m[f"ranks/1/{key}"]
+        assert m[key] == pytest.approx((r0 * n0 + r1 * n1) / (n0 + n1), rel=1e-12)
+        assert r0 != r1    # two different shards
+
+    # the shards each process drew in epoch 1 are disjoint and together cover the training set
+    shards = json.loads(open(client.download_artifacts(run_id, "distributed/shards.json", str(store.root))).read())
+    a, b = map(set, shards["epoch1_indices_by_rank"])
+    assert shards["world_size"] == 2 and len(a) == len(b) == 128 and not a & b and a | b == set(range(256))
+
+    # test metrics (summed over both shards of the 100 test images) = the registered model on all 100 images
+    net, _ = load_torch_model("models:/cifar10-resnet18/1")
+    test = data.read_cifar10(cifar_root, max_test=100).test
+    loader = data.make_loader(test, batch_size=32, train=False)
+    got = engine.evaluate(net.to(memory_format=torch.channels_last), loader, torch.device("cpu"),
+                          p["env/precision"])
+    assert got["test/accuracy"] == pytest.approx(m["test/accuracy"], abs=1 / 100)
+    assert got["test/loss"] == pytest.approx(m["test/loss"], abs=1e-3)
+    assert "training finished" in out and out.count("registered models:/cifar10-resnet18/1") == 1
+
+
+def test_killed_ddp_run_resumes_from_its_checkpoint(store, cifar_root):
+    params = {**DDP, "epochs": 3, "data_dir": cifar_root, "log_images_every": 0}
+    proc = _mlflow_run_ddp(store, params)
+    client = MlflowClient(store.uri)
+    deadline = time.time() + 300
+    while time.time() < deadline:     # wait for epoch 1's checkpoint + metrics, then kill everything
+        runs = _runs(store)
+        if runs and client.get_metric_history(runs[0].info.run_id, "test/accuracy"):
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    else:
+        pytest.fail("no epoch finished within 300 s")
+    # a crash of the whole job: torchrun starts its workers in sessions of their own, so kill every descendant
+    doomed = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    (run,) = _runs(store)
+    run_id = run.info.run_id
+    client.set_terminated(run_id, "FAILED")   # what a dead process leaves: the run is not FINISHED
+
+    again = _mlflow_run_ddp(store, params, "--run-id", run_id)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-4000:]
+    assert "resuming run" in out, out[-6000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and int(run.data.tags["resumed_from_epoch"]) >= 1
+    for key in ("train/loss", "test/accuracy", "ranks/1/train/loss"):
+        assert sorted(x.step for x in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+    assert [str(v.version) for v in client.search_model_versions("name='cifar10-resnet18'")] == ["1"]

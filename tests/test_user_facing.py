@@ -1,0 +1,296 @@
+"""What a user touches after training, for real: `mlflow models serve` answering HTTP requests in the documented
+format, and the MLflow UI in a real browser (Debian's Chromium driven by Playwright) showing the runs, the
+test/accuracy chart, the GradCAM artifacts and the `champion` alias. One store serves every test: a tiny
+training run (3 epochs) and its analysis run, both through the real `mlflow run`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import TINY, MlflowServer, Store, free_port, make_store, mlflow_run
+
+MODEL = "cifar10-resnet18"
+CHAMPION_URI = f"models:/{MODEL}@champion"
+EPOCHS = 3
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium's own connections (updates, sync) are refused on a closed
+# network and slow every page down. --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers often have
+# a tiny /dev/shm.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+UI_TIMEOUT_MS = 45_000      # generous: the CI machine may be busy; every wait is explicit and ends early
+
+
+@dataclass
+class Trained:
+    store: Store
+    experiment_id: str
+    train_run_id: str
+    train_run_name: str
+    analysis_run_id: str
+    analysis_run_name: str
+    version: str
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cifar_root) -> Trained:
+    """A real sqlite store holding a tiny training run (3 epochs, registered as version 1 @champion) and the
+    analysis run of models:/cifar10-resnet18@champion, both made by `mlflow run` exactly as a user types it."""
+    with pytest.MonkeyPatch.context() as mp:
+        for store in make_store(tmp_path_factory.mktemp("user_facing"), mp):
+            proc = mlflow_run(store, {**TINY, "epochs": EPOCHS, "max_train_samples": 64, "max_test_samples": 32,
+                                      "dataset": "cifar10", "data_dir": cifar_root})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            proc = mlflow_run(store, {"model_uri": CHAMPION_URI, "data_dir": cifar_root, "max_test_samples": 32,
+                                      "num_images": 4}, entry="analyze")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            client = MlflowClient(store.uri)
+            exp_id = client.get_experiment_by_name(store.experiment).experiment_id
+            runs = client.search_runs([exp_id])
+            (analysis,) = [r for r in runs if "training_run_id" in r.data.tags]
+            (train,) = [r for r in runs if "training_run_id" not in r.data.tags]
+            assert analysis.data.tags["training_run_id"] == train.info.run_id
+            champion = client.get_model_version_by_alias(MODEL, "champion")
+            assert champion.run_id == train.info.run_id
+            yield Trained(store, exp_id, train.info.run_id, train.info.run_name, analysis.info.run_id,
+                          analysis.info.run_name, str(champion.version))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Serving: `mlflow models serve -m models:/cifar10-resnet18@champion --env-manager local`
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"{what} exited with code {proc.returncode} before answering {url}:\n"
+                            f"{log.read_text()[-3000:]}")
+            time.sleep(0.25)
+    pytest.fail(f"{what} did not answer {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the server's whole process group (mlflow -> uvicorn -> workers)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def served_model(trained, tmp_path):
+    """The champion served on 127.0.0.1 by the MLflow CLI, the registry read from the store: its base URL."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION_URI, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    with open(log, "wb") as fh:
+        # store.env(): MLFLOW_TRACKING_URI = the store, and this environment's bin/ first on PATH (the CLI execs
+        # `uvicorn` from PATH)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=trained.store.env(), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", proc, log, "mlflow models serve", timeout=90)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_served_champion_answers_like_the_model_in_process(trained, served_model, cifar_root, tmp_path):
+    import mlflow
+    from PIL import Image
+
+    from cifar_mlflow import data
+
+    test = data.read_cifar10(cifar_root, max_test=4, test_only=True).test
+    # The README's recipe: image files -> float32 (N, 3, 32, 32) in [0, 1] -> {"inputs": nested lists}
+    paths = []
+    for i, img in enumerate(test.images):
+        paths.append(tmp_path / f"image{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32)), dtype=np.float32) / 255
+                  for p in paths]).transpose(0, 3, 1, 2)
+    assert x.shape == (4, 3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, (test.images.transpose(0, 3, 1, 2) / np.float32(255)).astype(np.float32))
+
+    status, body = _post(f"{served_model}/invocations", json.dumps({"inputs": x.tolist()}).encode())
+    assert status == 200, body
+    served = np.asarray(body["predictions"], dtype=np.float64)
+    assert served.shape == (4, 10), served.shape
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
+
+    model = mlflow.pyfunc.load_model(CHAMPION_URI)
+    expected = model.predict(x)
+    np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0,
+                               err_msg="served probabilities differ from the in-process pyfunc's")
+    assert len(model.metadata.metadata["class_names"]) == served.shape[1]
+
+    # a wrongly shaped batch (16 rows instead of 32) is refused with the reason, not answered
+    status, body = _post(f"{served_model}/invocations", json.dumps({"inputs": x[:, :, :16].tolist()}).encode())
+    assert status == 400, (status, body)
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE", body
+    assert "Shape of input (4, 3, 16, 32) does not match expected shape (-1, 3, 32, 32)" in body["message"], \
+        body["message"][-500:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The MLflow UI in a real browser
+
+@pytest.fixture(scope="module")
+def ui(trained, tmp_path_factory):
+    """`mlflow server` over the trained store on 127.0.0.1 (job execution off: it would start three more
+    processes that this UI does not use)."""
+    srv = MlflowServer(tmp_path_factory.mktemp("ui_server"), backend_store_uri=trained.store.uri,
+                       env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    srv.start(timeout=90)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run scripts/system-packages.sh (apt-get install chromium)"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def _expect(locator, message: str):
+    from playwright.sync_api import expect
+
+    return expect(locator, message)
+
+
+def _shown(page, tmp_path: Path, locator, what: str, seen_js: str) -> None:
+    """Wait (explicitly, up to UI_TIMEOUT_MS) until `locator` is visible; otherwise save failure.png and fail
+    naming what was expected and what the page showed instead (`seen_js` collects that in the page)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        locator.wait_for(state="visible")
+    except PlaywrightTimeout:
+        page.screenshot(path=tmp_path / "failure.png")
+        seen = page.evaluate(seen_js)
+        pytest.fail(f"expected {what} on {page.url} within {UI_TIMEOUT_MS / 1000:.0f} s; the page shows {seen!r} "
+                    f"(screenshot: {tmp_path / 'failure.png'})")
+
+
+RUN_LINKS_JS = "() => [...document.querySelectorAll('a[href*=\"/runs/\"]')].map(a => a.textContent.trim())"
+ARTIFACTS_JS = ("() => [...document.querySelectorAll('[data-testid=\"artifact-tree-node\"]')]"
+                ".map(n => n.getAttribute('artifact-name'))")
+ALIASES_JS = ("() => [...document.querySelectorAll('[data-testid=\"descriptions-item\"]')]"
+              ".map(n => n.innerText.replace(/\\s+/g, ' ').trim())")
+
+
+def test_ui_experiment_lists_training_and_analysis_runs(trained, ui, page, tmp_path):
+    page.goto(f"{ui.uri}/#/experiments/{trained.experiment_id}/runs")
+    for run_id, name, what in ((trained.train_run_id, trained.train_run_name, "training"),
+                               (trained.analysis_run_id, trained.analysis_run_name, "analysis")):
+        _shown(page, tmp_path, page.locator(f'a[href$="/runs/{run_id}"]', has_text=name),
+               f"the {what} run {name!r} ({run_id}) in the runs table", RUN_LINKS_JS)
+    count = page.locator("span").filter(has_text=re.compile(r"^\d+ matching runs?$"))
+    _expect(count, "the runs table's run count").to_have_text("2 matching runs")
+    page.screenshot(path=tmp_path / "experiment_runs.png")
+
+
+def test_ui_run_page_charts_test_accuracy_one_point_per_epoch(trained, ui, page, tmp_path):
+    page.goto(f"{ui.uri}/#/experiments/{trained.experiment_id}/runs/{trained.train_run_id}")
+    _expect(page.get_by_test_id("runs-header"), "the run page's title").to_have_text(trained.train_run_name)
+    page.get_by_role("tab", name="Model metrics").click()
+    card = page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(
+        has=page.locator('h4[title="test/accuracy"]'))
+    _shown(page, tmp_path, card, "a chart card titled test/accuracy on the Model metrics tab",
+           "() => [...document.querySelectorAll('h4[title]')].map(h => h.title)")
+    card.scroll_into_view_if_needed()     # charts render once they are in view
+    # Plotly draws each data point of a lines+markers trace as one <path class="point">
+    markers = card.locator("g.scatterlayer path.point")
+    _expect(markers, f"the test/accuracy chart should draw one marker per epoch ({EPOCHS})").to_have_count(EPOCHS)
+    card.screenshot(path=tmp_path / "test_accuracy_chart.png")
+    page.screenshot(path=tmp_path / "run_model_metrics.png")
+    # what the chart plots (plotly keeps its data on the chart's element): steps 1..3 with the logged values
+    plotted = card.locator(".js-plotly-plot").evaluate(
+        "gd => gd.data.filter(t => (t.mode || '').includes('markers')).map(t => ({x: t.x, y: t.y}))")
+    history = sorted(MlflowClient(trained.store.uri).get_metric_history(trained.train_run_id, "test/accuracy"),
+                     key=lambda m: m.step)
+    assert len(plotted) == 1, f"expected one trace with markers (the run), saw {plotted}"
+    assert plotted[0]["x"] == [1, 2, 3], f"expected steps [1, 2, 3] on the x axis, saw {plotted[0]['x']}"
+    assert plotted[0]["y"] == pytest.approx([m.value for m in history]), \
+        f"expected the logged values {[m.value for m in history]}, saw {plotted[0]['y']}"
+
+
+def test_ui_analysis_artifacts_list_gradcam_images(trained, ui, page, tmp_path):
+    page.goto(f"{ui.uri}/#/experiments/{trained.experiment_id}/runs/{trained.analysis_run_id}/artifacts")
+    node = '[data-testid="artifact-tree-node"][artifact-name="{}"]'.format
+    _shown(page, tmp_path, page.locator(node("gradcam")), "a 'gradcam' folder in the artifact tree", ARTIFACTS_JS)
+    page.locator(node("gradcam")).click()
+    for name in ("layer3.png", "layer4.png"):
+        _shown(page, tmp_path, page.locator(node(name)), f"gradcam/{name} in the opened gradcam folder",
+               ARTIFACTS_JS)
+    shown = page.evaluate(ARTIFACTS_JS)
+    assert shown[:3] == ["gradcam", "layer3.png", "layer4.png"], \
+        f"expected gradcam/ holding exactly layer3.png and layer4.png first in the tree, saw {shown}"
+    page.screenshot(path=tmp_path / "analysis_artifacts.png")
+    # opening one shows the image itself (fetched from the server and decoded by the browser)
+    page.locator(node("layer4.png")).click()
+    preview = page.locator('img[alt="gradcam/layer4.png"]')
+    _shown(page, tmp_path, preview, "the preview image of gradcam/layer4.png",
+           "() => [...document.querySelectorAll('img')].map(i => i.alt)")
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=preview.element_handle())
+    width = preview.evaluate("img => img.naturalWidth")
+    assert width > 100, f"expected the GradCAM figure in the preview, saw an image {width} px wide"
+    page.screenshot(path=tmp_path / "gradcam_layer4_preview.png")
+
+
+def test_ui_model_version_page_shows_champion_alias(trained, ui, page, tmp_path):
+    page.goto(f"{ui.uri}/#/models/{MODEL}/versions/{trained.version}")
+    _expect(page.get_by_role("heading", name=f"Version {trained.version}"), "the model version page's title") \
+        .to_be_visible()
+    aliases = page.locator('[data-testid="descriptions-item"]').filter(
+        has=page.locator('[data-testid="descriptions-item-label"]', has_text="Aliases"))
+    _shown(page, tmp_path, aliases.locator('[title="champion"]'), "the alias 'champion' under Aliases", ALIASES_JS)
+    source = page.locator('[data-testid="descriptions-item"]').filter(has_text="Source Run")
+    _shown(page, tmp_path, source.get_by_role("link", name=trained.train_run_name),
+           f"the source run {trained.train_run_name!r} linked", ALIASES_JS)
+    page.screenshot(path=tmp_path / "model_version.png")
