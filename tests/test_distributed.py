@@ -125,3 +125,18 @@ def test_killed_ddp_run_resumes_from_its_checkpoint(store, cifar_root):
     for key in ("train/loss", "test/accuracy", "ranks/1/train/loss"):
         assert sorted(x.step for x in client.get_metric_history(run_id, key)) == [1, 2, 3], key
     assert [str(v.version) for v in client.search_model_versions("name='cifar10-resnet18'")] == ["1"]
+
+
+def test_batch_that_does_not_split_over_the_processes_is_refused_first(store, tmp_path, monkeypatch):
+    from cifar_mlflow.cli import invoke
+    from entrypoints.train import train
+
+    monkeypatch.setenv("WORLD_SIZE", "3")    # as torchrun --nproc_per_node=3 sets it
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, message = invoke(train, ["--dataset", "synthetic", "--batch_size", "64"])
+    assert code == 1
+    assert message == ("batch_size=64 is not allowed with 3 processes: expected a multiple of 3 (each process "
+                       "takes batch_size/3 images per step)")
+    assert _runs(store) == [] and list(work.iterdir()) == []

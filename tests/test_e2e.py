@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow.config import AnalyzeConfig, TrainConfig
+from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
 from tests.conftest import REPO, TINY, mlflow_run
 
 METRICS = {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"}
@@ -166,13 +166,17 @@ def test_direct_run_on_synthetic_data(store):
 
 
 @pytest.mark.parametrize("module, config", [("entrypoints.train", TrainConfig),
-                                            ("entrypoints.analyze", AnalyzeConfig)])
+                                            ("entrypoints.analyze", AnalyzeConfig),
+                                            ("entrypoints.lr_find", LRFindConfig),
+                                            ("entrypoints.pipeline", PipelineConfig)])
 def test_help_lists_every_option_without_importing_torch(module, config):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0
     for name in config.__dataclass_fields__:
         assert f"--{name}" in proc.stdout
+    # every option explains itself: its reason, what is allowed, and its default
+    assert proc.stdout.count("Allowed:") == proc.stdout.count("[default:") == len(config.__dataclass_fields__)
     loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
                             cwd=REPO, capture_output=True, text=True, timeout=60).stdout.split()
     assert "torch" not in loaded and "mlflow" not in loaded

@@ -120,12 +120,12 @@ def test_optimizers():
     assert isinstance(engine.build_optimizer(TrainConfig(optimizer="adam"), params), torch.optim.Adam)
 
 
-@pytest.mark.parametrize("n_train", [128, 352], ids=["8-batches", "22-batches"])
+@pytest.mark.parametrize("n_train", [32, 88], ids=["8-batches", "22-batches"])
 def test_no_host_sync_inside_the_batch_loop(monkeypatch, n_train):
     """Reading a tensor on the host (.item/.tolist/.cpu/.numpy/bool) stalls a GPU pipeline. Training reads once
-    per epoch (loss, correct count and NaN step in one tolist) plus one NaN check every 10 steps; evaluation
-    reads twice per pass, however many batches there are."""
-    model, tr, te, cfg = _setup(n_train=n_train, batch_size=16, epochs=1)
+    per epoch (loss, correct count, samples and NaN step in one tolist) plus one NaN check every 10 steps;
+    evaluation reads once per pass, however many batches there are."""
+    model, tr, te, cfg = _setup(n_train=n_train, batch_size=4, epochs=1)
     calls = []
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -143,7 +143,7 @@ def test_no_host_sync_inside_the_batch_loop(monkeypatch, n_train):
     calls.clear()
     engine.evaluate(model, te, CPU, "fp32")
     assert train_calls == ["item"] * (len(tr) // engine.NAN_CHECK_EVERY) + ["tolist"], train_calls
-    assert calls == ["item", "item"], calls
+    assert calls == ["tolist"], calls     # evaluation: one read of (loss, correct, seen) at the end
 
 
 def test_cosine_decays_from_lr_to_zero():

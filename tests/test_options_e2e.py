@@ -1,6 +1,8 @@
 """Every schedule, optimiser, augmentation preset, model variant and the LR range test, trained a few steps end
-to end through `mlflow run` (options combined so that each run exercises several), checking that each run logs
-what it claims."""
+to end (options combined so that each run exercises several), checking that each run logs what it claims. The
+runs go through the entry points' click commands in this process, against a real sqlite store: the `mlflow run`
+path itself is covered by tests/test_e2e.py, and a process start per combination would double these tests'
+time."""
 import json
 import math
 
@@ -9,7 +11,10 @@ from mlflow import MlflowClient
 
 from cifar_mlflow import models
 from cifar_mlflow.tracking import load_torch_model
-from tests.conftest import make_store, mlflow_run
+from cifar_mlflow.cli import invoke
+from entrypoints.lr_find import lr_find
+from entrypoints.train import train
+from tests.conftest import make_store
 
 FEW = {"epochs": 2, "batch_size": 32, "num_workers": 0, "max_train_samples": 64, "max_test_samples": 64}
 
@@ -26,9 +31,13 @@ def _last_run(store):
     return client.search_runs([exp], order_by=["start_time DESC"], max_results=1)[0]
 
 
+def _args(params):
+    return [x for k, v in params.items() for x in (f"--{k}", str(v))]
+
+
 def _train(store, cifar_root, **params):
-    proc = mlflow_run(store, {**FEW, "data_dir": cifar_root, **params})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, message = invoke(train, _args({**FEW, "data_dir": cifar_root, **params}))
+    assert code == 0, message
     run = _last_run(store)
     assert run.info.status == "FINISHED"
     return run, MlflowClient(store.uri)
@@ -94,11 +103,11 @@ def test_cyclic_flip_cutout_with_auto_lr(store, cifar_root):
     assert "CoarseDropout" in _artifact_text(client, run, "augmentations.txt", store)
 
 
-def test_lr_find_entry_point(store, cifar_root):
+def test_lr_find_entry_point(store, cifar_root, capsys):
     params = {"num_iter": 20, "batch_size": 32, "num_workers": 0, "max_train_samples": 64, "data_dir": cifar_root,
               "end_lr": 100.0}
-    proc = mlflow_run(store, params, entry="lr_find")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, message = invoke(lr_find, _args(params))
+    assert code == 0, message
     run = _last_run(store)
     client = MlflowClient(store.uri)
     assert run.info.status == "FINISHED" and run.data.params["num_iter"] == "20"
@@ -106,6 +115,6 @@ def test_lr_find_entry_point(store, cifar_root):
     table = json.loads(_artifact_text(client, run, "lr_find/curve.json", store))
     lrs = [row[0] for row in table["data"]]
     assert lrs[0] == pytest.approx(1e-5) and lrs[0] <= suggested <= lrs[-1] and len(lrs) <= 20
-    assert "suggested lr" in proc.stdout
+    assert "suggested lr" in capsys.readouterr().out
     versions = client.search_model_versions("name='cifar10-resnet18'")
     assert run.info.run_id not in {v.run_id for v in versions}, "the range test registers nothing"

@@ -5,6 +5,8 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar_mlflow import lr_finder, tracking
+from cifar_mlflow.cli import invoke
+from entrypoints.pipeline import pipeline
 from tests.conftest import mlflow_run
 
 PIPELINE = {"epochs": 1, "batch_size": 32, "num_workers": 0, "max_train_samples": 128, "max_test_samples": 64,
@@ -17,7 +19,7 @@ def _runs(store):
     return client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
 
 
-def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root):
+def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, capsys):
     proc = mlflow_run(store, {**PIPELINE, "data_dir": cifar_root}, entry="pipeline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = _runs(store)
@@ -44,19 +46,22 @@ def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root):
     assert parent.data.metrics["test/accuracy"] == children["main"].data.metrics["test/accuracy"]
     assert "pipeline finished" in proc.stdout
 
-    # the same call again: every step is reused, nothing is trained or registered again
-    again = mlflow_run(store, {**PIPELINE, "data_dir": cifar_root}, entry="pipeline")
-    assert again.returncode == 0, again.stderr[-3000:]
+    # the same call again (this time straight through the click command, in this process): every step is
+    # reused, nothing is trained or registered again
+    capsys.readouterr()
+    code, message = invoke(pipeline, [x for k, v in {**PIPELINE, "data_dir": cifar_root}.items()
+                                      for x in (f"--{k}", str(v))])
+    assert code == 0, message
     runs = _runs(store)
     assert len(runs) == 5
-    (second,) = [r for r in runs if r.data.tags["mlflow.project.entryPoint"] == "pipeline"
-                 and r.info.run_id != parent.info.run_id]
+    (second,) = [r for r in runs if r.info.run_id not in {parent.info.run_id} | {c.info.run_id
+                                                                               for c in children.values()}]
     assert second.info.status == "FINISHED"
     for entry, run in children.items():
         assert second.data.tags[f"step/{entry}/run_id"] == run.info.run_id
         assert second.data.tags[f"step/{entry}/reused"] == "true"
     assert [str(v.version) for v in MlflowClient(store.uri).search_model_versions("name='cifar10-resnet18'")] == ["1"]
-    assert again.stdout.count("(reused)") == 3
+    assert capsys.readouterr().out.count("(reused)") == 3
 
 
 def test_reuse_needs_same_entry_point_params_code_and_a_finished_run(store):
