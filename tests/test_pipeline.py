@@ -87,3 +87,24 @@ def test_reuse_needs_same_entry_point_params_code_and_a_finished_run(store):
         assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: True).info.run_id == good
         assert find("main", {"lr": 0.1, "epochs": 3}, lambda r: True) is None
         assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: False) is None
+
+
+def test_a_failing_step_fails_the_pipeline_naming_it(store, tmp_path, monkeypatch):
+    import os
+    import socket
+    import sys
+
+    with socket.socket() as s:      # a port nobody listens on: the download fails at once
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("CIFAR_MLFLOW_CIFAR10_URL", f"http://127.0.0.1:{s.getsockname()[1]}/cifar.tar.gz")
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    params = {**PIPELINE, "data_dir": tmp_path / "no-data"}
+    code, message = invoke(pipeline, [x for k, v in params.items() for x in (f"--{k}", str(v))])
+    assert code == 1
+    assert message.startswith("pipeline step 'lr_find' (run ") and "ended FAILED" in message
+    assert "could not download CIFAR-10" in message
+    runs = {r.data.tags.get("mlflow.project.entryPoint", "pipeline"): r for r in _runs(store)}
+    assert sorted(runs) == ["lr_find", "pipeline"]          # training and analysis never started
+    assert runs["pipeline"].info.status == "FAILED" and runs["lr_find"].info.status == "FAILED"
+    assert runs["pipeline"].data.tags["failure_reason"].startswith("TrackingError: pipeline step 'lr_find'")
+    assert runs["lr_find"].data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id
