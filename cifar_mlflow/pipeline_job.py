@@ -3,7 +3,9 @@ that training registered, as one parent run whose steps are child runs (MLflow's
 whose FINISHED run with the same parameters and code version exists is reused instead of run again."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from cifar_mlflow import lr_finder, tracking
@@ -24,7 +26,9 @@ class PipelineOutcome:
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
     tracking.check_tracking_server()
-    sweep, train, analyze = cfg.steps()     # every step's parameters validated before anything runs
+    # Steps run in the project's folder: a relative data_dir must mean the same folder as for this process.
+    absolute = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
+    sweep, train, analyze = absolute.steps()     # every step's parameters validated before anything runs
     tracking.project_dir()
     with tracking.open_run() as parent:
         tracking.log_params(cfg.to_params())

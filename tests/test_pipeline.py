@@ -98,11 +98,12 @@ def test_a_failing_step_fails_the_pipeline_naming_it(store, tmp_path, monkeypatc
         s.bind(("127.0.0.1", 0))
         monkeypatch.setenv("CIFAR_MLFLOW_CIFAR10_URL", f"http://127.0.0.1:{s.getsockname()[1]}/cifar.tar.gz")
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
-    params = {**PIPELINE, "data_dir": tmp_path / "no-data"}
+    monkeypatch.chdir(tmp_path)      # a relative data_dir means this folder, though steps run in the project's
+    params = {**PIPELINE, "data_dir": "no-data"}
     code, message = invoke(pipeline, [x for k, v in params.items() for x in (f"--{k}", str(v))])
     assert code == 1
     assert message.startswith("pipeline step 'lr_find' (run ") and "ended FAILED" in message
-    assert "could not download CIFAR-10" in message
+    assert "could not download CIFAR-10" in message and str(tmp_path / "no-data" / "cifar-10-batches-py") in message
     runs = {r.data.tags.get("mlflow.project.entryPoint", "pipeline"): r for r in _runs(store)}
     assert sorted(runs) == ["lr_find", "pipeline"]          # training and analysis never started
     assert runs["pipeline"].info.status == "FAILED" and runs["lr_find"].info.status == "FAILED"
