@@ -142,24 +142,27 @@ def lr_schedule_figure(lr_steps: Sequence[float], steps_per_epoch: int) -> Figur
 
 
 def watch_panel(images: np.ndarray, maps: np.ndarray, true_names: Sequence[str], pred_names: Sequence[str],
-                confidence: Sequence[float], epoch: int, layer: str) -> Figure:
-    """The fixed test images (top row) over their GradCAM for the predicted class (bottom row), titled with the
-    prediction: green when right, red when wrong. Logged every few epochs to watch attention form."""
+                confidence: Sequence[float], epoch: int, layer: str, per_row: int = 5) -> Figure:
+    """The fixed test images, each above its GradCAM for the predicted class, titled with the prediction: green
+    when right, red when wrong. Logged every few epochs to watch attention form. Near-square (rows of 5), so
+    that the MLflow UI's 256-pixel preview stays legible."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     n = len(images)
-    fig = Figure(figsize=(1.25 * n + 0.3, 3.2), layout="constrained")
-    axes = np.array(fig.subplots(2, n)).reshape(2, n)
+    rows = max(1, -(-n // per_row))
+    fig = Figure(figsize=(1.3 * per_row + 0.2, 2.75 * rows + 0.4), layout="constrained")
+    axes = np.array(fig.subplots(2 * rows, per_row)).reshape(2 * rows, per_row)
+    for ax in axes.ravel():
+        ax.axis("off")
     for i in range(n):
+        row, col = divmod(i, per_row)
         right = true_names[i] == pred_names[i]
-        axes[0, i].imshow(images[i], interpolation="nearest")
-        axes[0, i].set_title(f"{true_names[i]}", fontsize=8)
+        top, bottom = axes[2 * row, col], axes[2 * row + 1, col]
+        top.imshow(images[i], interpolation="nearest")
+        top.set_title(f"{true_names[i]}", fontsize=8)
         cam = show_cam_on_image(images[i].astype(np.float32) / 255.0, maps[i], use_rgb=True)
-        axes[1, i].imshow(cam, interpolation="nearest")
-        axes[1, i].set_title(f"{pred_names[i]} {confidence[i]:.0%}", fontsize=8,
-                             color="tab:green" if right else "tab:red")
-        for ax in axes[:, i]:
-            ax.axis("off")
-    fig.suptitle(f"epoch {epoch}: test images | GradCAM at {layer} for the predicted class", fontsize=9)
+        bottom.imshow(cam, interpolation="nearest")
+        bottom.set_title(f"{pred_names[i]} {confidence[i]:.0%}", fontsize=8,
+                         color="tab:green" if right else "tab:red")
+    fig.suptitle(f"epoch {epoch}: test image over GradCAM ({layer}) for the predicted class", fontsize=9)
     return fig
-

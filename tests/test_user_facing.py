@@ -294,3 +294,27 @@ def test_ui_model_version_page_shows_champion_alias(trained, ui, page, tmp_path)
     _shown(page, tmp_path, source.get_by_role("link", name=trained.train_run_name),
            f"the source run {trained.train_run_name!r} linked", ALIASES_JS)
     page.screenshot(path=tmp_path / "model_version.png")
+
+
+def test_ui_run_page_steps_through_the_gradcam_panels(trained, ui, page, tmp_path):
+    """The panel logged with log_image(key="gradcam_panel", step=epoch) after each of the 3 epochs: the run's
+    Model metrics tab has a card for it whose step slider shows the image of the chosen epoch."""
+    page.goto(f"{ui.uri}/#/experiments/{trained.experiment_id}/runs/{trained.train_run_id}")
+    page.get_by_role("tab", name="Model metrics").click()
+    page.get_by_placeholder("Search metric charts").fill("gradcam_panel")
+    card = page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(has_text="gradcam_panel")
+    _shown(page, tmp_path, card, "an image card titled gradcam_panel on the Model metrics tab",
+           "() => [...document.querySelectorAll('[data-testid=\"experiment-view-compare-runs-card\"]')]"
+           ".map(c => c.innerText.slice(0, 40))")
+    card.scroll_into_view_if_needed()
+    card.locator("button").first.click()          # the card's expand button: a dialog with a large preview
+    dialog = page.get_by_role("dialog")
+    slider = dialog.get_by_role("slider").first
+    for step in range(1, EPOCHS + 1):              # the slider starts at step 0; each arrow goes to the next epoch
+        slider.focus()
+        slider.press("ArrowRight")
+        image = dialog.locator(f'img[src*="gradcam_panel%2Bstep%2B{step}%2B"]')
+        _shown(page, tmp_path, image, f"the panel image of epoch {step} on the slider",
+               "() => [...document.querySelectorAll('img')].map(i => decodeURIComponent(i.src).slice(-90))")
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.first.element_handle())
+        dialog.screenshot(path=tmp_path / f"gradcam_panel_epoch{step}.png")
