@@ -114,15 +114,27 @@ def make_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     mlflow.set_tracking_uri(None)
 
 
-def mlflow_run(store: Store, params: dict[str, object], *, entry: str = "main", timeout: int = 600,
-               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`mlflow run <repo> --env-manager local -e entry -P k=v ...`, exactly as a user types it."""
-    # The experiment comes from MLFLOW_EXPERIMENT_ID (the store fixture sets it).
+def mlflow_run_cmd(params: dict[str, object], *, entry: str = "main", run_id: str | None = None) -> list[str]:
+    """`mlflow run <repo> --env-manager local -e entry [--run-id ID] -P k=v ...`, exactly as a user types it.
+    The experiment comes from MLFLOW_EXPERIMENT_ID (the store fixtures set it)."""
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-e", entry]
+    if run_id:
+        cmd += ["--run-id", run_id]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    return subprocess.run(cmd, cwd=store.root, env=store.env(**(extra_env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    return cmd
+
+
+def mlflow_run(store: Store, params: dict[str, object], *, entry: str = "main", timeout: int = 600,
+               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """mlflow_run_cmd run to completion in the store's folder, output captured."""
+    return subprocess.run(mlflow_run_cmd(params, entry=entry), cwd=store.root, env=store.env(**(extra_env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli_args(params: dict[str, object]) -> list[str]:
+    """{"epochs": 2} -> ["--epochs", "2"]: the same parameters for an entry point's click command in-process."""
+    return [x for key, value in params.items() for x in (f"--{key}", str(value))]
 
 
 TINY = {"epochs": 2, "batch_size": 64, "num_workers": 0, "max_train_samples": 256, "max_test_samples": 128}

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -16,7 +15,7 @@ from mlflow import MlflowClient
 
 from cifar_mlflow import data, engine
 from cifar_mlflow.tracking import load_torch_model
-from tests.conftest import REPO, TINY
+from tests.conftest import TINY, mlflow_run_cmd
 
 DDP = {**TINY, "nproc_per_node": 2, "max_test_samples": 100}
 
@@ -26,11 +25,8 @@ def _runs(store):
     return client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
 
 
-def _mlflow_run_ddp(store, params, *extra):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-e", "ddp", *extra]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
-    return subprocess.Popen(cmd, cwd=store.root, env=store.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def _mlflow_run_ddp(store, params, run_id=None):
+    return subprocess.Popen(mlflow_run_cmd(params, entry="ddp", run_id=run_id), cwd=store.root, env=store.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
@@ -116,7 +112,7 @@ def test_killed_ddp_run_resumes_from_its_checkpoint(store, cifar_root):
     run_id = run.info.run_id
     client.set_terminated(run_id, "FAILED")   # what a dead process leaves: the run is not FINISHED
 
-    again = _mlflow_run_ddp(store, params, "--run-id", run_id)
+    again = _mlflow_run_ddp(store, params, run_id)
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-4000:]
     assert "resuming run" in out, out[-6000:]

@@ -9,12 +9,11 @@ import math
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow import models
 from cifar_mlflow.tracking import load_torch_model
 from cifar_mlflow.cli import invoke
 from entrypoints.lr_find import lr_find
 from entrypoints.train import train
-from tests.conftest import make_store
+from tests.conftest import cli_args, make_store
 
 FEW = {"epochs": 2, "batch_size": 32, "num_workers": 0, "max_train_samples": 64, "max_test_samples": 64}
 
@@ -31,12 +30,8 @@ def _last_run(store):
     return client.search_runs([exp], order_by=["start_time DESC"], max_results=1)[0]
 
 
-def _args(params):
-    return [x for k, v in params.items() for x in (f"--{k}", str(v))]
-
-
 def _train(store, cifar_root, **params):
-    code, message = invoke(train, _args({**FEW, "data_dir": cifar_root, **params}))
+    code, message = invoke(train, cli_args({**FEW, "data_dir": cifar_root, **params}))
     assert code == 0, message
     run = _last_run(store)
     assert run.info.status == "FINISHED"
@@ -106,7 +101,7 @@ def test_cyclic_flip_cutout_with_auto_lr(store, cifar_root):
 def test_lr_find_entry_point(store, cifar_root, capsys):
     params = {"num_iter": 20, "batch_size": 32, "num_workers": 0, "max_train_samples": 64, "data_dir": cifar_root,
               "end_lr": 100.0}
-    code, message = invoke(lr_find, _args(params))
+    code, message = invoke(lr_find, cli_args(params))
     assert code == 0, message
     run = _last_run(store)
     client = MlflowClient(store.uri)

@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 from cifar_mlflow import lr_finder, tracking
 from cifar_mlflow.cli import invoke
 from entrypoints.pipeline import pipeline
-from tests.conftest import mlflow_run
+from tests.conftest import cli_args, mlflow_run
 
 PIPELINE = {"epochs": 1, "batch_size": 32, "num_workers": 0, "max_train_samples": 128, "max_test_samples": 64,
             "num_iter": 12, "num_images": 4, "target_layers": "layer4"}
@@ -49,8 +49,7 @@ def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, cap
     # the same call again (this time straight through the click command, in this process): every step is
     # reused, nothing is trained or registered again
     capsys.readouterr()
-    code, message = invoke(pipeline, [x for k, v in {**PIPELINE, "data_dir": cifar_root}.items()
-                                      for x in (f"--{k}", str(v))])
+    code, message = invoke(pipeline, cli_args({**PIPELINE, "data_dir": cifar_root}))
     assert code == 0, message
     runs = _runs(store)
     assert len(runs) == 5
@@ -100,7 +99,7 @@ def test_a_failing_step_fails_the_pipeline_naming_it(store, tmp_path, monkeypatc
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.chdir(tmp_path)      # a relative data_dir means this folder, though steps run in the project's
     params = {**PIPELINE, "data_dir": "no-data"}
-    code, message = invoke(pipeline, [x for k, v in params.items() for x in (f"--{k}", str(v))])
+    code, message = invoke(pipeline, cli_args(params))
     assert code == 1
     assert message.startswith("pipeline step 'lr_find' (run ") and "ended FAILED" in message
     assert "could not download CIFAR-10" in message and str(tmp_path / "no-data" / "cifar-10-batches-py") in message

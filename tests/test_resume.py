@@ -1,7 +1,6 @@
 """Nothing lost: a real `mlflow run` killed with SIGKILL in epoch 3 resumes with `mlflow run --run-id` and ends
 exactly where an uninterrupted run ends; SIGTERM and Ctrl-C end a run KILLED with its last checkpoint valid; a
 NaN loss stops the run FAILED; a pickle planted as a checkpoint is refused."""
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from cifar_mlflow import tracking
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ModelError
 from entrypoints.train import train
-from tests.conftest import REPO, make_store
+from tests.conftest import REPO, cli_args, make_store, mlflow_run_cmd
 
 
 FOUR = {"epochs": 4, "batch_size": 32, "num_workers": 0, "max_train_samples": 192, "max_test_samples": 64, "seed": 3}
@@ -27,15 +26,6 @@ METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "
 def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         yield from make_store(tmp_path_factory.mktemp("resume"), mp)
-
-
-def _mlflow_run_cmd(params, run_id=None):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
-    if run_id:
-        cmd += ["--run-id", run_id]
-    for k, v in params.items():
-        cmd += ["-P", f"{k}={v}"]
-    return cmd
 
 
 def _wait_for_epoch(client, run_id_holder, epoch, proc, timeout=180):
@@ -53,10 +43,6 @@ def _wait_for_epoch(client, run_id_holder, epoch, proc, timeout=180):
     raise AssertionError(f"epoch {epoch} never finished")
 
 
-def _args(params):
-    return [x for k, v in params.items() for x in (f"--{k}", str(v))]
-
-
 def _weights(version):
     net, _ = tracking.load_torch_model(f"models:/cifar10-resnet18/{version}")
     return net.state_dict()
@@ -65,7 +51,7 @@ def _weights(version):
 def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifar_root, monkeypatch, capsys):
     client = MlflowClient(store.uri)
     params = {**FOUR, "data_dir": cifar_root}
-    proc = subprocess.Popen(_mlflow_run_cmd(params), cwd=store.root, env=store.env(), start_new_session=True,
+    proc = subprocess.Popen(mlflow_run_cmd(params), cwd=store.root, env=store.env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     holder = []
     try:
@@ -81,13 +67,13 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
     # resuming with other parameters is refused, naming them. (In this process, as `mlflow run --run-id` runs the
     # entry point: with MLFLOW_RUN_ID set and no params logged by MLflow; one process start less.)
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
-    code, line = invoke(train, _args({**params, "epochs": 5, "lr": 0.1}))
+    code, line = invoke(train, cli_args({**params, "epochs": 5, "lr": 0.1}))
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)   # (MLflow removes it itself when that run ends)
     assert code == 1
     assert f"run {run_id} was logged with other parameters: epochs (run: '4', now: 5); lr (run: '0.2', now: 0.1)" \
         in line
 
-    resumed = subprocess.run(_mlflow_run_cmd(params, run_id), cwd=store.root, env=store.env(),
+    resumed = subprocess.run(mlflow_run_cmd(params, run_id=run_id), cwd=store.root, env=store.env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = client.get_run(run_id)
@@ -96,7 +82,7 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4], key
 
     # an uninterrupted run with the same seed ends identically
-    straight = subprocess.run(_mlflow_run_cmd(params), cwd=store.root, env=store.env(), capture_output=True,
+    straight = subprocess.run(mlflow_run_cmd(params), cwd=store.root, env=store.env(), capture_output=True,
                               text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
     other = client.search_runs([run.info.experiment_id], "attributes.status = 'FINISHED'",
@@ -111,7 +97,7 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
     # resuming a finished run does nothing
     capsys.readouterr()
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
-    assert invoke(train, _args(params)) == (0, "")
+    assert invoke(train, cli_args(params)) == (0, "")
     assert "nothing to resume" in capsys.readouterr().out
     assert len(client.search_model_versions("name='cifar10-resnet18'")) == 2
 

@@ -168,10 +168,8 @@ def test_served_champion_answers_like_the_model_in_process(trained, served_model
 
 @pytest.fixture(scope="module")
 def ui(trained, tmp_path_factory):
-    """`mlflow server` over the trained store on 127.0.0.1 (job execution off: it would start three more
-    processes that this UI does not use)."""
-    srv = MlflowServer(tmp_path_factory.mktemp("ui_server"), backend_store_uri=trained.store.uri,
-                       env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    """`mlflow server` over the trained store on 127.0.0.1."""
+    srv = MlflowServer(tmp_path_factory.mktemp("ui_server"), backend_store_uri=trained.store.uri)
     srv.start(timeout=90)
     yield srv
     srv.stop()
