@@ -33,9 +33,6 @@ class Context:
     def device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
-    def per_process_batch(self, batch_size: int) -> int:
-        return batch_size // self.world
-
 
 def world_size() -> int:
     """How many processes torchrun started (1 without torchrun)."""

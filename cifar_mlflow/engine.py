@@ -248,11 +248,18 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(dim=1) == y).sum()
         seen += len(y)
-    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    total_loss, total_correct, total_seen = _summed([loss_sum, correct, seen], device, ctx)
+    return {"test/loss": total_loss / max(total_seen, 1), "test/accuracy": total_correct / max(total_seen, 1)}
+
+
+def _summed(values: list[torch.Tensor | int], device: torch.device,
+            ctx: distributed.Context | None) -> list[float]:
+    """Device scalars (and host counts) as floats, summed over every process with ctx: one transfer to the host,
+    and one collective when data-parallel."""
+    totals = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
     if ctx:
         distributed.all_reduce_sum(totals)
-    total_loss, total_correct, total_seen = totals.tolist()
-    return {"test/loss": total_loss / max(total_seen, 1), "test/accuracy": total_correct / max(total_seen, 1)}
+    return totals.tolist()
 
 
 def _raise_if_diverged(bad_step: int, epoch: int) -> None:
@@ -276,10 +283,7 @@ def evaluate_flip_tta(model: nn.Module, loader: Any, device: torch.device, preci
             probs = torch.softmax(logits.float(), 1) + torch.softmax(flipped.float(), 1)
             correct += (probs.argmax(dim=1) == y).sum()
             seen += len(y)
-    totals = torch.stack([correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
-    if ctx:
-        distributed.all_reduce_sum(totals)
-    total_correct, total_seen = totals.tolist()
+    total_correct, total_seen = _summed([correct, seen], device, ctx)
     return total_correct / max(total_seen, 1)
 
 

@@ -7,6 +7,7 @@ and whose loader is `_load_pyfunc` below, with this package shipped as its code:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -86,6 +87,7 @@ def check_tracking_server(timeout: float = 5.0) -> None:
 CODE_VERSION_TAG = "code_version"
 
 
+@functools.cache    # the files a process runs do not change under it: hash them once (the pipeline asks 4 times)
 def code_version() -> str:
     """A digest of the code a run executes (this package, the entry points, MLproject and the pins), tagged on
     every run: the pipeline reuses a step only if it ran the same code. Unlike the git commit it also sees
