@@ -2,8 +2,9 @@
 per-class statistics, the confusion matrix, and batched GradCAM maps. Knows nothing of MLflow."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -101,18 +102,58 @@ def gradcam_maps(model: nn.Module, layer: nn.Module, images: torch.Tensor, class
     """GradCAM maps (K, H, W) in [0, 1] for images (K, 3, H, W) in [0, 1], one per requested class.
     One GradCAM call per batch of images (not per image), in fp32, hooks released by the context manager.
     Never pass a torch.compile'd module: its hooks do not fire."""
+    return _gradcam(model, layer, images, classes, batch_size)[0]
+
+
+def gradcam_of_predictions(model: nn.Module, layer: nn.Module, images: torch.Tensor,
+                           batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """GradCAM maps for each image's predicted class, and the class probabilities (K, C) of the same forward
+    pass: one pass where predicting first and explaining after would take two."""
+    return _gradcam(model, layer, images, None, batch_size)
+
+
+def _gradcam(model: nn.Module, layer: nn.Module, images: torch.Tensor, classes: Sequence[int] | None,
+             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(maps, probabilities); classes None: each image's predicted class."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     device = next(model.parameters()).device
     model.eval()
-    out = []
-    with torch.autocast(device_type=device.type, enabled=False), GradCAM(model=model, target_layers=[layer]) as cam:
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(device, torch.float32)
-            targets = [ClassifierOutputTarget(int(c)) for c in classes[i:i + batch_size]]
-            out.append(cam(input_tensor=x, targets=targets))
-    return np.concatenate(out).astype(np.float32) if out else np.empty((0,) + tuple(images.shape[2:]), np.float32)
+    maps, probs, swallowed = [], [], []
+    with torch.autocast(device_type=device.type, enabled=False), _backward_to(model, layer), \
+            GradCAM(model=model, target_layers=[layer]) as cam:
+        try:
+            for i in range(0, len(images), batch_size):
+                x = images[i:i + batch_size].to(device, torch.float32)
+                targets = (None if classes is None else
+                           [ClassifierOutputTarget(int(c)) for c in classes[i:i + batch_size]])
+                maps.append(cam(input_tensor=x, targets=targets))
+                probs.append(torch.softmax(cam.outputs.detach().float(), dim=1).cpu().numpy())
+        except IndexError as exc:   # grad-cam's __exit__ prints and swallows IndexError: the maps would be short
+            swallowed.append(exc)
+    if swallowed:
+        raise swallowed[0]
+    if not maps:
+        return np.empty((0,) + tuple(images.shape[2:]), np.float32), np.empty((0, 0), np.float32)
+    return np.concatenate(maps).astype(np.float32), np.concatenate(probs)
+
+
+@contextlib.contextmanager
+def _backward_to(model: nn.Module, layer: nn.Module) -> Iterator[None]:
+    """GradCAM needs only d(class score)/d(layer's output). With every parameter outside `layer` frozen for the
+    call, autograd skips the other layers' weight gradients and the whole backward below `layer` (the layer's
+    own parameters keep its output in the graph, so GradCAM's gradient hook still fires): the same maps for
+    about a third of the backward work. Restored afterwards, also on error."""
+    own = {id(p) for p in layer.parameters() if p.requires_grad}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own] if own else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def gradcam_pairs(model: nn.Module, layer: nn.Module, images: torch.Tensor, predicted: Sequence[int],

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar_mlflow import analysis, data, models, plots
+from cifar_mlflow import analysis, data, plots
 
 # layer3's 8x8 maps: on 32x32 images layer4's 4x4 maps are too coarse to show what the network looks at.
 PANEL_LAYER = "layer3"
@@ -59,9 +59,8 @@ def compute_panel(model: nn.Module, split: data.Split, indices: np.ndarray, clas
     Called between epochs: the next epoch puts the model back in train mode and clears the gradients."""
     images = split.images[indices]
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
-    probs = models.predict_proba(model, x).numpy()
-    predicted = probs.argmax(axis=1)
     layer = dict(analysis.resolve_layers(model, PANEL_LAYER))[PANEL_LAYER]
-    maps = analysis.gradcam_maps(model, layer, x, predicted.tolist())
+    maps, probs = analysis.gradcam_of_predictions(model, layer, x)
+    predicted = probs.argmax(axis=1)
     return Panel(images, maps, [class_names[i] for i in split.labels[indices]],
                  [class_names[i] for i in predicted], probs.max(axis=1), epoch)

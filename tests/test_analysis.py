@@ -61,6 +61,39 @@ def test_gradcam_maps_shape_range_batched_equals_per_image_and_hooks_released(ne
     np.testing.assert_allclose(true, analysis.gradcam_maps(net, net.layer4, images, classes[::-1]), atol=1e-5)
 
 
+@pytest.mark.parametrize("layer_name", ["layer3", "layer4", "layer4.1.conv2"])
+def test_gradcam_backward_only_to_the_layer_gives_the_notebook_maps(net, layer_name):
+    """The pruned backward (parameters outside the layer frozen for the call) changes no map: compared with
+    grad-cam used the notebook way (full backward, every weight gradient)."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    images = torch.from_numpy(data.make_synthetic(5, seed=8).images.transpose(0, 3, 1, 2) / 255.0).float()
+    classes = [2, 7, 0, 4, 9]
+    layer = dict(net.named_modules())[layer_name]
+    with GradCAM(model=net, target_layers=[layer]) as cam:
+        full = cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes])
+    np.testing.assert_allclose(analysis.gradcam_maps(net, layer, images, classes), full, atol=1e-5)
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_gradcam_restores_requires_grad_on_error(net):
+    images = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(IndexError):
+        analysis.gradcam_maps(net, net.layer3, images, [0, 10])     # no class 10
+    assert all(p.requires_grad for p in net.parameters())
+    assert not net.layer3._forward_hooks
+
+
+def test_gradcam_of_predictions_one_pass_equals_predict_then_explain(net):
+    images = torch.from_numpy(data.make_synthetic(7, seed=9).images.transpose(0, 3, 1, 2) / 255.0).float()
+    maps, probs = analysis.gradcam_of_predictions(net, net.layer3, images, batch_size=4)
+    expected = models.predict_proba(net, images).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    np.testing.assert_allclose(maps, analysis.gradcam_maps(net, net.layer3, images, expected.argmax(1).tolist()),
+                               atol=1e-5)
+
+
 def test_predict_agrees_with_engine_evaluate(net):
     split = data.make_synthetic(50, seed=4)
     loader = data.make_loader(split, batch_size=16, train=False)

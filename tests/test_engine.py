@@ -2,6 +2,7 @@
 syncs with the host inside the batch loop."""
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,6 +254,10 @@ def test_panel_shows_one_test_image_per_class_with_gradcam():
     assert panel.maps.shape == (10, 32, 32) and 0 <= panel.maps.min() and panel.maps.max() <= 1
     assert list(panel.true_names) == list(data.SYNTHETIC_CLASSES)
     assert all(0 < c <= 1 for c in panel.confidence)
-    # computing a panel changes no weights and no BatchNorm statistics
+    # computing a panel changes no weights, no BatchNorm statistics and which parameters train
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    probs = models.predict_proba(model, torch.from_numpy(split.images[idx].transpose(0, 3, 1, 2) / 255.0).float())
+    assert list(panel.pred_names) == [data.SYNTHETIC_CLASSES[i] for i in probs.argmax(1).tolist()]
+    np.testing.assert_allclose(panel.confidence, probs.max(1).values.numpy(), atol=1e-5)
     assert panel.figure().get_suptitle().startswith("epoch 4:")
