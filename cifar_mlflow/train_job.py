@@ -5,7 +5,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cifar_mlflow import augment, distributed, engine, lr_finder, plots, tracking, watch
+import torch
+
+from cifar_mlflow import augment, data, distributed, engine, lr_finder, plots, tracking, watch
 from cifar_mlflow.config import LRFindConfig, TrainConfig
 from cifar_mlflow.lr_finder_job import log_range_test, range_test
 from cifar_mlflow.prepare import prepare
@@ -81,10 +83,12 @@ def _lead(cfg: TrainConfig, ctx: distributed.Context | None) -> TrainOutcome | N
         reporter = tracking.EpochReporter(run_id)
         try:
             result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision,
-                                on_epoch_end=_with_panels(reporter, cfg, p), resume=resume, ctx=ctx)
+                                on_epoch_end=with_panels(reporter, cfg, p.model, p.dataset), resume=resume,
+                                ctx=ctx)
+            # while the last epoch is still being reported
+            tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
         finally:
             reporter.close()    # the last finished epoch's checkpoint lands even if training was interrupted
-        tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
         final = {"test/accuracy_tta": tta}
         if result.first_step_at is not None:   # from process start: imports, data, model, run set-up
             final["perf/seconds_to_first_step"] = result.first_step_at - _process_start()
@@ -99,17 +103,18 @@ def _lead(cfg: TrainConfig, ctx: distributed.Context | None) -> TrainOutcome | N
         return TrainOutcome(run_id, result.final, version)
 
 
-def _with_panels(reporter: tracking.EpochReporter, cfg: TrainConfig, p) -> Callable[..., None]:
+def with_panels(reporter: tracking.EpochReporter, cfg: TrainConfig, model: torch.nn.Module,
+                dataset: data.Dataset) -> Callable[..., None]:
     """on_epoch_end that also hands the reporter a GradCAM panel of fixed test images on the chosen epochs. The
     panel is computed here, on the training thread between epochs (the model must not change meanwhile), and
     rendered and logged by the reporter's thread."""
     epochs = set(watch.panel_epochs(cfg.log_images_every, cfg.epochs))
-    indices = watch.panel_indices(p.dataset.test.labels, len(p.dataset.class_names))
+    indices = watch.panel_indices(dataset.test.labels, len(dataset.class_names))
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], capture: Callable[[], dict]) -> None:
         images = None
         if epoch in epochs:
-            panel = watch.compute_panel(p.model, p.dataset.test, indices, p.dataset.class_names, epoch)
+            panel = watch.compute_panel(model, dataset.test, indices, dataset.class_names, epoch)
             images = {watch.PANEL_KEY: panel.figure}
         reporter(epoch, metrics, capture, images)
     return on_epoch_end
