@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     rows = []
     out = {}
-    for module in ("entrypoints.train", "entrypoints.analyze", "entrypoints.lr_find"):
+    for module in ("entrypoints.train", "entrypoints.analyze", "entrypoints.lr_find", "entrypoints.pipeline"):
         runs = [help_seconds(module) for _ in range(args.repeats)]
         out[module] = median(runs)
         rows.append([f"{module} --help (target < 1 s)", median(runs), ", ".join(f"{r:.2f}" for r in runs)])

@@ -1,7 +1,8 @@
 """Target 3 of the speed issue: the same epochs with full MLflow tracking -- sqlite store, params, dataset inputs,
 system metrics (every --system-metrics-interval seconds, MLflow's default 10), every epoch's metrics and
-checkpoint, the curves figure -- against the engine with tracking off. Target: wall-time ratio <= 1.02. Model registration, a one-off
-at the end of a run, is timed separately.
+checkpoint, the GradCAM panels of training you can watch (--log-images-every, as in a training run: the default
+-1 = auto logs one after each of 2 epochs), the curves figure -- against the engine with tracking off.
+Target: wall-time ratio <= 1.02. Model registration, a one-off at the end of a run, is timed separately.
 
     python -m benchmarks.bench_tracking [--images 1024] [--epochs 2] [--repeats 3]
 """
@@ -18,8 +19,9 @@ import mlflow
 import torch
 
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import augment, data, engine, models, plots, tracking
+from cifar_mlflow import augment, data, engine, models, plots, tracking, watch
 from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.train_job import with_panels
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--system-metrics-interval", type=int, default=10)
+    parser.add_argument("--log-images-every", type=int, default=-1)
+    parser.add_argument("--store", help="folder for the sqlite store and artifacts (default: a new temp folder)")
     args = parser.parse_args(argv)
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = str(args.system_metrics_interval)
 
@@ -38,12 +42,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ds = data.Dataset("synthetic", split, test, data.SYNTHETIC_CLASSES, "synthetic")
     mean, std = data.channel_stats(split.images)
     spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std)
-    cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs)
+    cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, log_images_every=args.log_images_every)
     workers = data.auto_num_workers(-1)
     loader = data.make_loader(split, batch_size=args.batch_size, train=True, seed=0, num_workers=workers,
                               transform=augment.build_train_transform("standard", mean))
     test_loader = data.make_loader(test, batch_size=args.batch_size, train=False)
-    tmp = tempfile.mkdtemp(prefix="bench-tracking-")
+    tmp = os.path.abspath(args.store) if args.store else tempfile.mkdtemp(prefix="bench-tracking-")
+    os.chdir(tmp)    # the sqlite store's artifacts go to ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     mlflow.set_experiment("bench")
     registration: list[float] = []
@@ -67,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             tracking.log_dataset(ds, test, "evaluation")
             reporter = tracking.EpochReporter(run.info.run_id)
             try:
-                result = engine.fit(model, loader, test_loader, cfg, device, precision, on_epoch_end=reporter,
-                                    log=lambda s: None)
+                result = engine.fit(model, loader, test_loader, cfg, device, precision,
+                                    on_epoch_end=with_panels(reporter, cfg, model, ds), log=lambda s: None)
             finally:
                 reporter.close()
             tracking.log_figure(plots.training_curves(result.history), "curves.png")
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rate = args.images * args.epochs / t_off
     print(f"machine: {machine()}")
     print(f"{args.epochs} epochs x {args.images} images, batch {args.batch_size}, system metrics every "
-          f"{args.system_metrics_interval} s, median of {args.repeats} interleaved runs\n")
+          f"{args.system_metrics_interval} s, GradCAM panel after epochs "
+          f"{watch.panel_epochs(cfg.log_images_every, cfg.epochs)}, median of {args.repeats} interleaved runs\n")
     print(table(["contender", "wall s (median)", "runs"],
                 [[k, median(v), ", ".join(f"{x:.2f}" for x in v)] for k, v in results.items()]))
     full_epoch = 50_000 / rate

@@ -1,9 +1,13 @@
 """The benchmark scripts run (tiny sizes, CPU) and report what they claim; `--help` stays under a second."""
+import json
+import os
+import re
 import statistics
 import subprocess
 import sys
 import time
 
+import mlflow
 import pytest
 
 from benchmarks import bench_cuda, bench_train
@@ -25,7 +29,52 @@ def test_train_benchmark_reports_every_ratio(capsys):
     assert "notebook-style loop" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("module", ["entrypoints.train", "entrypoints.analyze", "entrypoints.lr_find"])
+def _bench(module: str, *args: str, cwd) -> str:
+    """Run a benchmark as users do (python -m, from any folder); it must exit 0. Its output."""
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_tracking_benchmark_measures_what_a_training_run_logs(tmp_path):
+    """The tracked contender does everything a training run does each epoch: metrics, checkpoint, GradCAM panel."""
+    out = _bench("bench_tracking", "--images", "64", "--epochs", "2", "--batch-size", "32", "--repeats", "1",
+                 "--store", str(tmp_path), cwd=tmp_path)
+    assert re.search(r"\| ratio on/off \(target <= 1.02\) +\| \d+\.\d+", out), out
+    assert "GradCAM panel after epochs [1, 2]" in out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [1, 2]
+    manifest = json.loads(open(client.download_artifacts(run.info.run_id, "checkpoints/latest.json", str(tmp_path)))
+                          .read())
+    assert manifest["epoch"] == 2 and manifest["path"] == "checkpoints/slot-b/checkpoint.pt"
+    panels = sorted(a.path.split("+")[2] for a in client.list_artifacts(run.info.run_id, "images")
+                    if a.path.startswith("images/gradcam_panel") and a.path.endswith(".png"))
+    assert panels == ["1", "2"]
+    assert run.info.artifact_uri.startswith(tmp_path.as_uri()) or run.info.artifact_uri.startswith(str(tmp_path))
+
+
+def test_gradcam_benchmark_batched_maps_equal_per_image_maps(tmp_path):
+    out = _bench("bench_gradcam", "--images", "4", "--test-images", "64", "--repeats", "1", cwd=tmp_path)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(("| layer3 ", "| layer4 "))]
+    assert [r[0] for r in rows] == ["layer3", "layer4"], out
+    assert all(float(r[-1]) <= 1e-5 and float(r[-2]) > 0 for r in rows), rows     # max |diff|, speed-up
+    assert "analysis entry point, 64 test images" in out and "evaluate test set" in out
+
+
+def test_startup_benchmark_reports_help_and_first_step(tmp_path):
+    out = _bench("bench_startup", "--repeats", "1", cwd=tmp_path)
+    for module in ("train", "analyze", "lr_find", "pipeline"):
+        assert f"entrypoints.{module} --help (target < 1 s)" in out
+    first = re.search(r"process start -> first training step \(synthetic data\) +\| ([\d.]+)", out)
+    assert first and 0 < float(first.group(1)) < 120, out
+
+
+@pytest.mark.parametrize("module", ["entrypoints.train", "entrypoints.analyze", "entrypoints.lr_find",
+                                    "entrypoints.pipeline"])
 def test_help_answers_in_under_a_second(module):
     def once():
         start = time.perf_counter()
