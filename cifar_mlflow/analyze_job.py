@@ -83,7 +83,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
 
 
 def _confused_pairs_markdown(cm: np.ndarray, names: list[str], accuracy: float, wrong: int) -> str:
-    lines = [f"# Most-confused classes\n", f"Test accuracy {accuracy:.2%}; {wrong} of {int(cm.sum())} test images "
+    lines = ["# Most-confused classes\n", f"Test accuracy {accuracy:.2%}; {wrong} of {int(cm.sum())} test images "
              "misclassified.\n", "| true | predicted as | images | share of the true class |", "|---|---|---|---|"]
     pairs = analysis.most_confused_pairs(cm, names, CONFUSED_PAIRS)
     lines += [f"| {t} | {p} | {n} | {share:.1%} |" for t, p, n, share in pairs] or ["| (none) | | | |"]

@@ -4,7 +4,6 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
 import socket
 import tarfile
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from cifar_mlflow import augment, data
 from cifar_mlflow.errors import DataError
-from tests.conftest import TEST_IMAGES, TRAIN_PER_BATCH, write_cifar_layout
+from tests.conftest import write_cifar_layout
 
 
 # ---------------------------------------------------------------------------------------------- reading
