@@ -1,13 +1,11 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped (model, optimiser,
-scheduler, gradient scaler, RNG states, epoch, metric history), written atomically and read back with
+scheduler, gradient scaler, RNG states, epoch, metric history), saved with torch.save and read back with
 `torch.load(weights_only=True)`, which refuses to run code hidden in a pickle. Knows nothing of MLflow."""
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,21 +58,13 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.opti
     random.setstate(_to_tuples(rng["python"]))
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename: a crash leaves either the old
-    file or the new one, never half of one."""
+def save(state: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint file. Crash safety comes from where it goes (tracking.log_checkpoint: two alternating
+    slots and a manifest written last), so this staging copy is not fsynced: forcing 90 MB to disk every epoch
+    only to upload and delete the file would cost seconds on a slow volume."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    torch.save(state, path)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -459,7 +459,7 @@ def log_checkpoint(run_id: str, state: dict[str, Any], epoch: int) -> None:
     slot = f"{CHECKPOINTS}/slot-{'a' if epoch % 2 else 'b'}"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint.pt"
-        checkpoint.save_atomic(state, path)
+        checkpoint.save(state, path)
         digest = _sha256(path)
         client.log_artifact(run_id, str(path), slot)
         client.log_dict(run_id, {"epoch": epoch, "path": f"{slot}/checkpoint.pt", "sha256": digest}, MANIFEST)
