@@ -25,12 +25,15 @@ def machine() -> str:
 
 
 def interleaved(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Run each contender once per round, round after round (a noisy shared machine hits all of them alike).
+    """Run each contender once per round, round after round (a noisy shared machine hits all of them alike),
+    in the given order on even rounds and reversed on odd ones (A B, B A, ...), so that a drift over time or a
+    cost that the previous contender leaves behind does not always fall on the same one.
     Each contender returns its own measurement (seconds or a rate)."""
     results: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            results[name].append(fn())
+    names = list(contenders)
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            results[name].append(contenders[name]())
     return results
 
 
