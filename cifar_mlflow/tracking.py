@@ -495,6 +495,7 @@ class EpochReporter:
         self.run_id = run_id
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-reporter")
         self._pending: list[Future] = []
+        self.cpu_seconds = 0.0     # CPU time the reporting thread has spent (what tracking takes from training)
 
     def __call__(self, epoch: int, metrics: dict[str, float], capture: Any,
                  images: dict[str, Callable[[], Figure]] | None = None) -> None:
@@ -506,12 +507,16 @@ class EpochReporter:
 
     def _report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any],
                 images: dict[str, Callable[[], Figure]]) -> None:
-        log_checkpoint(self.run_id, state, epoch)
-        client = MlflowClient()
-        now = int(time.time() * 1000)
-        client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
-        for key, build in images.items():
-            client.log_image(self.run_id, _figure_rgb(build()), key=key, step=epoch)
+        start = time.thread_time()
+        try:
+            log_checkpoint(self.run_id, state, epoch)
+            client = MlflowClient()
+            now = int(time.time() * 1000)
+            client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+            for key, build in images.items():
+                client.log_image(self.run_id, _figure_rgb(build()), key=key, step=epoch)
+        finally:
+            self.cpu_seconds += time.thread_time() - start
 
     def _raise_finished_errors(self) -> None:
         for fut in [f for f in self._pending if f.done()]:
