@@ -43,6 +43,8 @@ def test_tracking_benchmark_measures_what_a_training_run_logs(tmp_path):
                  "--store", str(tmp_path), cwd=tmp_path)
     assert re.search(r"\| ratio on/off \(target <= 1.02\) +\| \d+\.\d+", out), out
     assert "GradCAM panel after epochs [1, 2]" in out
+    cpu = re.search(r"\| reporting thread CPU \(checkpoints, metrics, panels\) +\| ([\d.]+)", out)
+    assert cpu and float(cpu.group(1)) > 0, out
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
     assert run.info.status == "FINISHED"
