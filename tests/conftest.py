@@ -212,7 +212,8 @@ class MlflowServer:
 # module's module-scoped servers and runs on one worker), a long module started last leaves one worker idle at the
 # end. Everything else keeps its order (the sort is stable).
 SLOW_FIRST = ("test_pipeline.py", "test_user_facing.py", "test_team_server.py", "test_server.py", "test_resume.py",
-              "test_distributed.py", "test_analyze_e2e.py", "test_e2e.py", "test_options_e2e.py")
+              "test_distributed.py", "test_analyze_e2e.py", "test_e2e.py", "test_options_e2e.py",
+              "test_benchmarks.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
