@@ -98,9 +98,10 @@ def test_predict_agrees_with_engine_evaluate(net):
     split = data.make_synthetic(50, seed=4)
     loader = data.make_loader(split, batch_size=16, train=False)
     cpu = torch.device("cpu")
+    precision = engine.resolve_precision("auto", cpu)   # never a forced bf16: emulated (10x slower) on some CPUs
     model = net.to(memory_format=torch.channels_last)
-    pred = analysis.predict(model, loader, cpu, "bf16")
-    ev = engine.evaluate(model, loader, cpu, "bf16")
+    pred = analysis.predict(model, loader, cpu, precision)
+    ev = engine.evaluate(model, loader, cpu, precision)
     assert pred.accuracy == ev["test/accuracy"] and pred.loss == pytest.approx(ev["test/loss"], rel=1e-6)
     assert pred.probs.shape == (50, 10) and np.allclose(pred.probs.sum(1), 1, atol=1e-5)
     np.testing.assert_array_equal(pred.labels, split.labels)

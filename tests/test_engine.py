@@ -10,6 +10,9 @@ from cifar_mlflow import augment, data, engine, models, watch
 from cifar_mlflow.config import TrainConfig
 
 CPU = torch.device("cpu")
+# What `precision=auto` picks here: bf16 only where the CPU runs it natively (AVX512-BF16/AMX); elsewhere bf16 is
+# emulated and 10x+ slower, so tests that only need "a mixed-precision-capable run" use this, never a forced bf16.
+AUTO = engine.resolve_precision("auto", CPU)
 
 
 def _setup(n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standard", norm="batch", **cfg_kw):
@@ -33,7 +36,7 @@ def test_overfits_a_tiny_batch():
     optimizer = engine.build_optimizer(cfg, model.parameters())
     scheduler = engine.build_scheduler(cfg, optimizer, len(train_loader))
     for epoch in range(cfg.epochs):
-        m = engine.train_one_epoch(model, train_loader, optimizer, scheduler, CPU, "bf16", 0.0)
+        m = engine.train_one_epoch(model, train_loader, optimizer, scheduler, CPU, AUTO, 0.0)
         first = first or m
         last = m
     assert first["train/loss"] > 1.5
@@ -43,7 +46,7 @@ def test_overfits_a_tiny_batch():
 
 def _fit(seed):
     model, tr, te, cfg = _setup(seed=seed, epochs=2, lr=0.05)
-    result = engine.fit(model, tr, te, cfg, CPU, "bf16", log=lambda s: None)
+    result = engine.fit(model, tr, te, cfg, CPU, AUTO, log=lambda s: None)
     return result, model
 
 
@@ -197,7 +200,7 @@ def test_flip_tta_accuracy_is_a_fraction_and_sees_the_mirror():
 @pytest.mark.parametrize("norm", ["group", "layer"])
 def test_norm_variants_train(norm):
     model, tr, te, cfg = _setup(n_train=16, n_test=8, batch_size=8, epochs=1, norm=norm)
-    result = engine.fit(model, tr, te, cfg, CPU, "bf16", log=lambda s: None)
+    result = engine.fit(model, tr, te, cfg, CPU, AUTO, log=lambda s: None)
     assert result.final["train/loss"] > 0
 
 
@@ -219,7 +222,7 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_fit():
         model, tr, te, cfg = _setup(epochs=3, n_train=64, seed=2)
         states = {}
         try:
-            engine.fit(model, tr, te, cfg, CPU, "bf16", log=lambda s: None, resume=resume,
+            engine.fit(model, tr, te, cfg, CPU, AUTO, log=lambda s: None, resume=resume,
                        on_epoch_end=lambda e, m, capture: states.update({e: capture()}) or (
                            e == stop_after and (_ for _ in ()).throw(KeyboardInterrupt)))
         except KeyboardInterrupt:
