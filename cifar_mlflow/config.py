@@ -18,7 +18,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("onecycle", "cosine", "plateau", "cyclic", "none")
 AUGMENT_PRESETS = ("standard", "flip-cutout", "heavy", "rotate", "none")
 NORMS = ("batch", "group", "layer")
-DATASETS = ("cifar10", "synthetic")
+DATASETS = ("cifar10", "digits", "synthetic")
 ANALYZE_DATASETS = ("auto",) + DATASETS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -142,10 +142,11 @@ class TrainConfig(_Validated):
         "batch", "Normalisation layers; batch is best at batch 512; group (32 groups, Wu & He 2018) and layer "
         "(GroupNorm with one group) do not depend on the batch.", choices=NORMS)
     seed: int = param(0, "Seed for weights, shuffling and augmentation; same seed = same run on CPU.", low=0)
-    data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/.")
+    data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/ or digits-batches-py/.")
     dataset: str = param(
-        "cifar10", "cifar10 (read or downloaded), or synthetic: a deterministic, learnable 10-class set for "
-        "running offline.", choices=DATASETS)
+        "cifar10", "cifar10 (read or downloaded); digits: scikit-learn's handwritten digits as 32x32 RGB in the "
+        "CIFAR-10 layout, real images that need no download; synthetic: a generated 10-class set for speed runs "
+        "(it proves plumbing, not learning).", choices=DATASETS)
     max_train_samples: int = param(0, "Use only the first N training images (0 = all); for quick runs.", low=0)
     max_test_samples: int = param(0, "Use only the first N test images (0 = all); for quick runs.", low=0)
     num_workers: int = param(
@@ -181,9 +182,9 @@ class AnalyzeConfig(_Validated):
         "layer3,layer4", "Comma-separated modules to explain with GradCAM; layer3 (8x8) and layer4 (4x4) are the "
         "last two stages, coarse-to-fine as in the course notebooks.", pattern=(r"[\w.]+(,[\w.]+)*",
                                                                             "comma-separated layer names"))
-    data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/.")
+    data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/ or digits-batches-py/.")
     dataset: str = param(
-        "auto", "Test data: auto = the dataset the model's training run used; or cifar10, synthetic.",
+        "auto", "Test data: auto = the dataset the model's training run used; or cifar10, digits, synthetic.",
         choices=ANALYZE_DATASETS)
     max_test_samples: int = param(0, "Use only the first N test images (0 = all); for quick runs.", low=0)
     batch_size: int = param(

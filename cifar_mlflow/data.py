@@ -1,5 +1,6 @@
-"""CIFAR-10 data: read the python layout safely, download + MD5-check + extract the archive, generate the
-synthetic stand-in, compute normalisation statistics and build the data loaders.
+"""Data: read the CIFAR-10 python layout safely, download + MD5-check + extract the archive, build the real
+offline `digits` set in the same layout, generate the synthetic stand-in, compute normalisation statistics and
+build the data loaders.
 
 Images stay uint8 HWC numpy arrays end to end (airbench-style: one array per split); the conversion to float,
 CHW/channels_last and normalisation happen on the device, inside the engine and the model.
@@ -36,6 +37,15 @@ SYNTHETIC_CLASSES = ("red-disc", "green-square", "blue-triangle", "yellow-cross"
                      "cyan-hbar", "orange-vbar", "purple-diamond", "white-x", "lime-frame")
 # Same sizes as CIFAR-10 so that synthetic is a drop-in stand-in; only the first N requested are rendered.
 SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
+
+# The real offline set: scikit-learn's bundled handwritten digits (1,797 8x8 images of 0-16 ink counts, the UCI
+# "optdigits" test set), written once into this folder of data_dir in the CIFAR-10 layout and then read by the
+# same reader as CIFAR-10.
+DIGITS_LAYOUT = "digits-batches-py"
+DIGITS_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# The last 300 images in scikit-learn's own order are the test split (27-33 per class): no random draw, so the
+# split is the same everywhere, and since the set is ordered by writer, mostly unseen hands are tested.
+DIGITS_TEST = 300
 
 
 @dataclass(frozen=True)
@@ -136,16 +146,22 @@ def _empty_split() -> Split:
 def read_cifar10(root: Path, max_train: int = 0, max_test: int = 0, test_only: bool = False) -> Dataset:
     """Read `root/cifar-10-batches-py/`. Stops reading training batches once max_train images are in hand;
     test_only skips them (the training split is then empty)."""
-    folder = Path(root) / LAYOUT
+    return read_layout(Path(root) / LAYOUT, "cifar10", max_train, max_test, test_only)
+
+
+def read_layout(folder: Path, name: str, max_train: int = 0, max_test: int = 0, test_only: bool = False) -> Dataset:
+    """Read any folder in the CIFAR-10 python layout (data_batch_1..5, test_batch, batches.meta) as dataset
+    `name`: the one reader behind every file-based dataset."""
+    folder = Path(folder)
     class_names = read_class_names(folder / META_FILE)
     parts: list[Split] = []
-    for name in () if test_only else TRAIN_FILES:
-        parts.append(read_batch(folder / name))
+    for file in () if test_only else TRAIN_FILES:
+        parts.append(read_batch(folder / file))
         if max_train and sum(map(len, parts)) >= max_train:
             break
     train = _concat(parts).head(max_train) if parts else _empty_split()
     test = read_batch(folder / TEST_FILE).head(max_test)
-    return Dataset("cifar10", train, test, class_names, str(folder))
+    return Dataset(name, train, test, class_names, str(folder))
 
 
 def write_batch(path: Path, split: Split, *, bytes_keys: bool = True, label: str = "batch") -> None:
@@ -232,6 +248,61 @@ def download_cifar10(data_dir: Path, url: str | None = None, md5: str = CIFAR10_
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Digits: a real image set that needs no download
+
+DIGITS_SCALE = 4   # 8x8 -> 32x32, the input size of every model here
+
+
+def digits_splits() -> tuple[Split, Split]:
+    """scikit-learn's handwritten digits as 32x32 RGB uint8: ink counts 0-16 scaled to 0-255, upscaled 4x
+    bilinearly (smooth strokes, as a photographed digit would have, rather than 4x4 blocks), grey in all three
+    channels. Train = the first 1,497 in scikit-learn's order, test = the last 300."""
+    import cv2
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    size = 8 * DIGITS_SCALE
+    big = np.stack([cv2.resize(img.astype(np.float32) * (255.0 / 16.0), (size, size),
+                               interpolation=cv2.INTER_LINEAR) for img in digits.images])
+    grey = np.clip(np.rint(big), 0, 255).astype(np.uint8)
+    images = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=3))
+    labels = digits.target.astype(np.int64)
+    cut = len(labels) - DIGITS_TEST
+    return Split(images[:cut], labels[:cut]), Split(images[cut:], labels[cut:])
+
+
+def write_layout(folder: Path, train: Split, test: Split, class_names: tuple[str, ...]) -> Path:
+    """Write a dataset into `folder` in the CIFAR-10 python layout: the training split spread over the five
+    data_batch files, the test split in test_batch, class names in batches.meta. Written into a temporary sibling
+    folder and renamed into place, so an interrupted write never leaves a half-written layout behind."""
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        bounds = np.linspace(0, len(train), len(TRAIN_FILES) + 1).astype(int)
+        for i, name in enumerate(TRAIN_FILES):
+            part = Split(train.images[bounds[i]:bounds[i + 1]], train.labels[bounds[i]:bounds[i + 1]])
+            write_batch(tmp / name, part, label=f"training batch {i + 1} of {len(TRAIN_FILES)}")
+        write_batch(tmp / TEST_FILE, test, label="testing batch 1 of 1")
+        write_meta(tmp / META_FILE, class_names)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not folder.is_dir():   # not a concurrent writer that finished first with the same content
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def build_digits(root: Path) -> Path:
+    """Create `root/digits-batches-py/` from scikit-learn's bundled digits (offline, about a second)."""
+    return write_layout(Path(root) / DIGITS_LAYOUT, *digits_splits(), DIGITS_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Synthetic stand-in
 
 _PALETTE = np.array([[220, 40, 40], [40, 200, 60], [50, 80, 230], [235, 220, 40], [220, 50, 220],
@@ -288,16 +359,18 @@ def synthetic_dataset(max_train: int = 0, max_test: int = 0, test_only: bool = F
 
 def load_dataset(name: str, data_dir: str | Path, max_train: int = 0, max_test: int = 0,
                  download: Callable[[Path], Path] = download_cifar10, test_only: bool = False) -> Dataset:
-    """The dataset a run asks for; downloads CIFAR-10 first if its layout is missing from data_dir.
-    test_only: read only the test split (analysis), leaving the training split empty."""
+    """The dataset a run asks for; downloads CIFAR-10 (or builds digits) first if its layout is missing from
+    data_dir. test_only: read only the test split (analysis), leaving the training split empty."""
     if name == "synthetic":
         return synthetic_dataset(max_train, max_test, test_only)
-    if name != "cifar10":
-        raise DataError(f"dataset={name!r} is not allowed: expected one of cifar10, synthetic")
+    layouts = {"cifar10": (LAYOUT, download), "digits": (DIGITS_LAYOUT, build_digits)}
+    if name not in layouts:
+        raise DataError(f"dataset={name!r} is not allowed: expected one of {', '.join(layouts)}, synthetic")
+    folder_name, make = layouts[name]
     root = Path(data_dir)
-    if not (root / LAYOUT).is_dir():
-        download(root)
-    return read_cifar10(root, max_train, max_test, test_only)
+    if not (root / folder_name).is_dir():
+        make(root)
+    return read_layout(root / folder_name, name, max_train, max_test, test_only)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -43,7 +43,7 @@ def test_int_is_accepted_for_float_fields():
     ({"norm": "instance"}, "norm='instance' is not allowed: expected one of batch, group, layer"),
     ({"augment": "mixup"}, "augment='mixup' is not allowed: expected one of standard, flip-cutout, heavy, rotate, none"),
     ({"l1": -1e-5}, "l1=-1e-05 is not allowed: expected a number >= 0"),
-    ({"dataset": "mnist"}, "dataset='mnist' is not allowed: expected one of cifar10, synthetic"),
+    ({"dataset": "mnist"}, "dataset='mnist' is not allowed: expected one of cifar10, digits, synthetic"),
     ({"precision": "fp64"}, "precision='fp64' is not allowed: expected one of auto, fp32, bf16, fp16"),
     ({"epochs": "20"}, "epochs='20' is not allowed: expected an integer >= 1"),
     ({"epochs": True}, "epochs=True is not allowed"),

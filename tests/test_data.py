@@ -176,6 +176,74 @@ def test_official_url_and_md5_are_kept():
     assert data.CIFAR10_MD5 == "c58f30108f718f92721af3b95e74349a"
 
 
+# ---------------------------------------------------------------------------------------------- digits
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    data.load_dataset("digits", root)      # builds root/digits-batches-py once
+    return root
+
+
+def test_digits_is_written_in_the_cifar_layout_and_read_by_the_same_reader(digits_root):
+    folder = digits_root / data.DIGITS_LAYOUT
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*data.TRAIN_FILES, data.TEST_FILE, data.META_FILE])
+    assert [p.name for p in digits_root.iterdir()] == [data.DIGITS_LAYOUT], "no temporary folder left behind"
+    assert [len(data.read_batch(folder / f)) for f in data.TRAIN_FILES] == [299, 299, 300, 299, 300]
+    ds = data.load_dataset("digits", digits_root)
+    assert (ds.name, len(ds.train), len(ds.test), ds.source) == ("digits", 1497, 300, str(folder))
+    assert ds.class_names == ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    assert ds.train.images.shape == (1497, 32, 32, 3) and ds.train.images.dtype == np.uint8
+    # grey in three channels, full 0-255 range, every class in both splits
+    assert np.array_equal(ds.train.images[..., 0], ds.train.images[..., 2])
+    assert ds.train.images.min() == 0 and ds.train.images.max() == 255
+    assert np.bincount(ds.test.labels).min() >= 25 and np.bincount(ds.train.labels).min() >= 140
+
+
+def test_digits_split_is_scikit_learns_order_and_deterministic(digits_root, tmp_path):
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    ds = data.load_dataset("digits", digits_root)
+    np.testing.assert_array_equal(ds.train.labels, target[:1497])
+    np.testing.assert_array_equal(ds.test.labels, target[1497:])
+    again = data.load_dataset("digits", tmp_path)
+    np.testing.assert_array_equal(again.train.images, ds.train.images)
+    np.testing.assert_array_equal(again.test.images, ds.test.images)
+    # the 4x bilinear upscale keeps each 8x8 block's ink: block means track scikit-learn's 0-16 counts
+    blocks = ds.train.images[:50, :, :, 0].reshape(50, 8, 4, 8, 4).mean(axis=(2, 4))
+    counts = load_digits().images[:50] * 255 / 16
+    assert np.corrcoef(blocks.ravel(), counts.ravel())[0, 1] > 0.95
+
+
+def test_digits_is_built_only_when_missing(digits_root):
+    folder = digits_root / data.DIGITS_LAYOUT
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    data.load_dataset("digits", digits_root, max_train=10, max_test=5)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_an_interrupted_digits_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data, "write_meta", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        data.load_dataset("digits", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_digits_are_real_images_not_a_toy(digits_root):
+    """Unlike the synthetic set, a nearest-class-mean classifier on raw pixels is far from perfect on digits
+    (0.83 here), so accuracy above it is learned, and the test split holds mostly hands the training one lacks."""
+    ds = data.load_dataset("digits", digits_root)
+    x = ds.train.images[..., 0].reshape(len(ds.train), -1).astype(np.float32)
+    means = np.stack([x[ds.train.labels == c].mean(0) for c in range(10)])
+    xt = ds.test.images[..., 0].reshape(len(ds.test), -1).astype(np.float32)
+    pred = np.argmin(((xt[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    assert 0.6 < (pred == ds.test.labels).mean() < 0.97
+
+
 # ---------------------------------------------------------------------------------------------- synthetic
 
 def test_synthetic_is_deterministic_and_prefix_stable():
