@@ -10,6 +10,7 @@ from typing import Sequence
 
 import albumentations as A
 import cv2
+import numpy as np
 
 PAD = 4          # reflect-pad 4 then crop 32: the standard CIFAR translation of up to 4 px (He et al. 2016)
 CUTOUT = 16      # one 16x16 hole: the size DeVries & Taylor (2017) found best for CIFAR-10
@@ -28,9 +29,29 @@ def _pad_crop() -> list[A.BasicTransform]:
     return [A.PadIfNeeded(32 + 2 * PAD, 32 + 2 * PAD, border_mode=cv2.BORDER_REFLECT_101), A.RandomCrop(32, 32)]
 
 
-def _cutout(mean: Sequence[float], size: int = CUTOUT, p: float = 1.0) -> A.CoarseDropout:
-    return A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(size, size), hole_width_range=(size, size),
-                           fill=cutout_fill(mean), p=p)
+class Cutout(A.CoarseDropout):
+    """Cutout as DeVries & Taylor (2017) define it: the hole's centre is drawn uniformly over the whole image and
+    the hole is clipped at the border, so it may extend past it (albumentations' CoarseDropout keeps holes fully
+    inside, which for a 16x16 hole on 32x32 means the image centre is always covered). Filled with the dataset
+    mean, i.e. 0 after the model's normalisation, as the paper's mask applied to normalised images is."""
+
+    note = ("hole centred anywhere in the image and clipped at the border (DeVries & Taylor 2017, as their code "
+            "does), filled with the dataset mean = 0 after normalisation")
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        height, width = params["shape"][:2]
+        size_h = self.py_random.randint(*self.hole_height_range)
+        size_w = self.py_random.randint(*self.hole_width_range)
+        cy = self.random_generator.integers(0, height)
+        cx = self.random_generator.integers(0, width)
+        y0, x0 = max(cy - size_h // 2, 0), max(cx - size_w // 2, 0)
+        y1, x1 = min(cy + size_h - size_h // 2, height), min(cx + size_w - size_w // 2, width)
+        return {"holes": np.array([[x0, y0, x1, y1]]), "seed": self.random_generator.integers(0, 2**32 - 1)}
+
+
+def _cutout(mean: Sequence[float], size: int = CUTOUT, p: float = 1.0) -> Cutout:
+    return Cutout(num_holes_range=(1, 1), hole_height_range=(size, size), hole_width_range=(size, size),
+                  fill=cutout_fill(mean), p=p)
 
 
 def build_train_transform(preset: str, mean: Sequence[float]) -> A.Compose | None:
@@ -64,4 +85,4 @@ def describe(transform: A.Compose | None) -> str:
     """The exact transform list, one per line, for logging with the run."""
     if transform is None:
         return "(no augmentation)\n"
-    return "".join(f"{t!r}\n" for t in transform.transforms)
+    return "".join(f"{t!r}\n" + (f"  # {t.note}\n" if hasattr(t, "note") else "") for t in transform.transforms)
