@@ -1,4 +1,5 @@
-"""Augmentation presets: named albumentations 2.x recipes on uint8 HWC images.
+"""Augmentation presets: named albumentations 2.x recipes on uint8 HWC images, and the batched tensor twins of
+the simple ones for data resident on the device.
 
 Normalisation is not here: it lives inside the model, so the pipelines only move and mask pixels, and the
 test pipeline is the identity. Argument names are albumentations 2.x ones (`fill`, `num_holes_range`, ...):
@@ -6,11 +7,15 @@ the 1.x names (`max_holes`, `fill_value`) are silently ignored by 2.x.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import albumentations as A
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 PAD = 4          # reflect-pad 4 then crop 32: the standard CIFAR translation of up to 4 px (He et al. 2016)
 CUTOUT = 16      # one 16x16 hole: the size DeVries & Taylor (2017) found best for CIFAR-10
@@ -86,3 +91,57 @@ def describe(transform: A.Compose | None) -> str:
     if transform is None:
         return "(no augmentation)\n"
     return "".join(f"{t!r}\n" + (f"  # {t.note}\n" if hasattr(t, "note") else "") for t in transform.transforms)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same presets as batched tensor ops (the airbench way): for data resident on the device, where per-image
+# albumentations calls in CPU workers would be the bottleneck. Each draws from exactly the distribution of its
+# albumentations twin above (tests/test_device_loader.py compares them).
+
+@dataclass(frozen=True)
+class BatchRecipe:
+    """pad: reflect-pad then random crop back to size (0 = no translation); flip: probability of a horizontal
+    flip; cutout: probability of one hole of side `hole` centred anywhere (DeVries & Taylor)."""
+
+    pad: int = 0
+    flip: float = 0.0
+    cutout: float = 0.0
+    hole: int = CUTOUT
+
+
+BATCH_RECIPES = {
+    "standard": BatchRecipe(pad=PAD, flip=0.5, cutout=1.0),
+    "flip-cutout": BatchRecipe(flip=0.5, cutout=0.5),
+    "none": BatchRecipe(),
+}
+
+
+def batch_augment(padded: "torch.Tensor", index: "torch.Tensor", recipe: BatchRecipe, fill: "torch.Tensor",
+                  generator: "torch.Generator") -> "torch.Tensor":
+    """Augmented uint8 images (B, S, S, C) for rows `index` of `padded` (N, S + 2 pad, S + 2 pad, C, already
+    reflect-padded by recipe.pad), all on one device. Crop offsets, flips and hole centres are drawn per image
+    from `generator`; the crop and the flip are one gather (a flip is the crop's columns in reverse order)."""
+    import torch
+
+    device, b = padded.device, len(index)
+    size = padded.shape[1] - 2 * recipe.pad
+    span = torch.arange(size, device=device)
+
+    def draw(high: int) -> torch.Tensor:
+        return torch.randint(0, high, (b,), device=device, generator=generator)
+
+    def chance(p: float) -> torch.Tensor:
+        return torch.rand(b, device=device, generator=generator) < p
+
+    rows = draw(2 * recipe.pad + 1)[:, None] + span            # crop offset 0..2*pad, as RandomCrop after padding
+    cols = draw(2 * recipe.pad + 1)[:, None] + span
+    cols = torch.where(chance(recipe.flip)[:, None], cols.flip(1), cols)
+    out = padded[index[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if recipe.cutout > 0:
+        half = recipe.hole // 2
+        cy, cx = draw(size)[:, None], draw(size)[:, None]
+        inside_rows = (span >= cy - half) & (span < cy + recipe.hole - half)
+        inside_cols = (span >= cx - half) & (span < cx + recipe.hole - half)
+        hole = inside_rows[:, :, None] & inside_cols[:, None, :] & chance(recipe.cutout)[:, None, None]
+        out = torch.where(hole[..., None], fill, out)
+    return out
