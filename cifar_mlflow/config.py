@@ -21,6 +21,7 @@ NORMS = ("batch", "group", "layer")
 DATASETS = ("cifar10", "digits", "synthetic")
 ANALYZE_DATASETS = ("auto",) + DATASETS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOADERS = ("auto", "device", "workers")
 
 
 def param(
@@ -154,6 +155,12 @@ class TrainConfig(_Validated):
     precision: str = param(
         "auto", "Compute precision; auto = bf16 autocast where the device runs it natively (CUDA with bf16, "
         "CPUs with AVX512-BF16/AMX), else fp32.", choices=PRECISIONS)
+    loader: str = param(
+        "auto", "How training batches are made. device: the split lives on the training device as one uint8 "
+        "tensor and is cropped, flipped and cut out there by batched tensor ops (presets standard, flip-cutout, "
+        "none; no worker processes, no copy per batch); workers: albumentations in loader worker processes "
+        "(every preset); auto = device on a GPU for the presets it has, else workers (on a CPU the workers "
+        "augment beside the training threads).", choices=LOADERS)
     compile: str = param(
         "false", "torch.compile the model for training and evaluation; pays off on a GPU over many epochs, costs "
         "a minute or more of compilation first. GradCAM and saved weights always use the uncompiled module.",
@@ -163,6 +170,21 @@ class TrainConfig(_Validated):
         "last, as MLflow images (step = epoch), to watch attention form; -1 = auto (epoch 1, about 5 more, the "
         "last), 0 = off.", low=-1)
     registered_model_name: str = param("cifar10-resnet18", "Registered model that receives a new version.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_loader(self)
+
+
+# The presets that have a batched tensor version (augment.BATCH_RECIPES; kept here so config imports no torch).
+DEVICE_PRESETS = ("standard", "flip-cutout", "none")
+
+
+def check_loader(cfg: Any) -> None:
+    """loader=device needs a preset with a batched version."""
+    if cfg.loader == "device" and cfg.augment not in DEVICE_PRESETS:
+        raise ConfigError(f"loader='device' is not allowed with augment={cfg.augment!r}: the device loader has "
+                          f"{', '.join(DEVICE_PRESETS)}; use loader=workers or auto")
 
 
 MODEL_URI_FORMS = ("models:/<name>/<version>, models:/<name>@<alias>, models:/<logged model id> "
@@ -223,9 +245,11 @@ class LRFindConfig(_Validated):
     max_train_samples: int = inherit(TrainConfig, "max_train_samples")
     num_workers: int = inherit(TrainConfig, "num_workers")
     precision: str = inherit(TrainConfig, "precision")
+    loader: str = inherit(TrainConfig, "loader")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_loader(self)
         if self.end_lr <= self.start_lr:
             raise ConfigError(f"end_lr={self.end_lr!r} is not allowed: expected a number > start_lr={self.start_lr!r}")
 
@@ -260,6 +284,7 @@ class PipelineConfig(_Validated):
     max_test_samples: int = inherit(TrainConfig, "max_test_samples")
     num_workers: int = inherit(TrainConfig, "num_workers")
     precision: str = inherit(TrainConfig, "precision")
+    loader: str = inherit(TrainConfig, "loader")
     compile: str = inherit(TrainConfig, "compile")
     log_images_every: int = inherit(TrainConfig, "log_images_every")
     registered_model_name: str = inherit(TrainConfig, "registered_model_name")

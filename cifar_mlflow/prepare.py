@@ -24,6 +24,7 @@ class Prepared:
     train_loader: Any
     test_loader: Any
     ctx: distributed.Context | None = None
+    loader: str = "workers"        # how training batches are made: device or workers
 
     def derived_params(self) -> dict[str, Any]:
         """Values worth logging beside the config: they follow from it and from the machine."""
@@ -32,7 +33,9 @@ class Prepared:
         return {**world, "model/num_params": models.num_parameters(self.model), "data/train_size": len(self.dataset.train),
                 "data/test_size": len(self.dataset.test), "data/mean": self.spec.mean, "data/std": self.spec.std,
                 "env/device": _device_name(self.device), "env/precision": self.precision,
-                "env/num_workers": self.num_workers}
+                "env/num_workers": self.num_workers, "env/loader": self.loader,
+                **({"env/precision_emulated": True} if engine.precision_is_emulated(self.precision, self.device)
+                   else {})}
 
 
 def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> Prepared:
@@ -40,6 +43,9 @@ def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> 
     both splits, batch_size / world images per step, and this process's GPU."""
     device = engine.resolve_device(ctx)
     precision = engine.resolve_precision(cfg.precision, device)
+    if engine.precision_is_emulated(precision, device):
+        print(f"warning: precision={precision} on this CPU is emulated (no AVX512-BF16/AMX): expect training 10x "
+              "or more slower than precision=fp32 (precision=auto picks fp32 here)", flush=True)
     dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train_samples, max_test)
     if len(dataset.train) < 2 or len(dataset.test) < 1:
         raise data.DataError(f"{dataset.source}: need at least 2 training and 1 test image, "
@@ -54,16 +60,34 @@ def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> 
         torch.backends.cudnn.benchmark = True   # fixed 32x32 shapes: let cuDNN pick the fastest kernels once
     transform = augment.build_train_transform(cfg.augment, mean)
     rank, world = (ctx.rank, ctx.world) if ctx else (0, 1)
-    workers = data.auto_num_workers(cfg.num_workers, processes=world)
-    pin = device.type == "cuda"
     batch = cfg.batch_size // world
-    train_loader = data.make_loader(dataset.train, batch_size=batch, train=True, transform=transform,
-                                    seed=cfg.seed, num_workers=workers, pin_memory=pin, rank=rank, world=world)
-    # Test batches are array slices (no per-sample work): a worker process would only add IPC latency.
-    test_loader = data.make_loader(dataset.test, batch_size=batch, train=False, pin_memory=pin, rank=rank,
-                                   world=world)
+    loader = resolve_loader(cfg.loader, cfg.augment, device)
+    if loader == "device":
+        from cifar_mlflow.device_loader import DeviceLoader
+
+        workers = 0
+        train_loader: Any = DeviceLoader(dataset.train, device=device, batch_size=batch, train=True,
+                                         preset=cfg.augment, mean=mean, seed=cfg.seed, rank=rank, world=world)
+        test_loader: Any = DeviceLoader(dataset.test, device=device, batch_size=batch, train=False, rank=rank,
+                                        world=world)
+    else:
+        workers = data.auto_num_workers(cfg.num_workers, processes=world)
+        pin = device.type == "cuda"
+        train_loader = data.make_loader(dataset.train, batch_size=batch, train=True, transform=transform,
+                                        seed=cfg.seed, num_workers=workers, pin_memory=pin, rank=rank, world=world)
+        # Test batches are array slices (no per-sample work): a worker process would only add IPC latency.
+        test_loader = data.make_loader(dataset.test, batch_size=batch, train=False, pin_memory=pin, rank=rank,
+                                       world=world)
     return Prepared(device, precision, dataset, spec, model, summary, transform, workers, train_loader, test_loader,
-                    ctx)
+                    ctx, loader)
+
+
+def resolve_loader(loader: str, preset: str, device: torch.device) -> str:
+    """`auto` -> device on a GPU for the presets with a batched version, else workers. On a CPU the worker
+    processes augment in parallel with the training threads, which the batched ops on the same cores cannot."""
+    if loader != "auto":
+        return loader
+    return "device" if device.type == "cuda" and preset in augment.BATCH_RECIPES else "workers"
 
 
 def _model_summary(model: torch.nn.Module) -> str:

@@ -173,7 +173,7 @@ def _augmented_grid(loader, class_names):
     sampler.set_epoch(1)
     keys = list(iter(sampler))[:SAMPLE_GRID]
     images, labels = loader.dataset.__getitems__(keys)
-    return plots.image_grid(images.numpy(), [class_names[i] for i in labels.tolist()],
+    return plots.image_grid(images.cpu().numpy(), [class_names[i] for i in labels.tolist()],
                             title="augmented training samples")
 
 
