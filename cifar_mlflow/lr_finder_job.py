@@ -2,7 +2,7 @@
 curve, its series and the suggested learning rate."""
 from __future__ import annotations
 
-from cifar_mlflow import engine, lr_finder, plots, tracking
+from cifar_mlflow import data, engine, lr_finder, plots, tracking
 from cifar_mlflow.config import LRFindConfig
 from cifar_mlflow.prepare import Prepared, prepare
 
@@ -31,6 +31,7 @@ def run_lr_find(cfg: LRFindConfig) -> float:
         tracking.log_params({**cfg.to_params(), **p.derived_params()})
         tracking.log_dataset(p.dataset, p.dataset.train, "training")
         result = range_test(p, cfg)
+        data.shutdown_workers(p.train_loader)
         log_range_test(result)
         stop = "stopped when the loss diverged" if result.diverged else "no divergence within the sweep"
         print(f"\nLR range test: {len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g} ({stop})"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,6 +51,7 @@ def _follow(cfg: TrainConfig, ctx: distributed.Context) -> None:
     cfg = dataclasses.replace(cfg, lr=_share(ctx))
     engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision, log=lambda _: None,
                resume=start["resume"], ctx=ctx)
+    data.shutdown_workers(p.train_loader)
     engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
     return None
 
@@ -85,6 +87,8 @@ def _lead(cfg: TrainConfig, ctx: distributed.Context | None) -> TrainOutcome | N
             result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision,
                                 on_epoch_end=with_panels(reporter, cfg, p.model, p.dataset), resume=resume,
                                 ctx=ctx)
+            trained_at = time.time()
+            data.shutdown_workers(p.train_loader)    # no further training batches: free the cores and memory
             # while the last epoch is still being reported
             tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
         finally:
@@ -99,6 +103,8 @@ def _lead(cfg: TrainConfig, ctx: distributed.Context | None) -> TrainOutcome | N
         example = p.dataset.test.images[:2].transpose(0, 3, 1, 2).astype("float32") / 255.0
         version = tracking.log_and_register_model(
             p.model, p.spec, example, cfg.registered_model_name, result.final["test/accuracy"], cfg.epochs)
+        # what a user waits for after the last epoch: TTA, figures, model logging and registration
+        tracking.log_metrics({"perf/seconds_after_last_epoch": time.time() - trained_at})
         _print_summary({**result.final, "test/accuracy_tta": tta}, version, tracking.run_url(run))
         return TrainOutcome(run_id, result.final, version)
 

@@ -308,3 +308,25 @@ def test_auto_num_workers_rule():
     cores = len(os.sched_getaffinity(0))
     assert data.auto_num_workers(-1) == max(0, min(8, cores - 1))
     assert data.auto_num_workers(3) == 3
+
+
+def test_shutdown_workers_stops_the_worker_processes_at_once():
+    import time
+
+    import psutil
+
+    split = data.make_synthetic(64, seed=1)
+    loader = data.make_loader(split, batch_size=16, train=True, seed=0, num_workers=2,
+                              transform=augment.build_train_transform("standard", (0.5,) * 3))
+    loader.sampler.set_epoch(1)
+    assert sum(len(y) for _, y in loader) == 64
+    me = psutil.Process()
+    assert len(me.children()) == 2, "persistent workers outlive the epoch"
+    start = time.perf_counter()
+    data.shutdown_workers(loader)
+    assert time.perf_counter() - start < 2 and me.children() == []
+    data.shutdown_workers(loader)                       # twice, or on a loader without workers: nothing happens
+    data.shutdown_workers(data.make_loader(split, batch_size=16, train=False))
+    loader.sampler.set_epoch(2)
+    assert sum(len(y) for _, y in loader) == 64, "the loader still works: new workers start on demand"
+    data.shutdown_workers(loader)

@@ -37,6 +37,7 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     assert params["data/train_size"] == "256" and params["data/test_size"] == "128"
     assert len(params["data/mean"].split(",")) == 3 and len(params["data/std"].split(",")) == 3
     assert params["env/device"] == "cpu" and params["env/precision"] in ("bf16", "fp32")
+    assert params["env/loader"] == "workers" and "env/precision_emulated" not in params
     assert params["env/torch_version"] == "2.14.0" and params["env/mlflow_version"] == "3.17.2"
 
     # every metric exactly once per epoch, steps 1 and 2; system metrics sampled too
@@ -44,6 +45,7 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [1, 2], key
     assert 0 <= run.data.metrics["test/accuracy"] <= 1
+    assert 0 < run.data.metrics["perf/seconds_after_last_epoch"] < 60
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
 
     # dataset inputs
@@ -56,7 +58,8 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
         with open(f"{local}/{name}", "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n", name
     assert "11,173,962" in open(f"{local}/model_summary.txt").read()
-    assert "CoarseDropout" in open(f"{local}/augmentations.txt").read()
+    augmentations = open(f"{local}/augmentations.txt").read()
+    assert "Cutout(" in augmentations and "clipped at the border (DeVries & Taylor 2017" in augmentations
 
     # the GradCAM panel, logged with log_image(key, step=epoch) after epochs 1 and 2 (auto for 2 epochs)
     panels = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))

@@ -65,7 +65,7 @@ def test_cosine_adam_heavy_groupnorm_l1(store, cifar_root):
     lrs = _lr_history(client, run)
     assert lrs == pytest.approx([0.001 * (1 + math.cos(math.pi * k / 4)) / 2 for k in (1, 3)])
     listed = _artifact_text(client, run, "augmentations.txt", store)
-    for name in ("HorizontalFlip", "Affine", "CoarseDropout", "ColorJitter", "ToGray"):
+    for name in ("HorizontalFlip", "Affine", "Cutout", "ColorJitter", "ToGray"):
         assert name in listed
     net, spec = load_torch_model(f"models:/cifar10-resnet18/{run.data.tags['registered_model_version']}")
     assert spec.norm == "group" and type(net.bn1).__name__ == "GroupNorm" and net.bn1.num_groups == 32
@@ -95,7 +95,7 @@ def test_cyclic_flip_cutout_with_auto_lr(store, cifar_root):
     assert arts == {"lr_find/curve.png", "lr_find/curve.json"}
     table = json.loads(_artifact_text(client, run, "lr_find/curve.json", store))
     assert table["columns"] == ["lr", "loss", "smoothed_loss"] and len(table["data"]) >= 6
-    assert "CoarseDropout" in _artifact_text(client, run, "augmentations.txt", store)
+    assert "Cutout(" in _artifact_text(client, run, "augmentations.txt", store)
 
 
 def test_lr_find_entry_point(store, cifar_root, capsys):
