@@ -23,6 +23,29 @@ def test_resnet18_has_exactly_the_cifar_parameter_count(net):
     assert models.num_parameters(net) == 11_173_962
 
 
+def _pixels_on_a_path_to_the_logits(model) -> int:
+    """Input pixels whose value changes the logits, BatchNorm as the fixed affine map of eval mode."""
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    model.eval()(x).sum().backward()
+    return int((x.grad.abs().sum((0, 1)) > 0).sum())
+
+
+def test_every_input_pixel_reaches_the_logits_at_initialisation():
+    """With zero-initialised residual branches (v0), only the 1x1 stride-2 projection shortcuts carry signal:
+    a stride-8 grid of 3x3 patches, 121 of 1,024 pixels, which crops and holes shuffle. Now every pixel."""
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    model = models.build_model(SPEC)
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert all(torch.equal(b.bn2.weight, torch.ones_like(b.bn2.weight)) for b in blocks)
+    assert _pixels_on_a_path_to_the_logits(model) == 32 * 32
+    for b in blocks:
+        nn.init.zeros_(b.bn2.weight)
+    assert _pixels_on_a_path_to_the_logits(model) == 121
+
+
 def test_resnet34_parameter_count():
     assert models.num_parameters(models.build_model(models.ModelSpec("resnet34", CLASSES, (0,) * 3, (1,) * 3))) \
         == 21_282_122
