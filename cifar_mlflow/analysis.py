@@ -85,7 +85,9 @@ def most_confused_pairs(cm: np.ndarray, class_names: Sequence[str], k: int = 10)
 
 
 def resolve_layers(model: nn.Module, names: str) -> list[tuple[str, nn.Module]]:
-    """The modules named in a comma-separated list (`layer3`, `layer4.1.conv2`, ...)."""
+    """The modules named in a comma-separated list (`layer3`, `layer4.1.conv2`, ...), each checked to output a
+    convolutional feature map (N, C, H, W) with H, W > 1: GradCAM weighs such a map's channels, and has nothing to
+    explain in a vector (`fc`) or a 1x1 map (`avgpool`). Checked with one forward pass of one blank image."""
     modules = dict(model.named_modules())
     out = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
@@ -94,7 +96,45 @@ def resolve_layers(model: nn.Module, names: str) -> list[tuple[str, nn.Module]]:
             raise ModelError(f"target_layers: {name!r} is not a layer of this model; valid: {top} "
                              f"(or a dotted path inside one, e.g. layer4.1.conv2)")
         out.append((name, modules[name]))
+    shapes = _output_shapes(model, out)
+    for name, _ in out:
+        shape = shapes.get(name)
+        if shape is None or len(shape) != 4 or min(shape[2:]) < 2:
+            valid = ", ".join(n for n, m in model.named_children() if len(shapes.get(n, ())) == 4
+                              and min(shapes[n][2:]) >= 2) or "none"
+            raise ModelError(f"target_layers: {name!r} outputs {_describe(shape)}, not a convolutional feature map "
+                             f"that GradCAM can explain; valid: {valid} (or a dotted path inside one)")
     return out
+
+
+def _output_shapes(model: nn.Module, named: list[tuple[str, nn.Module]]) -> dict[str, tuple[int, ...]]:
+    """Output shape of each named module and of each top-level child, for one blank 32x32 image."""
+    wanted = {**dict(model.named_children()), **dict(named)}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:   # None: the output stays as it is
+            if isinstance(output, torch.Tensor):
+                shapes.setdefault(name, tuple(output.shape))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in wanted.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def _describe(shape: tuple[int, ...] | None) -> str:
+    if shape is None:
+        return "nothing (it is not called in the forward pass)"
+    return f"shape {shape}" + (" (a vector per image)" if len(shape) == 2 else "")
 
 
 def gradcam_maps(model: nn.Module, layer: nn.Module, images: torch.Tensor, classes: Sequence[int],

@@ -41,7 +41,18 @@ def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler:
 
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
             scaler: torch.amp.GradScaler | None) -> None:
-    """Put a captured state back into freshly built objects (the same architecture and optimiser)."""
+    """Put a captured state back into freshly built objects (the same architecture and optimiser). A state that
+    does not fit them is a one-line ModelError."""
+    try:
+        _restore(state, model, optimizer, scheduler, scaler)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"the checkpoint of epoch {state.get('epoch')} does not fit this run's model and optimiser "
+                         f"({first[:300]})") from None
+
+
+def _restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             scaler: torch.amp.GradScaler | None) -> None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -67,16 +78,41 @@ def save(state: dict[str, Any], path: Path) -> None:
     torch.save(state, path)
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with weights_only=True: tensors and plain containers only, nothing executed."""
+def load(path: Path, name: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True: tensors and plain containers only, nothing executed. name: what
+    to call the file in errors (where it came from, rather than a temporary download)."""
+    name = name or str(path)
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a loadable checkpoint ({first[:300]})") from None
+        raise ModelError(f"{name}: not a loadable checkpoint ({first[:300]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a cifar-mlflow checkpoint (format {FORMAT})")
+        raise ModelError(f"{name}: not a cifar-mlflow checkpoint (format {FORMAT})")
+    problem = _problem(state)
+    if problem:
+        raise ModelError(f"{name}: not a complete cifar-mlflow checkpoint ({problem})")
     return state
+
+
+# What capture() writes, as (key, type): a checkpoint lacking one of them cannot be resumed from.
+_FIELDS = (("epoch", int), ("history", list), ("lr_steps", list), ("model", dict), ("optimizer", dict),
+           ("scheduler", dict), ("rng", dict))
+_RNG_FIELDS = (("torch", torch.Tensor), ("cuda", list), ("numpy", dict), ("python", list))
+
+
+def _problem(state: dict[str, Any]) -> str | None:
+    """What is missing or malformed in a loaded checkpoint, or None."""
+    for fields, where in ((_FIELDS, state), (_RNG_FIELDS, state.get("rng"))):
+        for key, kind in fields:
+            if not isinstance(where, dict) or key not in where:
+                return f"it lacks {key!r}" if where is state else f"its rng lacks {key!r}"
+            if not isinstance(where[key], kind) or (kind is int and isinstance(where[key], bool)):
+                return f"{key!r} is a {type(where[key]).__name__}, not a {kind.__name__}"
+    epoch, history = state["epoch"], state["history"]
+    if epoch < 1 or len(history) != epoch or not all(isinstance(h, dict) for h in history):
+        return f"epoch {epoch} with {len(history)} epochs of history"
+    return None
 
 
 def _cpu_copy(x: Any) -> Any:

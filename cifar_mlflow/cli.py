@@ -11,7 +11,11 @@ from typing import Any, Callable
 import click
 
 from cifar_mlflow.config import allowed, field_type
-from cifar_mlflow.errors import CifarMlflowError, Terminated
+from cifar_mlflow.errors import CifarMlflowError, RunBusy, Terminated
+
+# Exits that leave the MLflow run as it is: Ctrl-C and SIGTERM end it KILLED themselves; a run another process
+# trains is not this process's to end.
+_RUN_LEFT_ALONE = (130, 143, RunBusy.exit_code)
 
 
 class NumberOrWord(click.ParamType):
@@ -65,7 +69,9 @@ def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, 
     except click.ClickException as exc:
         return exc.exit_code, exc.format_message()
     except CifarMlflowError as exc:
-        return 1, str(exc)
+        return getattr(exc, "exit_code", 1), str(exc)
+    except OSError as exc:   # the machine, not the code: a full disk, a file too large, a folder not writable
+        return 1, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
     return 0, ""
 
 
@@ -84,7 +90,7 @@ def run_cli(command: click.Command) -> None:
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
-    if code not in (130, 143) and os.environ.get("MLFLOW_RUN_ID"):   # `mlflow run` made a run: FAILED + reason
+    if code not in _RUN_LEFT_ALONE and os.environ.get("MLFLOW_RUN_ID"):   # `mlflow run` made a run: FAILED + reason
         from cifar_mlflow import tracking   # imported only here: --help and option errors stay fast
 
         tracking.fail_run_from_env(message)

@@ -24,6 +24,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("auto", "device", "workers")
 
 
+# Registered model names as this project writes them into model URIs (models:/<name>/<version>) and MLflow's
+# search filters: MLflow itself refuses '/' and ':'; '@' would read as an alias, quotes and spaces break both.
+MODEL_NAME = (r"[A-Za-z0-9][A-Za-z0-9_.-]{0,255}",
+              "letters, digits, '_', '-' and '.', starting with a letter or digit (at most 256 characters)")
+
+
 def param(
     default: Any,
     help: str,
@@ -169,7 +175,8 @@ class TrainConfig(_Validated):
         -1, "Log a panel of fixed test images with predictions and GradCAM (layer3) every N epochs and after the "
         "last, as MLflow images (step = epoch), to watch attention form; -1 = auto (epoch 1, about 5 more, the "
         "last), 0 = off.", low=-1)
-    registered_model_name: str = param("cifar10-resnet18", "Registered model that receives a new version.")
+    registered_model_name: str = param(
+        "cifar10-resnet18", "Registered model that receives a new version.", pattern=MODEL_NAME)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,13 +7,17 @@ CHW/channels_last and normalisation happen on the device, inside the engine and 
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import math
 import os
 import pickle
+import shutil
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -77,20 +81,139 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the CIFAR-10 python layout
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles only plain containers and numpy arrays: a CIFAR batch needs nothing else, so a planted
-    payload (os.system, eval, ...) is refused instead of executed."""
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for something a CIFAR batch never holds."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    }
+
+# Plain numeric dtypes, each with the byte orders its pickled state may name. A CIFAR-10 file holds uint8 pixels
+# and a list of int labels; the other plain types are read so that read_batch can say what is wrong with them.
+_PLAIN_DTYPES = {**{name: "|" for name in ("b1", "i1", "u1")},
+                 **{f"{kind}{size}": "<>=" for kind in "iuf" for size in (2, 4, 8)}}
+
+
+class _PickledDtype:
+    """Stands in for numpy.dtype(...) while unpickling. numpy restores a dtype from a state tuple without
+    checking it (a crafted one crashes the interpreter), so the state is checked here and numpy only ever sees
+    a plain type name and a byte order."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = True) -> None:
+        if not isinstance(name, str) or name not in _PLAIN_DTYPES or align not in (0, 1) or copy not in (0, 1):
+            raise _Refused(f"refusing dtype {name!r:.40}: only plain numeric arrays are read")
+        self.name, self.dtype = name, None
+
+    def __setstate__(self, state: Any) -> None:
+        # numpy's state of a plain dtype: (3, byte order, None, None, None, -1, -1, 0), optionally + metadata None
+        plain = (isinstance(state, tuple) and len(state) in (8, 9) and state[0] == 3
+                 and isinstance(state[1], str) and len(state[1]) == 1 and state[1] in _PLAIN_DTYPES[self.name]
+                 and state[2:8] == (None, None, None, -1, -1, 0) and state[8:] in ((), (None,)))
+        if not plain:
+            raise _Refused(f"refusing a {self.name} dtype whose pickled state is not numpy's plain one")
+        self.dtype = np.dtype(self.name).newbyteorder("=" if state[1] == "|" else state[1])
+
+
+def _plain(dtype: Any) -> np.dtype:
+    if not isinstance(dtype, _PickledDtype) or dtype.dtype is None:
+        raise _Refused(f"refusing {type(dtype).__name__} where a plain dtype belongs")
+    return dtype.dtype
+
+
+class _PickledArray:
+    """Stands in for numpy's `_reconstruct(ndarray, (0,), b'b')` and `ndarray.__setstate__`: the array is built
+    with np.frombuffer from a checked (shape, plain dtype, bytes) state, never by numpy from the pickle's."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, cls: Any, shape: Any, typecode: Any) -> None:
+        if cls is not _NDARRAY or typecode not in (b"b", "b"):
+            raise _Refused("refusing an array constructor that is not numpy's plain one")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+            raise _Refused("refusing an array whose pickled state is not numpy's plain one")
+        _, shape, dtype, fortran, raw = state
+        dtype = _plain(dtype)
+        if (not isinstance(shape, tuple) or len(shape) > 2 or fortran not in (0, 1)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise _Refused(f"refusing an array of shape {shape!r:.80}")
+        size = math.prod(shape) * dtype.itemsize
+        if not isinstance(raw, bytes) or len(raw) != size:
+            raise _Refused(f"an array of shape {shape} needs {size} bytes, the file holds "
+                           f"{len(raw) if isinstance(raw, bytes) else type(raw).__name__}")
+        native = dtype.newbyteorder("=")
+        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").astype(native)
+
+
+def _scalar(dtype: Any, raw: Any) -> Any:
+    dtype = _plain(dtype)
+    if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
+        raise _Refused("refusing a numpy scalar whose bytes do not match its dtype")
+    return np.frombuffer(raw, dtype)[0].item()
+
+
+def _latin1(text: Any, encoding: Any = "utf-8") -> bytes:
+    # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(text, "latin1"); nothing else is needed.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"refusing _codecs.encode(..., {encoding!r:.20})")
+    return text.encode("latin1")
+
+
+class _Global:
+    """What a global named in the pickle resolves to: a call-only wrapper with no state to set, so that a
+    BUILD aimed at it cannot rewire the stand-ins for the rest of the process."""
+
+    __slots__ = ("_build",)
+
+    def __init__(self, build: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_build", build)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._build(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise _Refused("refusing to modify a constructor")
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Refused("refusing to modify a constructor")
+
+
+def _refuse_ndarray(*args: Any) -> None:
+    raise _Refused("refusing to call numpy.ndarray directly")
+
+
+_NDARRAY = _Global(_refuse_ndarray)
+_MULTIARRAY = ("numpy.core.multiarray", "numpy._core.multiarray")   # numpy 1.x and 2.x spellings
+_GLOBALS = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _Global(_PickledDtype),
+            ("_codecs", "encode"): _Global(_latin1),
+            **{(m, "_reconstruct"): _Global(_PickledArray) for m in _MULTIARRAY},
+            **{(m, "scalar"): _Global(_scalar) for m in _MULTIARRAY}}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers, plain numpy arrays and scalars: a CIFAR batch needs nothing else. Every
+    global the pickle names resolves to a checking stand-in above, so a planted payload (os.system, eval, ...)
+    is refused instead of executed, and numpy never restores a state the pickle crafted."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+        if (module, name) not in _GLOBALS:
+            raise _Refused(f"refusing to load {module}.{name}")
+        return _GLOBALS[module, name]
+
+
+def _materialised(value: Any) -> Any:
+    """The arrays behind the stand-ins, where a CIFAR batch keeps them (a dict value, or the items of a list)."""
+    if isinstance(value, _PickledArray):
+        return value.array
+    if isinstance(value, list):
+        return [v.array if isinstance(v, _PickledArray) else v for v in value]
+    return value
+
+
+# Everything a mutated pickle can raise while being read: one line naming the file, never a traceback.
+_UNREADABLE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+               LookupError, MemoryError, RecursionError, OverflowError)
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -100,11 +223,12 @@ def _load_pickle(path: Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             # encoding="bytes" reads the Python-2 pickles; keys may come back as bytes or str.
             obj = _ArrayUnpickler(fh, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise DataError(f"{path}: not a readable CIFAR-10 pickle ({exc or type(exc).__name__})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
+        return {k.decode("latin1") if isinstance(k, bytes) else k: _materialised(v) for k, v in obj.items()}
+    except _UNREADABLE as exc:
+        reason = str(exc)[:200] or type(exc).__name__
+        raise DataError(f"{path}: not a readable CIFAR-10 pickle ({reason})") from None
 
 
 def read_batch(path: Path) -> Split:
@@ -117,7 +241,7 @@ def read_batch(path: Path) -> Split:
         raise DataError(f"{path}: 'data' must be a (N, {IMAGE_BYTES}) uint8 array, got shape {shape} dtype {dtype}")
     try:
         labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, RecursionError):
         raise DataError(f"{path}: 'labels' must be a list of integers 0-9") from None
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {data.shape[0]} images but 'labels' has shape {labels.shape}")
@@ -130,9 +254,14 @@ def read_batch(path: Path) -> Split:
 
 def read_class_names(path: Path) -> tuple[str, ...]:
     names = _load_pickle(path).get("label_names")
-    if not isinstance(names, list) or len(names) != NUM_CLASSES:
-        raise DataError(f"{path}: 'label_names' must list {NUM_CLASSES} class names, got {names!r:.80}")
-    return tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
+    ok = isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, (bytes, str)) for n in names)
+    if not ok:   # described by type and length: repr() of a crafted, deeply nested value would itself fail
+        got = f"{type(names).__name__} of length {len(names)}" if isinstance(names, list) else type(names).__name__
+        raise DataError(f"{path}: 'label_names' must list {NUM_CLASSES} class names (strings), got a {got}")
+    try:
+        return tuple(n.decode("utf-8") if isinstance(n, bytes) else n for n in names)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: 'label_names' holds a name that is not UTF-8 text") from None
 
 
 def _concat(splits: list[Split]) -> Split:
@@ -209,8 +338,49 @@ def safe_extract(archive: Path, target: Path) -> None:
                     raise DataError(f"{archive}: refusing to extract unsafe member {m.name!r}")
             # filter="data" is the standard library's own guard (PEP 706), kept as a second line of defence.
             tar.extractall(target, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{archive}: not a valid .tar.gz archive ({exc})") from None
+    except OSError as exc:    # disk full, file size limit, permissions: the archive is fine, the target is not
+        raise DataError(f"{archive}: extracting into {target} failed ({exc.strerror or exc}); free space or "
+                        "choose another data_dir, then run again") from None
+
+
+def _writable_folder(data_dir: Path, layout: str = LAYOUT, purpose: str = "CIFAR-10 cannot be downloaded into it") -> None:
+    """data_dir exists (created if need be) as a folder this process can write into, or one line says why not."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data_dir={str(data_dir)!r} is a file, not a folder; pass the folder that holds (or "
+                        f"should receive) {layout}/")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a part of its path is a file" if isinstance(exc, (NotADirectoryError, FileExistsError)) else \
+            exc.strerror or str(exc)
+        raise DataError(f"data_dir={str(data_dir)!r}: cannot create the folder ({why})") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise _not_writable(data_dir, "permission denied", layout, purpose)
+
+
+def _not_writable(data_dir: Path, why: str, layout: str = LAYOUT,
+                  purpose: str = "CIFAR-10 cannot be downloaded into it") -> DataError:
+    return DataError(f"data_dir={str(data_dir)!r} is not writable ({why}), so {purpose}; choose a writable "
+                     f"folder, or copy {layout}/ there")
+
+
+def _extract_atomically(archive: Path, data_dir: Path) -> None:
+    """Extract into a temporary folder beside the target, then rename the layout into place: a failure part-way
+    (disk full) leaves no half-written layout for the next run to mistake for a complete one."""
+    staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=".extract-"))
+    try:
+        safe_extract(archive, staging)
+        if not (staging / LAYOUT).is_dir():
+            raise DataError(f"{archive}: archive did not contain a '{LAYOUT}' folder")
+        try:
+            os.rename(staging / LAYOUT, data_dir / LAYOUT)
+        except OSError:
+            if not (data_dir / LAYOUT).is_dir():   # else another process finished first: its copy is complete
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def download_cifar10(data_dir: Path, url: str | None = None, md5: str = CIFAR10_MD5,
@@ -220,8 +390,11 @@ def download_cifar10(data_dir: Path, url: str | None = None, md5: str = CIFAR10_
 
     url = url or os.environ.get(URL_ENV) or CIFAR10_URL
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=data_dir, suffix=".tar.gz.part")
+    _writable_folder(data_dir)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=data_dir, suffix=".tar.gz.part")
+    except OSError as exc:
+        raise _not_writable(data_dir, exc.strerror or str(exc)) from None
     tmp = Path(tmp_name)
     try:
         try:
@@ -239,11 +412,9 @@ def download_cifar10(data_dir: Path, url: str | None = None, md5: str = CIFAR10_
         got = file_digest(tmp)
         if got != md5:
             raise DataError(f"{url}: downloaded archive has MD5 {got}, expected {md5}; not extracting it")
-        safe_extract(tmp, data_dir)
+        _extract_atomically(tmp, data_dir)
     finally:
         tmp.unlink(missing_ok=True)
-    if not (data_dir / LAYOUT).is_dir():
-        raise DataError(f"{url}: archive did not contain a '{LAYOUT}' folder")
     return data_dir / LAYOUT
 
 
@@ -299,7 +470,12 @@ def write_layout(folder: Path, train: Split, test: Split, class_names: tuple[str
 
 def build_digits(root: Path) -> Path:
     """Create `root/digits-batches-py/` from scikit-learn's bundled digits (offline, about a second)."""
-    return write_layout(Path(root) / DIGITS_LAYOUT, *digits_splits(), DIGITS_CLASSES)
+    root, purpose = Path(root), "the digits set cannot be written into it"
+    _writable_folder(root, DIGITS_LAYOUT, purpose)
+    try:
+        return write_layout(root / DIGITS_LAYOUT, *digits_splits(), DIGITS_CLASSES)
+    except OSError as exc:      # disk full, quota: nothing half-written is left (write_layout)
+        raise _not_writable(root, exc.strerror or str(exc), DIGITS_LAYOUT, purpose) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,9 +544,12 @@ def load_dataset(name: str, data_dir: str | Path, max_train: int = 0, max_test: 
         raise DataError(f"dataset={name!r} is not allowed: expected one of {', '.join(layouts)}, synthetic")
     folder_name, make = layouts[name]
     root = Path(data_dir)
-    if not (root / folder_name).is_dir():
+    folder = root / folder_name
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file; the {name} python layout is a folder of that name")
+    if not folder.is_dir():
         make(root)
-    return read_layout(root / folder_name, name, max_train, max_test, test_only)
+    return read_layout(folder, name, max_train, max_test, test_only)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...]]:

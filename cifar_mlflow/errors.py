@@ -31,5 +31,16 @@ class TrackingError(CifarMlflowError):
     """The tracking server cannot be reached or refuses access; the message names its URI."""
 
 
+class RunBusy(CifarMlflowError):
+    """Another live process holds the run's lease: this one stops without touching the run (no status, no tag),
+    exiting with EX_TEMPFAIL (try again later)."""
+
+    exit_code = 75
+
+
+class StorageError(CifarMlflowError):
+    """A file could not be written (disk full, file too large, permissions); the message names where."""
+
+
 class Terminated(BaseException):
     """SIGTERM, turned into an exception so that the run is ended KILLED and the last checkpoint kept."""

@@ -8,15 +8,18 @@ On disk a model is two files: `model_config.json` (architecture, classes, normal
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from cifar_mlflow.config import NORMS
 from cifar_mlflow.errors import ModelError
 
 CONFIG_FILE = "model_config.json"
@@ -34,7 +37,7 @@ def norm_layer(norm: str) -> Callable[[int], nn.Module]:
         return partial(nn.GroupNorm, GROUPS)
     if norm == "layer":
         return partial(nn.GroupNorm, 1)
-    raise ModelError(f"norm={norm!r} is not allowed: expected one of batch, group, layer")
+    raise ModelError(f"norm={norm!r} is not allowed: expected one of {', '.join(NORMS)}")
 
 
 @dataclass(frozen=True)
@@ -99,36 +102,142 @@ def save_model_files(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "cifar-mlflow", "arch": spec.arch})
 
 
+# A config lists a handful of class names (< 1 KB): anything bigger is not ours, and is refused before parsing.
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CLASSES = 1000          # ImageNet's count; the classifier's last layer is built before the weights load
+MAX_CLASS_NAME = 200
+
+
 def read_spec(folder: Path) -> ModelSpec:
+    """model_config.json, every field checked (a tampered file is refused in one line, before anything is built)."""
     path = Path(folder) / CONFIG_FILE
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ModelError(f"{path}: {size:,} bytes is not a model config (at most {MAX_CONFIG_BYTES:,}); "
+                             "refused before parsing")
         raw = json.loads(path.read_text())
-        spec = ModelSpec(arch=raw["arch"], class_names=tuple(raw["class_names"]), mean=tuple(raw["mean"]),
-                         std=tuple(raw["std"]), norm=raw.get("norm", "batch"),
-                         format_version=int(raw.get("format_version", 0)))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ModelError(f"{path}: not a valid model config ({exc})") from None
-    if spec.format_version != FORMAT_VERSION:
-        raise ModelError(f"{path}: format_version {spec.format_version} is not supported (expected {FORMAT_VERSION})")
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: not a valid model config (a JSON object is expected)")
+    spec = ModelSpec(arch=raw.get("arch"), class_names=_class_names(raw.get("class_names"), path),
+                     mean=_channels(raw.get("mean"), "mean", path, low=0.0),
+                     std=_channels(raw.get("std"), "std", path, low=0.0, low_open=True),
+                     norm=raw.get("norm", "batch"), format_version=raw.get("format_version", 0))
+    if type(spec.format_version) is not int or spec.format_version != FORMAT_VERSION:
+        raise ModelError(f"{path}: format_version {spec.format_version!r:.40} is not supported "
+                         f"(expected {FORMAT_VERSION})")
+    for key, allowed in (("arch", tuple(_LAYERS)), ("norm", NORMS)):
+        if getattr(spec, key) not in allowed:
+            raise ModelError(f"{path}: {key} {getattr(spec, key)!r:.40} is not one of {', '.join(allowed)}")
     return spec
+
+
+def _class_names(value: object, path: Path) -> tuple[str, ...]:
+    ok = (isinstance(value, list) and 2 <= len(value) <= MAX_CLASSES
+          and all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME for n in value))
+    if not ok:
+        got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
+        raise ModelError(f"{path}: class_names must list 2 to {MAX_CLASSES} names (strings of 1-{MAX_CLASS_NAME} "
+                         f"characters), got {got}")
+    return tuple(value)
+
+
+def _channels(value: object, name: str, path: Path, low: float, low_open: bool = False) -> tuple[float, ...]:
+    """mean/std: three finite numbers in [0, 1] (fractions of 255), std above 0."""
+    ok = (isinstance(value, list) and len(value) == 3
+          and all(type(v) in (int, float) and math.isfinite(v) and v <= 1 and (v > low if low_open else v >= low)
+                  for v in value))
+    if not ok:
+        raise ModelError(f"{path}: {name} must be 3 numbers in {'(0' if low_open else '[0'}, 1], one per RGB "
+                         f"channel, got {json.dumps(value)[:60]}")
+    return tuple(float(v) for v in value)
 
 
 def load_model_files(folder: Path, device: str | torch.device = "cpu") -> tuple[CifarResNet, ModelSpec]:
     """Rebuild the model from model_config.json and load weights.safetensors into it (strictly, in eval mode).
-    Nothing is unpickled: a file that is not a valid safetensors file is refused."""
-    from safetensors import SafetensorError
+    Nothing is unpickled, and the file's tensor names and shapes are checked against the config's network before
+    any tensor is read."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     spec = read_spec(folder)
     model = build_model(spec)
     path = Path(folder) / WEIGHTS_FILE
     try:
-        state = load_file(str(path), device=str(device))
-        model.load_state_dict(state, strict=True)
+        with safe_open(str(path), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        _check_shapes(shapes, model, spec, path)
+        model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
     except (SafetensorError, OSError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: not loadable weights for {spec.arch} ({first_line})") from None
     return model.to(device).eval(), spec
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], model: nn.Module, spec: ModelSpec, path: Path) -> None:
+    """One line naming the first tensor that does not fit the network model_config.json describes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    net = f"{CONFIG_FILE}'s network ({spec.num_classes} classes, {spec.norm} norm)"
+    problems = [f"it lacks {k}, which {net} needs" for k in expected if k not in shapes]
+    problems += [f"it holds {k!r:.80}, which {net} does not have" for k in shapes if k not in expected]
+    problems += [f"{k} has shape {shapes[k]}; {net} needs {v}" for k, v in expected.items()
+                 if k in shapes and shapes[k] != v]
+    if problems:
+        raise ModelError(f"{path}: not loadable weights for {spec.arch} ({problems[0]})")
+
+
+# A served request of more images is refused before any of it is converted or computed: 1024 images are ~60 MB of
+# JSON and ~10 s of CPU; larger batches belong in-process (mlflow.pyfunc.load_model has no such limit).
+MAX_REQUEST_IMAGES = 1024
+IMAGE_SHAPE = (3, 32, 32)
+_INPUT = "float32 images (N, 3, 32, 32) with values in [0, 1] (pixel / 255)"
+
+
+def as_images(value: object, max_images: int | None = None) -> np.ndarray:
+    """Model input checked and converted: float32 (N, 3, 32, 32), finite, in [0, 1]. `value` is an array
+    (in-process) or nested lists as JSON parsed them (served: `max_images` caps the request); anything else is a
+    ModelError naming what is wrong."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind != "f":
+            raise ModelError(f"input of dtype {value.dtype} is not allowed: expected {_INPUT}")
+        x = value
+    elif isinstance(value, list):
+        if max_images is not None and len(value) > max_images:
+            raise ModelError(f"a request of {len(value)} images is too large: at most {max_images} per request "
+                             "(send several, or predict in-process with mlflow.pyfunc.load_model)")
+        x = _json_numbers(value)
+    else:
+        raise ModelError(f"input of type {type(value).__name__} is not allowed: expected {_INPUT}")
+    if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
+        raise ModelError(f"input of shape {x.shape} is not allowed: expected {_INPUT}")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise ModelError(f"input holds {int(bad.sum())} NaN or infinite values: expected {_INPUT}")
+    outside = (x < 0) | (x > 1)
+    if outside.any():
+        raise ModelError(f"input holds {int(outside.sum())} values outside [0, 1], e.g. {x[outside][0]:g}: expected "
+                         f"{_INPUT}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _json_numbers(value: list) -> np.ndarray:
+    """Nested lists -> float64 array, refusing what JSON would carry but is not a pixel value: booleans, strings,
+    null, objects. Integers pass (JSON has one number type: a JavaScript client sends 0.0 as 0); the range check
+    refuses 0-255 pixel values."""
+    try:
+        cells = np.array(value, dtype=object)
+    except ValueError as exc:      # ragged beyond what an object array can hold
+        raise ModelError(f"input is not a regular nested list ({exc}): expected {_INPUT}") from None
+    if cells.ndim != 4 or cells.shape[1:] != IMAGE_SHAPE:
+        raise ModelError(f"input of shape {cells.shape} is not allowed: expected {_INPUT}")
+    kinds = set(map(type, cells.flat))
+    if not kinds <= {float, int}:
+        names = {bool: "booleans", str: "strings", type(None): "nulls", list: "ragged lists", dict: "objects"}
+        found = ", ".join(sorted(names.get(k, k.__name__) for k in kinds - {float, int}))
+        raise ModelError(f"input holds {found}, which are not pixel values: expected {_INPUT}")
+    return cells.astype(np.float64)
 
 
 def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cifar_mlflow import lr_finder, tracking
+from cifar_mlflow import analysis, lr_finder, models, tracking
 from cifar_mlflow.config import PipelineConfig
 
 SUGGESTED = "lr_find/suggested_lr"
@@ -29,6 +29,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
     # Steps run in the project's folder: a relative data_dir must mean the same folder as for this process.
     absolute = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
     sweep, train, analyze = absolute.steps()     # every step's parameters validated before anything runs
+    # the analysis step's layers too, on the network training will build (not after an hour of training)
+    blank = models.ModelSpec(train.arch, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, train.norm)
+    analysis.resolve_layers(models.build_model(blank), analyze.target_layers)
     tracking.project_dir()
     with tracking.open_run() as parent:
         tracking.log_params(cfg.to_params())

@@ -58,55 +58,73 @@ def _follow(cfg: TrainConfig, ctx: distributed.Context) -> None:
 
 def _lead(cfg: TrainConfig, ctx: distributed.Context | None) -> TrainOutcome | None:
     tracking.check_tracking_server()          # seconds, not a wasted run, if the server is down
-    p = prepare(cfg, cfg.max_test_samples, ctx)   # everything that can fail on bad input, before the run opens
-    shards = distributed.gather_objects(_epoch1_indices(p.train_loader), ctx.world) if ctx else None
-    with tracking.open_run() as run:
-        run_id = run.info.run_id
-        # On a resumed run (mlflow run --run-id) this also refuses parameters that differ from the logged ones.
-        tracking.log_params({**cfg.to_params(), **p.derived_params(),
-                             **{f"env/{k}_version": v for k, v in tracking.versions().items()}})
-        resume = tracking.load_latest_checkpoint(run_id)
-        if resume is None:
-            _log_run_inputs(p, shards)
-        elif "registered_model_version" in run.data.tags:
-            print(f"run {run_id} already finished all {resume['epoch']} epochs and registered "
-                  f"version {run.data.tags['registered_model_version']}; nothing to resume")
-            _share(ctx, {"done": True})
-            return None
-        else:
-            tracking.backfill_epochs(run_id, resume["history"])
-            tracking.set_tags({"resumed_from_epoch": str(resume["epoch"])})
-            print(f"resuming run {run_id} after epoch {resume['epoch']} of {cfg.epochs}")
-        _share(ctx, {"done": False, "resume": resume})
-        if cfg.lr == "auto":
-            cfg = _resolve_auto_lr(cfg, p, run.data.params.get("lr/resolved"))
-        _share(ctx, cfg.lr)
+    # A run `mlflow run` named is leased to this process before any work: a second process resuming the same
+    # run stops here, without touching it.
+    with tracking.RunLease() as held:
+        p = prepare(cfg, cfg.max_test_samples, ctx)   # everything that can fail on bad input, before the run opens
+        shards = distributed.gather_objects(_epoch1_indices(p.train_loader), ctx.world) if ctx else None
+        with tracking.open_run(held) as run:
+            return _train_in_run(cfg, ctx, p, shards, run, held)
 
-        reporter = tracking.EpochReporter(run_id)
-        try:
-            result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision,
-                                on_epoch_end=with_panels(reporter, cfg, p.model, p.dataset), resume=resume,
-                                ctx=ctx)
-            trained_at = time.time()
-            data.shutdown_workers(p.train_loader)    # no further training batches: free the cores and memory
-            # while the last epoch is still being reported
-            tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
-        finally:
-            reporter.close()    # the last finished epoch's checkpoint lands even if training was interrupted
-        final = {"test/accuracy_tta": tta}
-        if result.first_step_at is not None:   # from process start: imports, data, model, run set-up
-            final["perf/seconds_to_first_step"] = result.first_step_at - _process_start()
-        tracking.log_epoch(cfg.epochs, final)
-        tracking.log_figure(plots.training_curves(result.history), "curves.png")
-        tracking.log_figure(plots.lr_schedule_figure(result.lr_steps, len(p.train_loader)), "lr_schedule.png")
 
-        example = p.dataset.test.images[:2].transpose(0, 3, 1, 2).astype("float32") / 255.0
-        version = tracking.log_and_register_model(
-            p.model, p.spec, example, cfg.registered_model_name, result.final["test/accuracy"], cfg.epochs)
-        # what a user waits for after the last epoch: TTA, figures, model logging and registration
-        tracking.log_metrics({"perf/seconds_after_last_epoch": time.time() - trained_at})
-        _print_summary({**result.final, "test/accuracy_tta": tta}, version, tracking.run_url(run))
-        return TrainOutcome(run_id, result.final, version)
+def _train_in_run(cfg: TrainConfig, ctx: distributed.Context | None, p, shards, run,
+                  held: tracking.RunLease) -> TrainOutcome | None:
+    run_id = run.info.run_id
+    # On a resumed run (mlflow run --run-id) this also refuses parameters that differ from the logged ones.
+    tracking.log_params({**cfg.to_params(), **p.derived_params(),
+                         **{f"env/{k}_version": v for k, v in tracking.versions().items()}})
+    resume = tracking.load_latest_checkpoint(run_id)
+    tagged = run.data.tags.get("registered_model_version")
+    # Killed after registering but before tagging the run: the version exists, and is the run's result.
+    registered = not tagged and resume is not None and resume["epoch"] >= cfg.epochs and \
+        tracking.version_of_run(cfg.registered_model_name, run_id)
+    if resume is None:
+        _log_run_inputs(p, shards)
+    elif tagged or registered:
+        version = tagged or tracking.finish_registration(cfg.registered_model_name, run_id).version
+        print(f"run {run_id} already finished all {resume['epoch']} epochs and registered version {version}; "
+              "nothing to resume")
+        _share(ctx, {"done": True})
+        return None
+    else:
+        tracking.backfill_epochs(run_id, resume["history"])
+        tracking.set_tags({"resumed_from_epoch": str(resume["epoch"])})
+        print(f"resuming run {run_id} after epoch {resume['epoch']} of {cfg.epochs}")
+    _share(ctx, {"done": False, "resume": resume})
+    if cfg.lr == "auto":
+        cfg = _resolve_auto_lr(cfg, p, run.data.params.get("lr/resolved"))
+    _share(ctx, cfg.lr)
+    return _fit_and_register(cfg, ctx, p, run, held, resume)
+
+
+def _fit_and_register(cfg: TrainConfig, ctx: distributed.Context | None, p, run, held: tracking.RunLease,
+                      resume: dict | None) -> TrainOutcome:
+    run_id = run.info.run_id
+    # epochs whose metrics the run holds (a resume from the other slot trains one of them again): logged once
+    reporter = tracking.EpochReporter(run_id, held, tracking.logged_through(run_id) if resume else 0)
+    try:
+        result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision,
+                            on_epoch_end=with_panels(reporter, cfg, p.model, p.dataset), resume=resume, ctx=ctx)
+        trained_at = time.time()
+        data.shutdown_workers(p.train_loader)    # no further training batches: free the cores and memory
+        # while the last epoch is still being reported
+        tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
+    finally:
+        reporter.close()    # the last finished epoch's checkpoint lands even if training was interrupted
+    final = {"test/accuracy_tta": tta}
+    if result.first_step_at is not None:   # from process start: imports, data, model, run set-up
+        final["perf/seconds_to_first_step"] = result.first_step_at - _process_start()
+    tracking.log_epoch(cfg.epochs, final, once=resume is not None)
+    tracking.log_figure(plots.training_curves(result.history), "curves.png")
+    tracking.log_figure(plots.lr_schedule_figure(result.lr_steps, len(p.train_loader)), "lr_schedule.png")
+
+    example = p.dataset.test.images[:2].transpose(0, 3, 1, 2).astype("float32") / 255.0
+    version = tracking.log_and_register_model(
+        p.model, p.spec, example, cfg.registered_model_name, result.final["test/accuracy"], cfg.epochs)
+    # what a user waits for after the last epoch: TTA, figures, model logging and registration
+    tracking.log_metrics({"perf/seconds_after_last_epoch": time.time() - trained_at})
+    _print_summary({**result.final, "test/accuracy_tta": tta}, version, tracking.run_url(run))
+    return TrainOutcome(run_id, result.final, version)
 
 
 def with_panels(reporter: tracking.EpochReporter, cfg: TrainConfig, model: torch.nn.Module,

@@ -49,7 +49,8 @@ def test_int_is_accepted_for_float_fields():
     ({"epochs": True}, "epochs=True is not allowed"),
     ({"epochs": 2.5}, "epochs=2.5 is not allowed"),
     ({"num_workers": -2}, "num_workers=-2 is not allowed: expected an integer >= -1"),
-    ({"registered_model_name": " "}, "registered_model_name=' ' is not allowed: expected a non-empty string"),
+    ({"registered_model_name": " "}, "registered_model_name=' ' is not allowed: expected letters, digits, '_', '-' "
+                                     "and '.', starting with a letter or digit (at most 256 characters)"),
 ])
 def test_bad_values_get_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError) as err:

@@ -228,9 +228,17 @@ def test_an_interrupted_digits_build_leaves_nothing_behind(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(data, "write_meta", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DataError, match=r"is not writable \(No space left on device\), so the digits set cannot "
+                                        r"be written into it; choose a writable folder"):
         data.load_dataset("digits", tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_digits_into_a_data_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DataError, match=r"is a file, not a folder; pass the folder that holds \(or should receive\) "
+                                        r"digits-batches-py/"):
+        data.load_dataset("digits", tmp_path / "f")
 
 
 def test_digits_are_real_images_not_a_toy(digits_root):

@@ -98,10 +98,11 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture
-def served_model(trained, tmp_path):
+@pytest.fixture(scope="module")
+def served_model(trained, tmp_path_factory):
     """The champion served on 127.0.0.1 by the MLflow CLI, the registry read from the store: its base URL."""
     port = free_port()
+    tmp_path = tmp_path_factory.mktemp("serve")
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION_URI, "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
@@ -159,8 +160,57 @@ def test_served_champion_answers_like_the_model_in_process(trained, served_model
     status, body = _post(f"{served_model}/invocations", json.dumps({"inputs": x[:, :, :16].tolist()}).encode())
     assert status == 400, (status, body)
     assert body["error_code"] == "INVALID_PARAMETER_VALUE", body
-    assert "Shape of input (4, 3, 16, 32) does not match expected shape (-1, 3, 32, 32)" in body["message"], \
+    assert body["message"].endswith(f"input of shape (4, 3, 16, 32) is not allowed: {EXPECTED_INPUT}"), \
         body["message"][-500:]
+
+
+EXPECTED_INPUT = "expected float32 images (N, 3, 32, 32) with values in [0, 1] (pixel / 255)"
+
+
+def _image_with(value) -> list:
+    """One image of 0.5s, the first pixel replaced by `value` (any JSON value)."""
+    image = np.full((1, 3, 32, 32), 0.5).tolist()
+    image[0][0][0][0] = value
+    return image
+
+
+@pytest.mark.parametrize("body, reason", [
+    ('{"inputs": %s}' % json.dumps(_image_with(0.5)).replace("0.5", "NaN", 1),
+     "input holds 1 NaN or infinite values"),
+    ('{"inputs": %s}' % json.dumps(_image_with(0.5)).replace("0.5", "Infinity", 1),
+     "input holds 1 NaN or infinite values"),
+    (json.dumps({"inputs": _image_with(None)}), "input holds nulls, which are not pixel values"),
+    (json.dumps({"inputs": _image_with(True)}), "input holds booleans, which are not pixel values"),
+    (json.dumps({"inputs": _image_with("0.5")}), "input holds strings, which are not pixel values"),
+    (json.dumps({"inputs": _image_with(255)}), "input holds 1 values outside [0, 1], e.g. 255"),
+    (json.dumps({"inputs": _image_with(-0.1)}), "input holds 1 values outside [0, 1], e.g. -0.1"),
+], ids=["nan", "infinity", "null", "bool", "string", "int-255", "negative"])
+def test_served_model_refuses_values_that_are_not_pixels(served_model, body, reason):
+    """Issue 15: NaN/Inf/null used to answer 200 with NaN rows (not even valid JSON); out-of-range values, ints,
+    bools and "0.5" were accepted silently. Each is now HTTP 400 with the reason (integers 0 and 1 are fine:
+    JSON has one number type)."""
+    status, answer = _post(f"{served_model}/invocations", body.encode())
+    assert status == 400, (status, answer)
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert answer["message"].endswith(f"{reason}: {EXPECTED_INPUT}"), answer["message"][-500:]
+    assert len(answer["message"]) < 500, "the refusal repeats the request"
+
+
+def test_served_model_refuses_an_oversized_request_before_computing(served_model):
+    """Issue 15: a 250 MB request answered 504 after 60 s while the worker computed for 90 s more. More than
+    models.MAX_REQUEST_IMAGES images are refused once parsed, before any conversion or computation."""
+    from cifar_mlflow.models import MAX_REQUEST_IMAGES
+
+    n = MAX_REQUEST_IMAGES + 1
+    body = ('{"inputs": [' + ",".join([json.dumps(np.zeros((3, 32, 32), int).tolist())] * n) + "]}").encode()
+    start = time.time()
+    status, answer = _post(f"{served_model}/invocations", body)
+    assert status == 400, (status, str(answer)[:500])
+    assert answer["message"].endswith(f"a request of {n} images is too large: at most {MAX_REQUEST_IMAGES} per "
+                                      "request (send several, or predict in-process with mlflow.pyfunc.load_model)")
+    assert time.time() - start < 30
+    ok, answer = _post(f"{served_model}/invocations", json.dumps({"inputs": _image_with(0)}).encode())
+    assert ok == 200 and len(answer["predictions"]) == 1, "the server is still answering"
 
 
 # ---------------------------------------------------------------------------------------------------------------
