@@ -46,6 +46,25 @@ def test_every_input_pixel_reaches_the_logits_at_initialisation():
     assert _pixels_on_a_path_to_the_logits(model) == 121
 
 
+def test_convolutions_have_pytorchs_default_scale_not_hes():
+    """Each conv feeds a BatchNorm, so |w|^2 sets its effective step lr/|w|^2: PyTorch's default init (variance
+    1/(3 fan_in)), as the notebooks have it. torchvision's He fan_out normal (2/fan_out) is ~6x larger for every
+    conv but the 3-channel stem."""
+    import statistics
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    convs = [m for m in models.build_model(SPEC).modules() if isinstance(m, nn.Conv2d)]
+    ratios = []
+    for conv in convs:
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.var().item() == pytest.approx(1 / (3 * fan_in), rel=0.25)
+        fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+        ratios.append((2 / fan_out) / (1 / (3 * fan_in)))
+    assert statistics.median(ratios) == pytest.approx(6.0, rel=0.02)
+
+
 def test_resnet34_parameter_count():
     assert models.num_parameters(models.build_model(models.ModelSpec("resnet34", CLASSES, (0,) * 3, (1,) * 3))) \
         == 21_282_122
