@@ -47,9 +47,12 @@ SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
 # same reader as CIFAR-10.
 DIGITS_LAYOUT = "digits-batches-py"
 DIGITS_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# The last 300 images in scikit-learn's own order are the test split (27-33 per class): no random draw, so the
-# split is the same everywhere, and since the set is ordered by writer, mostly unseen hands are tested.
-DIGITS_TEST = 300
+# Test split: 30 images of each class drawn with a fixed seed (300 in all, the rest train), so the split is the
+# same everywhere and both splits mix all 13 writers. (Scikit-learn's order groups writers: its last 300 images
+# are mostly hands the first 1,497 lack, a test of those few writers on which even an RBF SVM reaches only 0.95,
+# against 0.99 on a stratified split; benchmarks/RESULTS.md.)
+DIGITS_TEST_PER_CLASS = 30
+DIGITS_SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -427,7 +430,8 @@ DIGITS_SCALE = 4   # 8x8 -> 32x32, the input size of every model here
 def digits_splits() -> tuple[Split, Split]:
     """scikit-learn's handwritten digits as 32x32 RGB uint8: ink counts 0-16 scaled to 0-255, upscaled 4x
     bilinearly (smooth strokes, as a photographed digit would have, rather than 4x4 blocks), grey in all three
-    channels. Train = the first 1,497 in scikit-learn's order, test = the last 300."""
+    channels. Test = 30 images per class drawn with a fixed seed, train = the other 1,497; both keep
+    scikit-learn's order."""
     import cv2
     from sklearn.datasets import load_digits
 
@@ -438,8 +442,17 @@ def digits_splits() -> tuple[Split, Split]:
     grey = np.clip(np.rint(big), 0, 255).astype(np.uint8)
     images = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=3))
     labels = digits.target.astype(np.int64)
-    cut = len(labels) - DIGITS_TEST
-    return Split(images[:cut], labels[:cut]), Split(images[cut:], labels[cut:])
+    is_test = digits_test_mask(labels)
+    return Split(images[~is_test], labels[~is_test]), Split(images[is_test], labels[is_test])
+
+
+def digits_test_mask(labels: np.ndarray) -> np.ndarray:
+    """Which of scikit-learn's digits are in the test split: 30 per class, drawn with a fixed seed."""
+    rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+    is_test = np.zeros(len(labels), bool)
+    for c in range(NUM_CLASSES):
+        is_test[rng.choice(np.flatnonzero(labels == c), DIGITS_TEST_PER_CLASS, replace=False)] = True
+    return is_test
 
 
 def write_layout(folder: Path, train: Split, test: Split, class_names: tuple[str, ...]) -> Path:
