@@ -85,7 +85,9 @@ def test_torchrun_two_processes_one_run_reduced_metrics_disjoint_shards(store, c
     got = engine.evaluate(net.to(memory_format=torch.channels_last), loader, torch.device("cpu"),
                           p["env/precision"])
     assert got["test/accuracy"] == pytest.approx(m["test/accuracy"], abs=1 / 100)
-    assert got["test/loss"] == pytest.approx(m["test/loss"], abs=1e-3)
+    # relative: after 8 steps the eval-mode BN statistics are far from settled and the loss can be 1e4+,
+    # where float32 sums in another order differ in the 7th digit
+    assert got["test/loss"] == pytest.approx(m["test/loss"], rel=1e-5, abs=1e-3)
     assert "training finished" in out and out.count("registered models:/cifar10-resnet18/1") == 1
 
 
