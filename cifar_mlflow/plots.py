@@ -115,7 +115,7 @@ def lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Se
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
     ax.plot(lrs, losses, color="0.75", linewidth=1, label="loss")
-    ax.plot(lrs, smoothed, color="tab:blue", label="smoothed loss")
+    ax.plot(lrs, smoothed, color="tab:blue", label="smoothed loss (centred linear fit)")
     ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested lr {suggested:.3g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")

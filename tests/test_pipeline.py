@@ -10,7 +10,7 @@ from entrypoints.pipeline import pipeline
 from tests.conftest import cli_args, mlflow_run
 
 PIPELINE = {"epochs": 1, "batch_size": 32, "num_workers": 0, "max_train_samples": 128, "max_test_samples": 64,
-            "num_iter": 12, "num_images": 4, "target_layers": "layer4"}
+            "num_iter": 20, "num_images": 4, "target_layers": "layer4"}
 STEPS = ("lr_find", "main", "analyze")
 
 
@@ -38,7 +38,7 @@ def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, cap
     suggested = children["lr_find"].data.metrics["lr_find/suggested_lr"]
     lr = lr_finder.clamp_lr(suggested, "sgd")
     assert float(children["main"].data.params["lr"]) == pytest.approx(lr, rel=1e-12)
-    assert children["main"].data.params["epochs"] == "1" and children["lr_find"].data.params["num_iter"] == "12"
+    assert children["main"].data.params["epochs"] == "1" and children["lr_find"].data.params["num_iter"] == "20"
     assert children["analyze"].data.params["model_uri"] == "models:/cifar10-resnet18/1"
     assert children["analyze"].data.params["target_layers"] == "layer4"
     assert children["analyze"].data.tags["model_version"] == "1"
