@@ -25,7 +25,7 @@ import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 
@@ -203,8 +203,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             if args.ablation
             else [("notebook-style loop", None), ("project (defaults)", Variant("project"))])
         jobs = [(name, variant, seed, args) for name, variant in contenders for seed in args.seeds]
+        done = []
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            done = list(pool.map(_one, jobs))
+            for future in as_completed([pool.submit(_one, job) for job in jobs]):
+                done.append(future.result())
+                name, seed, acc, secs = done[-1]     # progress: runs take minutes each on a CPU
+                print(f"{name}, seed {seed}: test accuracy by epoch {' '.join(f'{a:.3f}' for a in acc)} "
+                      f"({secs:.0f} s)", flush=True)
     results: dict[str, dict[int, list[float]]] = {}
     seconds: dict[str, float] = {}
     for name, seed, acc, secs in done:

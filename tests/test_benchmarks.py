@@ -9,7 +9,7 @@ import sys
 import mlflow
 import pytest
 
-from benchmarks import bench_cuda, bench_startup, bench_train
+from benchmarks import bench_accuracy, bench_cuda, bench_startup, bench_train
 from tests.conftest import REPO
 
 
@@ -18,6 +18,21 @@ def test_cuda_benchmark_runs_on_cpu(capsys):
                            "--no-compile"])
     assert out["total_s"] > 0 and 0 <= out["final_accuracy"] <= 1
     assert "total training time" in capsys.readouterr().out
+
+
+def test_accuracy_benchmark_runs_both_contenders_and_the_ablation(tmp_path, capsys):
+    """Tiny sizes: this shows the script runs both sides on the same real files and reports them; what they
+    learn at full size is in RESULTS.md (tests/test_learning.py checks the recipe learns)."""
+    tiny = ["--seeds", "0", "--epochs", "1", "--max-train", "64", "--max-test", "32", "--batch-size", "32",
+            "--jobs", "1", "--data-dir", str(tmp_path), "--json", str(tmp_path / "acc.json")]
+    out = bench_accuracy.main(tiny)
+    assert set(out) == {"notebook-style loop", "project (defaults)"}
+    assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in out.values())
+    assert json.loads((tmp_path / "acc.json").read_text()).keys() == out.keys()
+    printed = capsys.readouterr().out
+    assert "digits, 1 epochs, batch 32, peak lr 0.05, seeds [0]" in printed and "median by epoch" in printed
+    ablation = bench_accuracy.main([*tiny[:-2], "--ablation", "--variants", "0", "6"])
+    assert set(ablation) == {bench_accuracy.ABLATION[0].name, bench_accuracy.ABLATION[6].name}
 
 
 def test_train_benchmark_reports_every_ratio(capsys):
