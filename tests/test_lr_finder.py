@@ -99,8 +99,10 @@ def test_on_a_recorded_real_curve_the_suggestion_is_where_sgd_learns_unlike_two_
     # fastai's valley is a decade more cautious (1.1e-3: inside the long slow fall); ours is at the steep part
     valley = fastai_valley_rule(lrs, losses)
     assert valley == pytest.approx(1.15e-3, rel=0.01) and ours > 10 * valley
-    # the previous rule happens to be right on this curve (the network's current init); see the next test
+    # the previous rule happens to be right on this curve (recorded with the network's current init); with the
+    # earlier init it suggested 1.52e-5, which is exactly its first allowed point, lrs[3]: noise read as descent
     assert previous_rule(lrs, losses) == pytest.approx(ours, rel=0.25)
+    assert lrs[3] == pytest.approx(1.52e-5, rel=0.01)
 
 
 def test_clamp_to_the_optimiser_safe_range():
