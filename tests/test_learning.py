@@ -33,7 +33,7 @@ def digits_dir(tmp_path_factory):
 def _train(store, digits_dir, **params):
     args = [x for k, v in {**SETTINGS, "data_dir": digits_dir, **params}.items() for x in (f"--{k}", str(v))]
     proc = subprocess.run([sys.executable, "-m", "entrypoints.train", *args], cwd=REPO, env=store.env(),
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(store.uri)
     (run,) = client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
