@@ -599,7 +599,7 @@ def test_parameters_mlflow_run_logged_differently_are_not_called_a_resume(store,
 
 
 _PIPELINE = {"epochs": 1, "batch_size": 32, "num_workers": 0, "max_train_samples": 64, "max_test_samples": 32,
-             "num_iter": 12, "num_images": 2, "target_layers": "layer4", "dataset": "synthetic",
+             "num_iter": 20, "num_images": 2, "target_layers": "layer4", "dataset": "synthetic",
              "registered_model_name": "spaced", "reuse": "false"}
 
 
