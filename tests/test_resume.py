@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifar_mlflow import tracking
+from cifar_mlflow import lease, tracking
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ModelError
 from entrypoints.train import train
@@ -29,18 +29,35 @@ def store(tmp_path_factory):
 
 
 def _wait_for_epoch(client, run_id_holder, epoch, proc, timeout=180):
-    """Poll until some run has `test/accuracy` for `epoch` (metrics land after that epoch's checkpoint)."""
+    """Poll until the run `proc` trains has `test/accuracy` for `epoch` (metrics land after that epoch's
+    checkpoint). Runs that exist already are not it (one an earlier test left RUNNING must not be signalled for)."""
     exp = client.get_experiment_by_name("tests").experiment_id
+    earlier = {r.info.run_id for r in client.search_runs([exp])}
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, "training ended before it could be killed"
         for run in client.search_runs([exp], "attributes.status = 'RUNNING'"):
+            if run.info.run_id in earlier:
+                continue
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")]
             if epoch in steps:
                 run_id_holder.append(run.info.run_id)
                 return
         time.sleep(0.1)
     raise AssertionError(f"epoch {epoch} never finished")
+
+
+def _wait_until_its_trainer_is_gone(client, run_id, timeout=60):
+    """SIGKILL is sent, not done: a process with a GB of memory, on a loaded machine, takes a moment to exit, and
+    until it has, its lease holds (a resume then is refused with exit 75, "try again later", as it should be)."""
+    deadline = time.time() + timeout
+    while True:
+        run = client.get_run(run_id)
+        _, holder = lease.latest(run.data.params, run.data.tags)
+        if holder is None or not holder.alive(time.time()):
+            return
+        assert time.time() < deadline, f"the killed trainer {holder.pid} still runs {timeout} s after SIGKILL"
+        time.sleep(0.2)
 
 
 def _weights(version):
@@ -60,6 +77,7 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
         os.killpg(proc.pid, signal.SIGKILL)      # the whole process group: mlflow CLI and the trainer
         proc.wait()
     run_id = holder[0]
+    _wait_until_its_trainer_is_gone(client, run_id)
     killed = client.get_run(run_id)
     assert killed.info.status == "RUNNING"       # nobody could say otherwise: that is what a crash leaves
     assert [m.step for m in client.get_metric_history(run_id, "test/accuracy")] in ([1, 2], [1, 2, 3])
