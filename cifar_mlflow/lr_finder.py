@@ -72,7 +72,10 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
     (module doc). losses: the raw per-step losses."""
     if len(lrs) < MIN_POINTS or len(lrs) != len(losses):
         raise ValueError(f"need at least {MIN_POINTS} points of (lr, loss) to suggest an LR, got {len(lrs)}")
-    level, slope = centred_fit(lrs, losses)
+    return _steepest_before_minimum(lrs, *centred_fit(lrs, losses))
+
+
+def _steepest_before_minimum(lrs: Sequence[float], level: np.ndarray, slope: np.ndarray) -> float:
     start = max(1, int(SKIP * len(lrs)))
     if not np.isfinite(level[start:]).any():
         raise ValueError("the range test recorded no finite loss to suggest an LR from")
@@ -132,8 +135,8 @@ def range_test(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
     if len(lrs) < MIN_POINTS:
         raise ConfigError(f"start_lr={start_lr!r} is not allowed: the loss diverged after {len(lrs)} steps of the "
                           "range test; expected a start_lr below any useful LR (e.g. 1e-5)")
-    level, _ = centred_fit(lrs, losses)
-    return RangeTestResult(lrs, losses, level.tolist(), suggest_lr(lrs, losses), diverged)
+    level, slope = centred_fit(lrs, losses)
+    return RangeTestResult(lrs, losses, level.tolist(), _steepest_before_minimum(lrs, level, slope), diverged)
 
 
 # Clamp for `lr=auto`: a range test on a few hundred images can point anywhere; these bounds keep a one-cycle
