@@ -213,9 +213,11 @@ class MlflowServer:
 
 # Slowest modules first: with files spread over two xdist workers (`-n 2 --dist loadfile`, which keeps each
 # module's module-scoped servers and runs on one worker), a long module started last leaves one worker idle at the
-# end. Everything else keeps its order (the sort is stable).
-SLOW_FIRST = ("test_hostile_input_2.py", "test_pipeline.py", "test_user_facing.py", "test_team_server.py",
-              "test_server.py", "test_resume.py", "test_distributed.py", "test_analyze_e2e.py", "test_e2e.py",
+# end. Everything else keeps its order (the sort is stable). xdist would reorder files by their number of tests
+# (most first), which put the two one-test learning files, the longest of all, last and on one worker: pyproject's
+# addopts turn that off (--no-loadscope-reorder).
+SLOW_FIRST = ("test_learning_lr_auto.py", "test_learning.py", "test_hostile_input_2.py", "test_pipeline.py",
+              "test_user_facing.py", "test_team_server.py", "test_server.py", "test_resume.py", "test_distributed.py", "test_analyze_e2e.py", "test_e2e.py",
               "test_options_e2e.py", "test_benchmarks.py")
 
 
