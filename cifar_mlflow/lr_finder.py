@@ -59,7 +59,9 @@ def centred_fit(lrs: Sequence[float], losses: Sequence[float], window: float = W
     y = np.asarray(losses, np.float64)
     level, slope = np.full(len(x), np.nan), np.full(len(x), np.nan)
     ok = np.isfinite(y)
-    half = max(window / 2, 2.0 * float(np.median(np.diff(x))) if len(x) > 1 else 0.0) * (1 + 1e-9)
+    # a sparse sweep: two steps either side. 2.5 steps, not 2 plus a hair: an LR read back from a logged table
+    # (curve.json keeps 10 decimals, ~5 digits of 1e-5) must fall on the same side of the edge as the exact one
+    half = max(window / 2 * (1 + 1e-9), 2.5 * float(np.median(np.diff(x))) if len(x) > 1 else 0.0)
     for i, xi in enumerate(x):
         near = ok & (np.abs(x - xi) <= half)
         if near.sum() >= 3 and np.ptp(x[near]) > 0:

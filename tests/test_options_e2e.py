@@ -9,6 +9,7 @@ import math
 import pytest
 from mlflow import MlflowClient
 
+from cifar_mlflow import lr_finder
 from cifar_mlflow.tracking import load_torch_model
 from cifar_mlflow.cli import invoke
 from entrypoints.lr_find import lr_find
@@ -96,6 +97,9 @@ def test_cyclic_flip_cutout_with_auto_lr(store, cifar_root):
     assert arts == {"lr_find/curve.png", "lr_find/curve.json"}
     table = json.loads(_artifact_text(client, run, "lr_find/curve.json", store))
     assert table["columns"] == ["lr", "loss", "smoothed_loss"] and len(table["data"]) >= 6
+    # the logged curve is enough to check the suggestion: read back (10 decimals), it gives the same LR
+    lrs, losses = [row[0] for row in table["data"]], [row[1] for row in table["data"]]
+    assert lr_finder.suggest_lr(lrs, losses) == pytest.approx(suggested, rel=1e-4)
     assert "Cutout(" in _artifact_text(client, run, "augmentations.txt", store)
 
 
