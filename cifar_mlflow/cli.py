@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
 from typing import Any, Callable
 
 import click
 
+from cifar_mlflow import stop
 from cifar_mlflow.config import allowed, field_type
 from cifar_mlflow.errors import CifarMlflowError, RunBusy, Terminated
 
@@ -75,14 +75,11 @@ def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, 
     return 0, ""
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
 def run_cli(command: click.Command) -> None:
     """Run a click command as a program: user errors become one line on stderr, the MLflow run (if `mlflow run`
-    made one) is ended FAILED with the reason, and the exit code is non-zero. SIGTERM ends the run KILLED."""
-    signal.signal(signal.SIGTERM, _terminate)
+    made one) is ended FAILED with the reason, and the exit code is non-zero. Ctrl-C and SIGTERM end the run
+    KILLED, stopping training between two steps (cifar_mlflow.stop)."""
+    stop.install()
     code, message = invoke(command)
     if code:
         _fail(message, code)

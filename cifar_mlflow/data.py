@@ -673,9 +673,11 @@ def _worker_init(_: int) -> None:
 
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
-    # A forked worker inherits the entry point's SIGTERM handler, which raises in the main thread to end the
-    # MLflow run KILLED; a worker has no run to end, so SIGTERM (torch's terminate() at shutdown) just stops it.
+    # A forked worker inherits the entry point's SIGINT/SIGTERM handlers (cifar_mlflow.stop), there to end the
+    # MLflow run KILLED; a worker has no run to end: SIGTERM (torch's terminate() at shutdown) just stops it, and
+    # Ctrl-C gets Python's KeyboardInterrupt, which torch's worker loop expects.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def shutdown_workers(loader: Any) -> None:

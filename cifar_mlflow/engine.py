@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_mlflow import checkpoint, distributed
+from cifar_mlflow import checkpoint, distributed, stop
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import TrainingDiverged
 
@@ -151,11 +151,14 @@ def to_device_images(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
-def _progress(loader: Any, desc: str) -> Any:
+def _progress(loader: Any, desc: str) -> Iterator[Any]:
+    """The loader's batches, with a progress bar on a terminal (silence in CI logs); before each batch, a stop
+    that Ctrl-C or SIGTERM asked for is raised (cifar_mlflow.stop)."""
     from tqdm import tqdm
 
-    # disable=None: a bar on a terminal, silence in CI logs.
-    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, mininterval=1.0)
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, mininterval=1.0):
+        stop.check()
+        yield batch
 
 
 # How often the loop looks at the device for a NaN/inf loss: a host sync every 10 steps costs little even on a
@@ -301,6 +304,7 @@ class FitResult:
     first_step_at: float | None = None   # time.time() when this process finished its first optimiser step
 
 
+@stop.deferred()     # Ctrl-C/SIGTERM stop it between two batches, where no lock is held
 def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig, device: torch.device,
         precision: str, on_epoch_end: Callable[[int, Metrics, Callable[[], dict]], None] | None = None,
         log: Callable[[str], None] = print, resume: dict[str, Any] | None = None,

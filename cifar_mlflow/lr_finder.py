@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_mlflow import engine
+from cifar_mlflow import engine, stop
 from cifar_mlflow.errors import ConfigError
 
 SMOOTHING = 0.05     # EMA weight of each new loss for the stop rule (pytorch-lr-finder's smooth_f)
@@ -94,6 +94,7 @@ def _cycle(loader: Any):
         yield from loader
 
 
+@stop.deferred()
 def range_test(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, device: torch.device,
                precision: str, *, start_lr: float, end_lr: float, num_iter: int, label_smoothing: float = 0.0,
                l1: float = 0.0) -> RangeTestResult:
@@ -110,6 +111,7 @@ def range_test(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
     model.train()
     try:
         for i, (images, labels) in zip(range(num_iter), _cycle(loader)):
+            stop.check()
             lr = start_lr * ratio ** i
             for group in optimizer.param_groups:
                 group["lr"] = lr
