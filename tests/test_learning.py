@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar_mlflow import data
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_args
 
 EPOCHS = 3
 # Test accuracy (300 images) after EPOCHS epochs. Measured on an AVX2 EPYC (fp32, 1 thread): 0.90 at the scaled
@@ -38,7 +38,7 @@ def digits_dir(tmp_path_factory):
 
 def train_on_digits(store, digits_dir, **params):
     """Run the train entry point in a process of its own; the finished run and its test accuracy by epoch."""
-    args = [x for k, v in {**SETTINGS, "data_dir": digits_dir, **params}.items() for x in (f"--{k}", str(v))]
+    args = cli_args({**SETTINGS, "data_dir": digits_dir, **params})
     proc = subprocess.run([sys.executable, "-m", "entrypoints.train", *args], cwd=REPO, env=store.env(),
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
