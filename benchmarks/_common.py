@@ -1,11 +1,12 @@
 """Shared by the benchmarks: machine description, synthetic data, interleaved timing with medians, tables."""
+
 from __future__ import annotations
 
 import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -50,6 +51,7 @@ def timed(fn: Callable[[], object]) -> float:
 def table(headers: list[str], rows: list[list[object]]) -> str:
     cells = [headers] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"   # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] +
-                     [line(r) for r in cells[1:]])
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join(
+        [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]]
+    )

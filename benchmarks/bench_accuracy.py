@@ -16,10 +16,10 @@ notebook loop changed at a time, to say which difference costs what.
     python -m benchmarks.bench_accuracy [--seeds 0 1 2] [--epochs 6] [--batch-size 64] [--lr 0.05] [--jobs 2]
     python -m benchmarks.bench_accuracy --ablation [--seeds 0]
 """
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
-
 from benchmarks._common import machine, table
 
 
@@ -39,11 +38,11 @@ class Variant:
     """How a project run departs from the project's current defaults (None = keep the project's)."""
 
     name: str
-    init: str | None = None               # "he-zero": torchvision's He init + zero-init residual (v0)
-    cutout: str | None = None             # "inside": CoarseDropout kept inside the image (v0); "none"
-    fill: str | None = None               # "zero": black holes, as the notebooks fill before Normalize
-    schedule: str | None = None           # "torch": OneCycleLR's defaults and SGD without Nesterov
-    overrides: tuple[tuple[str, object], ...] = ()   # TrainConfig fields
+    init: str | None = None  # "he-zero": torchvision's He init + zero-init residual (v0)
+    cutout: str | None = None  # "inside": CoarseDropout kept inside the image (v0); "none"
+    fill: str | None = None  # "zero": black holes, as the notebooks fill before Normalize
+    schedule: str | None = None  # "torch": OneCycleLR's defaults and SGD without Nesterov
+    overrides: tuple[tuple[str, object], ...] = ()  # TrainConfig fields
 
 
 V0 = dict(init="he-zero", cutout="inside")
@@ -84,14 +83,24 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
     import albumentations as A
     import torch
 
-    from cifar_mlflow import augment, data, engine
+    from cifar_mlflow import augment, engine
     from cifar_mlflow.config import TrainConfig
     from cifar_mlflow.prepare import prepare
 
-    cfg = TrainConfig(**{"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
-                         "batch_size": args.batch_size, "lr": args.lr, "seed": seed, "num_workers": 0,
-                         "max_train_samples": args.max_train, "max_test_samples": args.max_test,
-                         **dict(variant.overrides)})
+    cfg = TrainConfig(
+        **{
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": seed,
+            "num_workers": 0,
+            "max_train_samples": args.max_train,
+            "max_test_samples": args.max_test,
+            **dict(variant.overrides),
+        }
+    )
     p = prepare(cfg, cfg.max_test_samples)
     if variant.init:
         torch.manual_seed(seed)
@@ -100,16 +109,25 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
         steps = list(p.train_loader.dataset.transform.transforms) if p.transform else []
         mean = p.spec.mean if variant.fill != "zero" else (0.0, 0.0, 0.0)
         keep = [t for t in steps if not isinstance(t, A.CoarseDropout)]
-        hole = {"inside": A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16),
-                                          hole_width_range=(16, 16), fill=augment.cutout_fill(mean), p=1.0),
-                "none": None}.get(variant.cutout or "", augment._cutout(mean))
+        hole = {
+            "inside": A.CoarseDropout(
+                num_holes_range=(1, 1),
+                hole_height_range=(16, 16),
+                hole_width_range=(16, 16),
+                fill=augment.cutout_fill(mean),
+                p=1.0,
+            ),
+            "none": None,
+        }.get(variant.cutout or "", augment._cutout(mean))
         p.train_loader.dataset.transform = A.Compose(keep + ([hole] if hole is not None else []))
     if variant.schedule == "torch":
         engine.build_optimizer = lambda c, params, lr=None: torch.optim.SGD(
-            params, lr=c.lr if lr is None else lr, momentum=c.momentum, weight_decay=c.weight_decay)
+            params, lr=c.lr if lr is None else lr, momentum=c.momentum, weight_decay=c.weight_decay
+        )
         engine.build_scheduler = lambda c, opt, steps_per_epoch: engine.Schedule(
             torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, epochs=c.epochs, steps_per_epoch=steps_per_epoch),
-            per_step=True)
+            per_step=True,
+        )
     result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision, log=lambda s: None)
     return [h["test/accuracy"] for h in result.history]
 
@@ -131,10 +149,18 @@ def notebook_run(seed: int, args: argparse.Namespace) -> list[float]:
     ds = data.load_dataset(args.dataset, args.data_dir, args.max_train, args.max_test)
     mean, std = data.channel_stats(ds.train.images)
     normalise = [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
-    train_tf = A.Compose([A.PadIfNeeded(40, 40, border_mode=cv2.BORDER_REFLECT_101), A.RandomCrop(32, 32),
-                          A.HorizontalFlip(p=0.5),
-                          A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16),
-                                          hole_width_range=(16, 16), fill=0, p=1.0), *normalise], seed=seed)
+    train_tf = A.Compose(
+        [
+            A.PadIfNeeded(40, 40, border_mode=cv2.BORDER_REFLECT_101),
+            A.RandomCrop(32, 32),
+            A.HorizontalFlip(p=0.5),
+            A.CoarseDropout(
+                num_holes_range=(1, 1), hole_height_range=(16, 16), hole_width_range=(16, 16), fill=0, p=1.0
+            ),
+            *normalise,
+        ],
+        seed=seed,
+    )
     test_tf = A.Compose(normalise)
 
     class Images(torch.utils.data.Dataset):
@@ -197,19 +223,22 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         args.data_dir = args.data_dir or tmp
         from cifar_mlflow import data
 
-        data.load_dataset(args.dataset, args.data_dir)     # build/download once, before the jobs fork
+        data.load_dataset(args.dataset, args.data_dir)  # build/download once, before the jobs fork
         contenders: list[tuple[str, Variant | None]] = (
             [(v.name, v) for i, v in enumerate(ABLATION) if args.variants is None or i in args.variants]
             if args.ablation
-            else [("notebook-style loop", None), ("project (defaults)", Variant("project"))])
+            else [("notebook-style loop", None), ("project (defaults)", Variant("project"))]
+        )
         jobs = [(name, variant, seed, args) for name, variant in contenders for seed in args.seeds]
         done = []
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             for future in as_completed([pool.submit(_one, job) for job in jobs]):
                 done.append(future.result())
-                name, seed, acc, secs = done[-1]     # progress: runs take minutes each on a CPU
-                print(f"{name}, seed {seed}: test accuracy by epoch {' '.join(f'{a:.3f}' for a in acc)} "
-                      f"({secs:.0f} s)", flush=True)
+                name, seed, acc, secs = done[-1]  # progress: runs take minutes each on a CPU
+                print(
+                    f"{name}, seed {seed}: test accuracy by epoch {' '.join(f'{a:.3f}' for a in acc)} ({secs:.0f} s)",
+                    flush=True,
+                )
     results: dict[str, dict[int, list[float]]] = {}
     seconds: dict[str, float] = {}
     for name, seed, acc, secs in done:
@@ -218,13 +247,21 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     rows = []
     for name, by_seed in results.items():
         finals = [by_seed[s][-1] for s in args.seeds]
-        rows.append([name, statistics.median(finals), f"{min(finals):.3f}-{max(finals):.3f}",
-                     ", ".join(f"{a:.3f}" for a in finals),
-                     " ".join(f"{statistics.median(e):.2f}" for e in zip(*by_seed.values())),
-                     seconds[name] / len(args.seeds)])
+        rows.append(
+            [
+                name,
+                statistics.median(finals),
+                f"{min(finals):.3f}-{max(finals):.3f}",
+                ", ".join(f"{a:.3f}" for a in finals),
+                " ".join(f"{statistics.median(e):.2f}" for e in zip(*by_seed.values())),
+                seconds[name] / len(args.seeds),
+            ]
+        )
     print(f"machine: {machine()}")
-    print(f"{args.dataset}, {args.epochs} epochs, batch {args.batch_size}, peak lr {args.lr}, seeds {args.seeds}, "
-          f"{args.jobs} jobs x {args.threads} threads\n")
+    print(
+        f"{args.dataset}, {args.epochs} epochs, batch {args.batch_size}, peak lr {args.lr}, seeds {args.seeds}, "
+        f"{args.jobs} jobs x {args.threads} threads\n"
+    )
     print(table(["contender", "test acc (median)", "spread", "per seed", "median by epoch", "s per run"], rows))
     out = {name: [by_seed[s][-1] for s in args.seeds] for name, by_seed in results.items()}
     if args.json:

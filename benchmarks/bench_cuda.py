@@ -6,15 +6,15 @@ otherwise, so that it stays tested.
     python -m benchmarks.bench_cuda                       # GPU: 50,000 images x 20 epochs, compiled
     python -m benchmarks.bench_cuda --images 256 --epochs 1 --no-compile   # a CPU smoke run
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
-import benchmarks._common as common  # noqa: F401  (sets the environment first)
-
 import torch
 
+import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import machine, table
 from cifar_mlflow import augment, data, engine, models
 from cifar_mlflow.config import TrainConfig
@@ -42,28 +42,50 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if cuda:
         torch.backends.cudnn.benchmark = True
     workers = data.auto_num_workers(-1)
-    loader = data.make_loader(split, batch_size=args.batch_size, train=True, seed=0, num_workers=workers,
-                              transform=augment.build_train_transform("standard", mean), pin_memory=cuda)
+    loader = data.make_loader(
+        split,
+        batch_size=args.batch_size,
+        train=True,
+        seed=0,
+        num_workers=workers,
+        transform=augment.build_train_transform("standard", mean),
+        pin_memory=cuda,
+    )
     test_loader = data.make_loader(test, batch_size=args.batch_size, train=False, pin_memory=cuda)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, compile="true" if args.compile else "false")
     epoch_ends: list[float] = []
     start = time.perf_counter()
-    result = engine.fit(model, loader, test_loader, cfg, device, precision, log=lambda s: None,
-                        on_epoch_end=lambda e, m, capture: epoch_ends.append(time.perf_counter()))
+    result = engine.fit(
+        model,
+        loader,
+        test_loader,
+        cfg,
+        device,
+        precision,
+        log=lambda s: None,
+        on_epoch_end=lambda e, m, capture: epoch_ends.append(time.perf_counter()),
+    )
     total = time.perf_counter() - start
     first_epoch = epoch_ends[0] - start
     steady = (epoch_ends[-1] - epoch_ends[0]) / max(len(epoch_ends) - 1, 1) if len(epoch_ends) > 1 else first_epoch
     print(f"machine: {machine()}")
-    print(f"{args.epochs} epochs x {args.images} images (+{args.test_images} test images per epoch), batch "
-          f"{args.batch_size}, {precision}, channels_last, compile={args.compile}, {workers} loader workers\n")
-    print(table(["measure", "value"], [
-        ["total training time, s" + (" (target <= 60 on one H100)" if cuda else ""), total],
-        ["first epoch (compilation included), s", first_epoch],
-        ["later epochs, s each", steady],
-        ["training images/s, last epoch", result.final["train/images_per_sec"]],
-        ["final test accuracy", result.final["test/accuracy"]],
-        ["generating the synthetic data, s (not in the total)", data_s],
-    ]))
+    print(
+        f"{args.epochs} epochs x {args.images} images (+{args.test_images} test images per epoch), batch "
+        f"{args.batch_size}, {precision}, channels_last, compile={args.compile}, {workers} loader workers\n"
+    )
+    print(
+        table(
+            ["measure", "value"],
+            [
+                ["total training time, s" + (" (target <= 60 on one H100)" if cuda else ""), total],
+                ["first epoch (compilation included), s", first_epoch],
+                ["later epochs, s each", steady],
+                ["training images/s, last epoch", result.final["train/images_per_sec"]],
+                ["final test accuracy", result.final["test/accuracy"]],
+                ["generating the synthetic data, s (not in the total)", data_s],
+            ],
+        )
+    )
     return {"total_s": total, "final_accuracy": result.final["test/accuracy"]}
 
 

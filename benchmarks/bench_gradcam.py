@@ -4,6 +4,7 @@ of GradCAM: wall time, and where it goes.
 
     python -m benchmarks.bench_gradcam [--images 25] [--test-images 2000] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,11 @@ import tempfile
 import time
 from collections import defaultdict
 
-import benchmarks._common as common  # noqa: F401  (sets the environment first)
-
 import mlflow
 import numpy as np
 import torch
 
+import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
 from cifar_mlflow import analysis, analyze_job, data, engine, models, tracking
 from cifar_mlflow.config import AnalyzeConfig, TrainConfig
@@ -31,9 +31,15 @@ def per_image(model, layer, x, classes, batch: int = 1) -> np.ndarray:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     with GradCAM(model=model, target_layers=[layer]) as cam:
-        return np.concatenate([cam(input_tensor=x[i:i + batch],
-                                   targets=[ClassifierOutputTarget(int(c)) for c in classes[i:i + batch]])
-                               for i in range(0, len(x), batch)])
+        return np.concatenate(
+            [
+                cam(
+                    input_tensor=x[i : i + batch],
+                    targets=[ClassifierOutputTarget(int(c)) for c in classes[i : i + batch]],
+                )
+                for i in range(0, len(x), batch)
+            ]
+        )
 
 
 def _trained_model(uri: str) -> str:
@@ -49,22 +55,35 @@ def _trained_model(uri: str) -> str:
     cpu = engine.resolve_device()
     with tracking.open_run():
         tracking.log_params({**cfg.to_params(), "env/precision": engine.resolve_precision("auto", cpu)})
-        result = engine.fit(model, data.make_loader(split, batch_size=64, train=True),
-                            data.make_loader(test, batch_size=64, train=False), cfg, cpu,
-                            engine.resolve_precision("auto", cpu), log=lambda s: None)
+        result = engine.fit(
+            model,
+            data.make_loader(split, batch_size=64, train=True),
+            data.make_loader(test, batch_size=64, train=False),
+            cfg,
+            cpu,
+            engine.resolve_precision("auto", cpu),
+            log=lambda s: None,
+        )
         example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
-        return tracking.log_and_register_model(model, spec, example, "bench-gradcam",
-                                               result.final["test/accuracy"], 2).model_uri
+        return tracking.log_and_register_model(
+            model, spec, example, "bench-gradcam", result.final["test/accuracy"], 2
+        ).model_uri
 
 
 def _profile_analysis(model_uri: str, test_images: int) -> tuple[float, dict[str, float]]:
     """Run the real analysis job, timing the stages it calls (by wrapping them where the job looks them up)."""
     spent: dict[str, float] = defaultdict(float)
-    stages = {(data, "load_dataset"): "read/generate test data", (tracking, "resolve_model"): "registry lookups",
-              (tracking, "load_torch_model"): "download + load model", (analysis, "predict"): "evaluate test set",
-              (analysis, "gradcam_pairs"): "GradCAM (2 layers x 25 images x 2 classes)",
-              (tracking, "log_figure"): "render + log figures", (tracking, "log_table"): "log table",
-              (tracking, "log_dataset"): "log dataset input", (tracking, "log_metrics"): "log metrics"}
+    stages = {
+        (data, "load_dataset"): "read/generate test data",
+        (tracking, "resolve_model"): "registry lookups",
+        (tracking, "load_torch_model"): "download + load model",
+        (analysis, "predict"): "evaluate test set",
+        (analysis, "gradcam_pairs"): "GradCAM (2 layers x 25 images x 2 classes)",
+        (tracking, "log_figure"): "render + log figures",
+        (tracking, "log_table"): "log table",
+        (tracking, "log_dataset"): "log dataset input",
+        (tracking, "log_metrics"): "log metrics",
+    }
     originals = {}
     for (module, name), label in stages.items():
         fn = getattr(module, name)
@@ -77,11 +96,13 @@ def _profile_analysis(model_uri: str, test_images: int) -> tuple[float, dict[str
                 return _fn(*a, **k)
             finally:
                 spent[_label] += time.perf_counter() - start
+
         setattr(module, name, wrapper)
     try:
         start = time.perf_counter()
-        analyze_job.run_analysis(AnalyzeConfig(model_uri=model_uri, dataset="synthetic",
-                                               max_test_samples=test_images, num_images=25))
+        analyze_job.run_analysis(
+            AnalyzeConfig(model_uri=model_uri, dataset="synthetic", max_test_samples=test_images, num_images=25)
+        )
         total = time.perf_counter() - start
     finally:
         for (module, name), fn in originals.items():
@@ -97,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="bench-gradcam-")
-    os.chdir(tmp)    # the sqlite store's artifacts go to ./mlruns: keep them out of the checkout
+    os.chdir(tmp)  # the sqlite store's artifacts go to ./mlruns: keep them out of the checkout
     model_uri = _trained_model(f"sqlite:///{tmp}/mlflow.db")
     model, _ = tracking.load_torch_model(model_uri)
     images = data.make_synthetic(args.images, seed=7).images
@@ -109,38 +130,61 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         layer = dict(model.named_modules())[layer_name]
         maps = {}
 
-        def project(_layer=layer) -> float:
+        def project(_layer=layer, maps=maps) -> float:
             start = time.perf_counter()
             maps["project"] = analysis.gradcam_maps(model, _layer, x, classes, batch_size=len(x))
             return time.perf_counter() - start
 
-        def batched_full(_layer=layer) -> float:
+        def batched_full(_layer=layer, maps=maps) -> float:
             start = time.perf_counter()
             maps["batched"] = per_image(model, _layer, x, classes, batch=len(x))
             return time.perf_counter() - start
 
-        def single(_layer=layer) -> float:
+        def single(_layer=layer, maps=maps) -> float:
             start = time.perf_counter()
             maps["per image"] = per_image(model, _layer, x, classes)
             return time.perf_counter() - start
 
         names = {"one call per image": single, "one call, full backward": batched_full, "project": project}
-        interleaved(names, 1)    # warm-up
+        interleaved(names, 1)  # warm-up
         res = {k: median(v) for k, v in interleaved(names, args.repeats).items()}
         diffs[layer_name] = max(float(np.abs(maps[k] - maps["per image"]).max()) for k in ("project", "batched"))
-        rows.append([layer_name, res["one call per image"], res["one call, full backward"], res["project"],
-                     res["one call per image"] / res["project"], diffs[layer_name]])
+        rows.append(
+            [
+                layer_name,
+                res["one call per image"],
+                res["one call, full backward"],
+                res["project"],
+                res["one call per image"] / res["project"],
+                diffs[layer_name],
+            ]
+        )
     print(f"machine: {machine()}\n")
     print(f"GradCAM, {args.images} images, median of {args.repeats} interleaved runs")
-    print(table(["layer", "per image s", "one call, full backward s", "project: one call, backward to the layer s",
-                 "speed-up project / per image (target >= 2)", "max |diff| (<= 1e-5)"], rows))
+    print(
+        table(
+            [
+                "layer",
+                "per image s",
+                "one call, full backward s",
+                "project: one call, backward to the layer s",
+                "speed-up project / per image (target >= 2)",
+                "max |diff| (<= 1e-5)",
+            ],
+            rows,
+        )
+    )
 
     total, spent = _profile_analysis(model_uri, args.test_images)
     other = total - sum(spent.values())
     print(f"\nanalysis entry point, {args.test_images} test images, 25 images x 2 layers: {total:.1f} s wall")
-    print(table(["stage", "seconds", "share"], [[k, v, f"{v / total:.0%}"] for k, v in
-                                                sorted(spent.items(), key=lambda kv: -kv[1])] +
-                [["run set-up, params, tags, the rest", other, f"{other / total:.0%}"]]))
+    print(
+        table(
+            ["stage", "seconds", "share"],
+            [[k, v, f"{v / total:.0%}"] for k, v in sorted(spent.items(), key=lambda kv: -kv[1])]
+            + [["run set-up, params, tags, the rest", other, f"{other / total:.0%}"]],
+        )
+    )
     return {"speedup_layer4": rows[1][4], "max_diff": max(diffs.values()), "analysis_s": total}
 
 

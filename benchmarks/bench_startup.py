@@ -4,6 +4,7 @@ logs it (`perf/seconds_to_first_step`).
 
     python -m benchmarks.bench_startup [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
-
 from benchmarks._common import machine, median, table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +31,29 @@ def first_step_seconds(store: Path) -> float:
     import mlflow
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
-    subprocess.run([sys.executable, "-m", "entrypoints.train", "--dataset", "synthetic", "--epochs", "1",
-                    "--max_train_samples", "64", "--max_test_samples", "32", "--batch_size", "32",
-                    "--num_workers", "0"], cwd=store, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "entrypoints.train",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--max_train_samples",
+            "64",
+            "--max_test_samples",
+            "32",
+            "--batch_size",
+            "32",
+            "--num_workers",
+            "0",
+        ],
+        cwd=store,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     run = client.search_runs(["0"], order_by=["start_time DESC"], max_results=1)[0]
     return run.data.metrics["perf/seconds_to_first_step"]
@@ -52,8 +72,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         runs = [first_step_seconds(Path(tmp)) for _ in range(max(1, args.repeats // 2))]
     out["first_step"] = median(runs)
-    rows.append(["process start -> first training step (synthetic data)", median(runs),
-                 ", ".join(f"{r:.2f}" for r in runs)])
+    rows.append(
+        ["process start -> first training step (synthetic data)", median(runs), ", ".join(f"{r:.2f}" for r in runs)]
+    )
     print(f"machine: {machine()}\n")
     print(table(["measure", "seconds (median)", "runs"], rows))
     return out

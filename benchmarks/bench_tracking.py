@@ -6,6 +6,7 @@ Target: wall-time ratio <= 1.02. Model registration, a one-off at the end of a r
 
     python -m benchmarks.bench_tracking [--images 1024] [--epochs 2] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,11 +15,10 @@ import tempfile
 import time
 from collections import defaultdict
 
-import benchmarks._common as common  # noqa: F401  (sets the environment first)
-
 import mlflow
 import torch
 
+import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
 from cifar_mlflow import augment, data, engine, models, plots, tracking, watch
 from cifar_mlflow.config import TrainConfig
@@ -45,11 +45,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std)
     cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, log_images_every=args.log_images_every)
     workers = data.auto_num_workers(-1)
-    loader = data.make_loader(split, batch_size=args.batch_size, train=True, seed=0, num_workers=workers,
-                              transform=augment.build_train_transform("standard", mean))
+    loader = data.make_loader(
+        split,
+        batch_size=args.batch_size,
+        train=True,
+        seed=0,
+        num_workers=workers,
+        transform=augment.build_train_transform("standard", mean),
+    )
     test_loader = data.make_loader(test, batch_size=args.batch_size, train=False)
     tmp = os.path.abspath(args.store) if args.store else tempfile.mkdtemp(prefix="bench-tracking-")
-    os.chdir(tmp)    # the sqlite store's artifacts go to ./mlruns
+    os.chdir(tmp)  # the sqlite store's artifacts go to ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     mlflow.set_experiment("bench")
     registration: list[float] = []
@@ -75,15 +81,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             reporter = tracking.EpochReporter(run.info.run_id)
             hook = with_panels(reporter, cfg, model, ds)
 
-            def on_epoch_end(*args) -> None:     # timed: the part of tracking that runs on the training thread
+            def on_epoch_end(*args) -> None:  # timed: the part of tracking that runs on the training thread
                 t = time.perf_counter()
                 hook(*args)
                 profile["training thread, at each epoch's end (state copy, GradCAM panel)"].append(
-                    time.perf_counter() - t)
+                    time.perf_counter() - t
+                )
 
             try:
-                result = engine.fit(model, loader, test_loader, cfg, device, precision, on_epoch_end=on_epoch_end,
-                                    log=lambda s: None)
+                result = engine.fit(
+                    model, loader, test_loader, cfg, device, precision, on_epoch_end=on_epoch_end, log=lambda s: None
+                )
                 t = time.perf_counter()
             finally:
                 reporter.close()
@@ -94,36 +102,52 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if not registration:
                 t = time.perf_counter()
                 example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
-                tracking.log_and_register_model(model, spec, example, "bench", result.final["test/accuracy"],
-                                                args.epochs)
+                tracking.log_and_register_model(
+                    model, spec, example, "bench", result.final["test/accuracy"], args.epochs
+                )
                 registration.append(time.perf_counter() - t)
         return elapsed
 
-    interleaved({"off": off}, 1)     # warm-up
+    interleaved({"off": off}, 1)  # warm-up
     results = interleaved({"tracking off": off, "full MLflow tracking": on}, args.repeats)
     t_off, t_on = median(results["tracking off"]), median(results["full MLflow tracking"])
     paired = median([a / b for a, b in zip(results["full MLflow tracking"], results["tracking off"])])
     per_epoch = (t_on - t_off) / args.epochs
     rate = args.images * args.epochs / t_off
     print(f"machine: {machine()}")
-    print(f"{args.epochs} epochs x {args.images} images, batch {args.batch_size}, system metrics every "
-          f"{args.system_metrics_interval} s, GradCAM panel after epochs "
-          f"{watch.panel_epochs(cfg.log_images_every, cfg.epochs)}, median of {args.repeats} interleaved runs\n")
-    print(table(["contender", "wall s (median)", "runs"],
-                [[k, median(v), ", ".join(f"{x:.2f}" for x in v)] for k, v in results.items()]))
+    print(
+        f"{args.epochs} epochs x {args.images} images, batch {args.batch_size}, system metrics every "
+        f"{args.system_metrics_interval} s, GradCAM panel after epochs "
+        f"{watch.panel_epochs(cfg.log_images_every, cfg.epochs)}, median of {args.repeats} interleaved runs\n"
+    )
+    print(
+        table(
+            ["contender", "wall s (median)", "runs"],
+            [[k, median(v), ", ".join(f"{x:.2f}" for x in v)] for k, v in results.items()],
+        )
+    )
     full_epoch = 50_000 / rate
     print()
-    print(table(["measure", "value"], [
-        ["ratio on/off (target <= 1.02)", f"{t_on / t_off:.3f}"],
-        ["median of the rounds' own ratios (each round's drift cancels)", f"{paired:.3f}"],
-        ["tracking cost per epoch, s", per_epoch],
-        [f"projected ratio for a full CIFAR-10 epoch (50k images, {full_epoch:.0f} s here)",
-         f"{(full_epoch + per_epoch) / full_epoch:.4f}"],
-        ["model log + registration (once per run), s", registration[0]],
-    ]))
+    print(
+        table(
+            ["measure", "value"],
+            [
+                ["ratio on/off (target <= 1.02)", f"{t_on / t_off:.3f}"],
+                ["median of the rounds' own ratios (each round's drift cancels)", f"{paired:.3f}"],
+                ["tracking cost per epoch, s", per_epoch],
+                [
+                    f"projected ratio for a full CIFAR-10 epoch (50k images, {full_epoch:.0f} s here)",
+                    f"{(full_epoch + per_epoch) / full_epoch:.4f}",
+                ],
+                ["model log + registration (once per run), s", registration[0]],
+            ],
+        )
+    )
     runs = len(results["full MLflow tracking"])
-    print(f"\nwhere tracking's time goes, seconds per tracked run (mean of {runs}; the reporting thread's CPU is "
-          "taken from training where every core trains)")
+    print(
+        f"\nwhere tracking's time goes, seconds per tracked run (mean of {runs}; the reporting thread's CPU is "
+        "taken from training where every core trains)"
+    )
     print(table(["part", "seconds per run"], [[k, sum(v) / runs] for k, v in profile.items()]))
     return {"ratio": t_on / t_off, "paired_ratio": paired, "per_epoch_s": per_epoch}
 

@@ -9,18 +9,18 @@
 
     python -m benchmarks.bench_train [--images 512] [--batch-size 128] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
 import time
-
-import benchmarks._common as common  # noqa: F401  (sets the environment first)
 
 import albumentations as A
 import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 
+import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
 from cifar_mlflow import augment, data, engine, models
 from cifar_mlflow.config import TrainConfig
@@ -57,7 +57,7 @@ def notebook_rate(model, loader, optimizer, device) -> float:
         optimizer.step()
         correct += out.argmax(dim=1).eq(y).sum().item()
         processed += len(x)
-        _ = f"Loss={loss.item():.4f} Accuracy={100 * correct / processed:.2f}"   # the tqdm description
+        _ = f"Loss={loss.item():.4f} Accuracy={100 * correct / processed:.2f}"  # the tqdm description
     return processed / (time.perf_counter() - start)
 
 
@@ -111,28 +111,39 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # notebook: normalisation in the transform, so the same network with identity normalisation
     nb_model = models.build_model(models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, (0.0,) * 3, (1.0,) * 3))
     nb_model = nb_model.to(device)
-    nb_tf = A.Compose(list(augment.build_train_transform("standard", mean).transforms) +
-                      [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
+    nb_tf = A.Compose(
+        list(augment.build_train_transform("standard", mean).transforms)
+        + [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+    )
     nb_loader = torch.utils.data.DataLoader(NotebookDataset(split, nb_tf), batch_size=args.batch_size, shuffle=True)
     nb_opt = torch.optim.SGD(nb_model.parameters(), lr=0.01, momentum=0.9)
 
     model = models.build_model(spec).to(device, memory_format=torch.channels_last)
     workers = data.auto_num_workers(-1)
-    loader = data.make_loader(split, batch_size=args.batch_size, train=True,
-                              transform=augment.build_train_transform("standard", mean), seed=0,
-                              num_workers=workers, pin_memory=device.type == "cuda")
+    loader = data.make_loader(
+        split,
+        batch_size=args.batch_size,
+        train=True,
+        transform=augment.build_train_transform("standard", mean),
+        seed=0,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
     test_loader = data.make_loader(split, batch_size=args.batch_size, train=False, pin_memory=device.type == "cuda")
     optimizer = engine.build_optimizer(cfg, model.parameters())
     schedule = engine.build_scheduler(cfg, optimizer, len(loader))
-    batches = [(torch.rand(len(y), 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last),
-                y.to(device)) for _, y in loader]
+    batches = [
+        (torch.rand(len(y), 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last), y.to(device))
+        for _, y in loader
+    ]
 
-    epoch = iter(range(1, 10 ** 6))
+    epoch = iter(range(1, 10**6))
 
     def project() -> float:
         loader.sampler.set_epoch(next(epoch))
         return engine.train_one_epoch(model, loader, optimizer, schedule, device, precision, 0.1)[
-            "train/images_per_sec"]
+            "train/images_per_sec"
+        ]
 
     def project_eval() -> float:
         start = time.perf_counter()
@@ -147,14 +158,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "limit: pure inference": lambda: inference_rate(model, batches, device, precision),
         "loader + augmentation alone": lambda: loader_rate(loader, next(epoch)),
     }
-    interleaved(contenders, 1)                       # warm-up: workers, allocator, oneDNN/cuDNN kernels
+    interleaved(contenders, 1)  # warm-up: workers, allocator, oneDNN/cuDNN kernels
     results = interleaved(contenders, args.repeats)
     med = {name: median(v) for name, v in results.items()}
     names = list(contenders)
     print(f"machine: {machine()}")
     print(f"{args.images} images, batch {args.batch_size}, median of {args.repeats} interleaved runs\n")
-    print(table(["contender", "images/s (median)", "runs"],
-                [[n, med[n], ", ".join(f"{v:.0f}" for v in results[n])] for n in names]))
+    print(
+        table(
+            ["contender", "images/s (median)", "runs"],
+            [[n, med[n], ", ".join(f"{v:.0f}" for v in results[n])] for n in names],
+        )
+    )
     ratios = {
         "engine / notebook (target >= 2.0)": (med[names[1]] / med[names[0]], 2.0),
         "engine / training limit (target >= 0.9)": (med[names[1]] / med[names[2]], 0.9),

@@ -1,6 +1,7 @@
 """The ResNet18 the course notebooks copy (the kuangliu/pytorch-cifar layout): the benchmarks' stand-in for
 "what users run today". Same topology as the project's network (3x3 stride-1 stem, no max-pool, BasicBlocks
 64-128-256-512, 1x1 projection shortcuts), with PyTorch's default initialisation and no normalisation inside."""
+
 from __future__ import annotations
 
 import torch

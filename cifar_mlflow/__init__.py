@@ -3,4 +3,5 @@
 Data flows one way: config -> data/augment -> models -> engine -> tracking (the only module that imports mlflow).
 Nothing heavy is imported here, so `--help` stays fast.
 """
+
 __version__ = "0.1.0"

@@ -1,10 +1,12 @@
 """Inspecting a trained classifier on a test split: predictions, the misclassified images (most confident first),
 per-class statistics, the confusion matrix, and batched GradCAM maps. Knows nothing of MLflow."""
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,13 +55,13 @@ def predict(model: nn.Module, loader: Any, device: torch.device, precision: str)
 def misclassified(pred: Predictions) -> np.ndarray:
     """Indices of the wrong predictions, most confident first (they teach the most), ties by index."""
     wrong = np.flatnonzero(pred.predicted != pred.labels)
-    order = np.lexsort((wrong, -pred.confidence[wrong]))   # last key sorts first
+    order = np.lexsort((wrong, -pred.confidence[wrong]))  # last key sorts first
     return wrong[order]
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts (C, C): rows are true classes, columns predicted classes."""
-    return np.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return np.bincount(labels * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def per_class_stats(cm: np.ndarray) -> dict[str, np.ndarray]:
@@ -93,17 +95,25 @@ def resolve_layers(model: nn.Module, names: str) -> list[tuple[str, nn.Module]]:
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name not in modules or name == "":
             top = ", ".join(n for n, _ in model.named_children())
-            raise ModelError(f"target_layers: {name!r} is not a layer of this model; valid: {top} "
-                             f"(or a dotted path inside one, e.g. layer4.1.conv2)")
+            raise ModelError(
+                f"target_layers: {name!r} is not a layer of this model; valid: {top} "
+                f"(or a dotted path inside one, e.g. layer4.1.conv2)"
+            )
         out.append((name, modules[name]))
     shapes = _output_shapes(model, out)
     for name, _ in out:
         shape = shapes.get(name)
         if shape is None or len(shape) != 4 or min(shape[2:]) < 2:
-            valid = ", ".join(n for n, m in model.named_children() if len(shapes.get(n, ())) == 4
-                              and min(shapes[n][2:]) >= 2) or "none"
-            raise ModelError(f"target_layers: {name!r} outputs {_describe(shape)}, not a convolutional feature map "
-                             f"that GradCAM can explain; valid: {valid} (or a dotted path inside one)")
+            valid = (
+                ", ".join(
+                    n for n, m in model.named_children() if len(shapes.get(n, ())) == 4 and min(shapes[n][2:]) >= 2
+                )
+                or "none"
+            )
+            raise ModelError(
+                f"target_layers: {name!r} outputs {_describe(shape)}, not a convolutional feature map "
+                f"that GradCAM can explain; valid: {valid} (or a dotted path inside one)"
+            )
     return out
 
 
@@ -113,9 +123,10 @@ def _output_shapes(model: nn.Module, named: list[tuple[str, nn.Module]]) -> dict
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str) -> Any:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:   # None: the output stays as it is
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:  # None: the output stays as it is
             if isinstance(output, torch.Tensor):
                 shapes.setdefault(name, tuple(output.shape))
+
         return hook
 
     hooks = [m.register_forward_hook(record(n)) for n, m in wanted.items()]
@@ -137,23 +148,26 @@ def _describe(shape: tuple[int, ...] | None) -> str:
     return f"shape {shape}" + (" (a vector per image)" if len(shape) == 2 else "")
 
 
-def gradcam_maps(model: nn.Module, layer: nn.Module, images: torch.Tensor, classes: Sequence[int],
-                 batch_size: int = 64) -> np.ndarray:
+def gradcam_maps(
+    model: nn.Module, layer: nn.Module, images: torch.Tensor, classes: Sequence[int], batch_size: int = 64
+) -> np.ndarray:
     """GradCAM maps (K, H, W) in [0, 1] for images (K, 3, H, W) in [0, 1], one per requested class.
     One GradCAM call per batch of images (not per image), in fp32, hooks released by the context manager.
     Never pass a torch.compile'd module: its hooks do not fire."""
     return _gradcam(model, layer, images, classes, batch_size)[0]
 
 
-def gradcam_of_predictions(model: nn.Module, layer: nn.Module, images: torch.Tensor,
-                           batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def gradcam_of_predictions(
+    model: nn.Module, layer: nn.Module, images: torch.Tensor, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """GradCAM maps for each image's predicted class, and the class probabilities (K, C) of the same forward
     pass: one pass where predicting first and explaining after would take two."""
     return _gradcam(model, layer, images, None, batch_size)
 
 
-def _gradcam(model: nn.Module, layer: nn.Module, images: torch.Tensor, classes: Sequence[int] | None,
-             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _gradcam(
+    model: nn.Module, layer: nn.Module, images: torch.Tensor, classes: Sequence[int] | None, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(maps, probabilities); classes None: each image's predicted class."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -161,16 +175,20 @@ def _gradcam(model: nn.Module, layer: nn.Module, images: torch.Tensor, classes: 
     device = next(model.parameters()).device
     model.eval()
     maps, probs, swallowed = [], [], []
-    with torch.autocast(device_type=device.type, enabled=False), _backward_to(model, layer), \
-            GradCAM(model=model, target_layers=[layer]) as cam:
+    with (
+        torch.autocast(device_type=device.type, enabled=False),
+        _backward_to(model, layer),
+        GradCAM(model=model, target_layers=[layer]) as cam,
+    ):
         try:
             for i in range(0, len(images), batch_size):
-                x = images[i:i + batch_size].to(device, torch.float32)
-                targets = (None if classes is None else
-                           [ClassifierOutputTarget(int(c)) for c in classes[i:i + batch_size]])
+                x = images[i : i + batch_size].to(device, torch.float32)
+                targets = (
+                    None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes[i : i + batch_size]]
+                )
                 maps.append(cam(input_tensor=x, targets=targets))
                 probs.append(torch.softmax(cam.outputs.detach().float(), dim=1).cpu().numpy())
-        except IndexError as exc:   # grad-cam's __exit__ prints and swallows IndexError: the maps would be short
+        except IndexError as exc:  # grad-cam's __exit__ prints and swallows IndexError: the maps would be short
             swallowed.append(exc)
     if swallowed:
         raise swallowed[0]
@@ -196,11 +214,18 @@ def _backward_to(model: nn.Module, layer: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def gradcam_pairs(model: nn.Module, layer: nn.Module, images: torch.Tensor, predicted: Sequence[int],
-                  true: Sequence[int], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def gradcam_pairs(
+    model: nn.Module,
+    layer: nn.Module,
+    images: torch.Tensor,
+    predicted: Sequence[int],
+    true: Sequence[int],
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
     """Maps for the predicted class ("why it said X") and for the true class ("where Y was"), computed together:
     each GradCAM call takes a batch holding both, so it is still one call per batch."""
     k = len(images)
-    both = gradcam_maps(model, layer, torch.cat([images, images]), list(predicted) + list(true),
-                        batch_size=2 * batch_size)
+    both = gradcam_maps(
+        model, layer, torch.cat([images, images]), list(predicted) + list(true), batch_size=2 * batch_size
+    )
     return both[:k], both[k:]

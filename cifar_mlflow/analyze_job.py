@@ -1,5 +1,6 @@
 """The `analyze` entry point's work: load a registered model version, evaluate it on the test split and log
 misclassified images, GradCAM overlays, a confusion matrix and per-class statistics to a run of its own."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from cifar_mlflow import analysis, data, engine, plots, tracking
 from cifar_mlflow.config import AnalyzeConfig
 from cifar_mlflow.errors import DataError
 
-DEFAULT_BATCH = 256     # when the training run's batch size is unknown (runs logged elsewhere)
+DEFAULT_BATCH = 256  # when the training run's batch size is unknown (runs logged elsewhere)
 CONFUSED_PAIRS = 10
 
 
@@ -35,56 +36,92 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     dataset = data.load_dataset(dataset_name, cfg.data_dir, max_test=cfg.max_test_samples, test_only=True)
     model, spec = tracking.load_torch_model(ref.uri, device=str(device))
     if tuple(spec.class_names) != tuple(dataset.class_names):
-        raise DataError(f"dataset={dataset_name}: its classes {list(dataset.class_names)} are not the model's "
-                        f"{list(spec.class_names)}")
+        raise DataError(
+            f"dataset={dataset_name}: its classes {list(dataset.class_names)} are not the model's "
+            f"{list(spec.class_names)}"
+        )
     layers = analysis.resolve_layers(model, cfg.target_layers)
-    model = model.to(memory_format=torch.channels_last)   # the layout training evaluated in
+    model = model.to(memory_format=torch.channels_last)  # the layout training evaluated in
     loader = data.make_loader(dataset.test, batch_size=batch_size, train=False)
 
     with tracking.analysis_run(ref) as run:
-        tracking.log_params({**cfg.to_params(), "env/precision": precision, "env/device": device.type,
-                             "data/test_size": len(dataset.test), "data/dataset": dataset_name,
-                             "eval_batch_size": batch_size})
+        tracking.log_params(
+            {
+                **cfg.to_params(),
+                "env/precision": precision,
+                "env/device": device.type,
+                "data/test_size": len(dataset.test),
+                "data/dataset": dataset_name,
+                "eval_batch_size": batch_size,
+            }
+        )
         tracking.log_dataset(dataset, dataset.test, "evaluation")
         pred = analysis.predict(model, loader, device, precision)
         cm = analysis.confusion_matrix(pred.labels, pred.predicted, spec.num_classes)
         stats = analysis.per_class_stats(cm)
         names = list(spec.class_names)
-        tracking.log_metrics({"test/accuracy": pred.accuracy, "test/loss": pred.loss, **{
-            f"test/{stat}/{name}": float(stats[stat][i]) for stat in ("accuracy", "precision", "recall")
-            for i, name in enumerate(names)}})
+        tracking.log_metrics(
+            {
+                "test/accuracy": pred.accuracy,
+                "test/loss": pred.loss,
+                **{
+                    f"test/{stat}/{name}": float(stats[stat][i])
+                    for stat in ("accuracy", "precision", "recall")
+                    for i, name in enumerate(names)
+                },
+            }
+        )
 
         wrong = analysis.misclassified(pred)
-        tracking.log_table({"index": wrong.tolist(), "true": [names[i] for i in pred.labels[wrong]],
-                            "predicted": [names[i] for i in pred.predicted[wrong]],
-                            "confidence": pred.confidence[wrong].round(6).tolist()}, "misclassified.json")
+        tracking.log_table(
+            {
+                "index": wrong.tolist(),
+                "true": [names[i] for i in pred.labels[wrong]],
+                "predicted": [names[i] for i in pred.predicted[wrong]],
+                "confidence": pred.confidence[wrong].round(6).tolist(),
+            },
+            "misclassified.json",
+        )
         tracking.log_figure(plots.confusion_matrix_figure(cm, names), "confusion_matrix.png")
-        tracking.log_figure(plots.per_class_accuracy_figure(stats["accuracy"], names, pred.accuracy),
-                            "per_class_accuracy.png")
+        tracking.log_figure(
+            plots.per_class_accuracy_figure(stats["accuracy"], names, pred.accuracy), "per_class_accuracy.png"
+        )
         tracking.log_text(_confused_pairs_markdown(cm, names, pred.accuracy, len(wrong)), "confused_pairs.md")
 
-        shown = wrong[:cfg.num_images]
+        shown = wrong[: cfg.num_images]
         if len(shown):
             images = dataset.test.images[shown]
             true_names = [names[i] for i in pred.labels[shown]]
             pred_names = [names[i] for i in pred.predicted[shown]]
-            tracking.log_figure(plots.misclassified_gallery(images, true_names, pred_names,
-                                                            pred.confidence[shown]), "misclassified/gallery.png")
+            tracking.log_figure(
+                plots.misclassified_gallery(images, true_names, pred_names, pred.confidence[shown]),
+                "misclassified/gallery.png",
+            )
             x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
             for layer_name, layer in layers:
-                pred_maps, true_maps = analysis.gradcam_pairs(model, layer, x, pred.predicted[shown],
-                                                              pred.labels[shown], batch_size=batch_size)
-                tracking.log_figure(plots.gradcam_figure(images, pred_maps, true_maps, true_names, pred_names,
-                                                         pred.confidence[shown], layer_name),
-                                    f"gradcam/{layer_name}.png")
-        print(f"\nanalysis of {ref.uri}: test accuracy {pred.accuracy:.4f}, {len(wrong)} misclassified\n"
-              f"  view: {tracking.run_url(run)}\n")
+                pred_maps, true_maps = analysis.gradcam_pairs(
+                    model, layer, x, pred.predicted[shown], pred.labels[shown], batch_size=batch_size
+                )
+                tracking.log_figure(
+                    plots.gradcam_figure(
+                        images, pred_maps, true_maps, true_names, pred_names, pred.confidence[shown], layer_name
+                    ),
+                    f"gradcam/{layer_name}.png",
+                )
+        print(
+            f"\nanalysis of {ref.uri}: test accuracy {pred.accuracy:.4f}, {len(wrong)} misclassified\n"
+            f"  view: {tracking.run_url(run)}\n"
+        )
         return AnalyzeOutcome(run.info.run_id, pred.accuracy, len(wrong))
 
 
 def _confused_pairs_markdown(cm: np.ndarray, names: list[str], accuracy: float, wrong: int) -> str:
-    lines = ["# Most-confused classes\n", f"Test accuracy {accuracy:.2%}; {wrong} of {int(cm.sum())} test images "
-             "misclassified.\n", "| true | predicted as | images | share of the true class |", "|---|---|---|---|"]
+    lines = [
+        "# Most-confused classes\n",
+        f"Test accuracy {accuracy:.2%}; {wrong} of {int(cm.sum())} test images misclassified.\n",
+        "| true | predicted as | images | share of the true class |",
+        "|---|---|---|---|",
+    ]
     pairs = analysis.most_confused_pairs(cm, names, CONFUSED_PAIRS)
     lines += [f"| {t} | {p} | {n} | {share:.1%} |" for t, p, n, share in pairs] or ["| (none) | | | |"]
     return "\n".join(lines) + "\n"

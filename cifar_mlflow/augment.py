@@ -5,10 +5,12 @@ Normalisation is not here: it lives inside the model, so the pipelines only move
 test pipeline is the identity. Argument names are albumentations 2.x ones (`fill`, `num_holes_range`, ...):
 the 1.x names (`max_holes`, `fill_value`) are silently ignored by 2.x.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import albumentations as A
 import cv2
@@ -17,8 +19,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-PAD = 4          # reflect-pad 4 then crop 32: the standard CIFAR translation of up to 4 px (He et al. 2016)
-CUTOUT = 16      # one 16x16 hole: the size DeVries & Taylor (2017) found best for CIFAR-10
+PAD = 4  # reflect-pad 4 then crop 32: the standard CIFAR translation of up to 4 px (He et al. 2016)
+CUTOUT = 16  # one 16x16 hole: the size DeVries & Taylor (2017) found best for CIFAR-10
 
 
 def cutout_fill(mean: Sequence[float]) -> tuple[float, ...]:
@@ -27,7 +29,7 @@ def cutout_fill(mean: Sequence[float]) -> tuple[float, ...]:
 
 
 HEAVY_HOLE = 16  # "half-size patch": a 16x16 hole is half the 32-px side, as in the course notebooks
-ROTATE = 5       # degrees: small enough that CIFAR's upright objects stay upright
+ROTATE = 5  # degrees: small enough that CIFAR's upright objects stay upright
 
 
 def _pad_crop() -> list[A.BasicTransform]:
@@ -40,8 +42,10 @@ class Cutout(A.CoarseDropout):
     inside, which for a 16x16 hole on 32x32 means the image centre is always covered). Filled with the dataset
     mean, i.e. 0 after the model's normalisation, as the paper's mask applied to normalised images is."""
 
-    note = ("hole centred anywhere in the image and clipped at the border (DeVries & Taylor 2017, as their code "
-            "does), filled with the dataset mean = 0 after normalisation")
+    note = (
+        "hole centred anywhere in the image and clipped at the border (DeVries & Taylor 2017, as their code "
+        "does), filled with the dataset mean = 0 after normalisation"
+    )
 
     def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
         height, width = params["shape"][:2]
@@ -55,8 +59,13 @@ class Cutout(A.CoarseDropout):
 
 
 def _cutout(mean: Sequence[float], size: int = CUTOUT, p: float = 1.0) -> Cutout:
-    return Cutout(num_holes_range=(1, 1), hole_height_range=(size, size), hole_width_range=(size, size),
-                  fill=cutout_fill(mean), p=p)
+    return Cutout(
+        num_holes_range=(1, 1),
+        hole_height_range=(size, size),
+        hole_width_range=(size, size),
+        fill=cutout_fill(mean),
+        p=p,
+    )
 
 
 def build_train_transform(preset: str, mean: Sequence[float]) -> A.Compose | None:
@@ -70,14 +79,23 @@ def build_train_transform(preset: str, mean: Sequence[float]) -> A.Compose | Non
         # a half-size hole, colour jitter with the hue bounded (CIFAR colours carry class information), to-gray
         "heavy": lambda: [
             A.HorizontalFlip(p=0.5),
-            A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15),
-                     border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            A.Affine(
+                translate_percent=(-0.1, 0.1),
+                scale=(0.9, 1.1),
+                rotate=(-15, 15),
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=0.5,
+            ),
             _cutout(mean, HEAVY_HOLE, p=0.5),
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=0.5),
-            A.ToGray(p=0.1)],
+            A.ToGray(p=0.1),
+        ],
         # pad-crop + 16x16 cutout + rotate +-5 degrees
-        "rotate": lambda: [*_pad_crop(), _cutout(mean),
-                           A.Rotate(limit=ROTATE, border_mode=cv2.BORDER_REFLECT_101, p=0.5)],
+        "rotate": lambda: [
+            *_pad_crop(),
+            _cutout(mean),
+            A.Rotate(limit=ROTATE, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+        ],
     }
     if preset == "none":
         return None
@@ -98,6 +116,7 @@ def describe(transform: A.Compose | None) -> str:
 # albumentations calls in CPU workers would be the bottleneck. Each draws from exactly the distribution of its
 # albumentations twin above (tests/test_device_loader.py compares them).
 
+
 @dataclass(frozen=True)
 class BatchRecipe:
     """pad: reflect-pad then random crop back to size (0 = no translation); flip: probability of a horizontal
@@ -116,8 +135,9 @@ BATCH_RECIPES = {
 }
 
 
-def batch_augment(padded: "torch.Tensor", index: "torch.Tensor", recipe: BatchRecipe, fill: "torch.Tensor",
-                  generator: "torch.Generator") -> "torch.Tensor":
+def batch_augment(
+    padded: torch.Tensor, index: torch.Tensor, recipe: BatchRecipe, fill: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Augmented uint8 images (B, S, S, C) for rows `index` of `padded` (N, S + 2 pad, S + 2 pad, C, already
     reflect-padded by recipe.pad), all on one device. Crop offsets, flips and hole centres are drawn per image
     from `generator`; the crop and the flip are one gather (a flip is the crop's columns in reverse order)."""
@@ -133,7 +153,7 @@ def batch_augment(padded: "torch.Tensor", index: "torch.Tensor", recipe: BatchRe
     def chance(p: float) -> torch.Tensor:
         return torch.rand(b, device=device, generator=generator) < p
 
-    rows = draw(2 * recipe.pad + 1)[:, None] + span            # crop offset 0..2*pad, as RandomCrop after padding
+    rows = draw(2 * recipe.pad + 1)[:, None] + span  # crop offset 0..2*pad, as RandomCrop after padding
     cols = draw(2 * recipe.pad + 1)[:, None] + span
     cols = torch.where(chance(recipe.flip)[:, None], cols.flip(1), cols)
     out = padded[index[:, None, None], rows[:, :, None], cols[:, None, :]]

@@ -1,6 +1,7 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped (model, optimiser,
 scheduler, gradient scaler, RNG states, epoch, metric history), saved with torch.save and read back with
 `torch.load(weights_only=True)`, which refuses to run code hidden in a pickle. Knows nothing of MLflow."""
+
 from __future__ import annotations
 
 import copy
@@ -17,42 +18,67 @@ from cifar_mlflow.errors import ModelError
 FORMAT = 1
 
 
-def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-            scaler: torch.amp.GradScaler | None, epoch: int, history: list[dict[str, float]],
-            lr_steps: list[float]) -> dict[str, Any]:
+def capture(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    epoch: int,
+    history: list[dict[str, float]],
+    lr_steps: list[float],
+) -> dict[str, Any]:
     """The complete training state after `epoch` (1-based), as tensors and plain Python values only."""
     np_state = np.random.get_state(legacy=False)
     return {
-        "format": FORMAT, "epoch": epoch, "history": [dict(h) for h in history], "lr_steps": list(lr_steps),
+        "format": FORMAT,
+        "epoch": epoch,
+        "history": [dict(h) for h in history],
+        "lr_steps": list(lr_steps),
         "best_test_accuracy": max((h["test/accuracy"] for h in history), default=0.0),
         # copies, not references: the state may be written out in the background while training goes on
         "model": _cpu_copy(model.state_dict()),
         "optimizer": _cpu_copy(optimizer.state_dict()),
         "scheduler": _cpu_copy(scheduler.state_dict()),
         "scaler": _cpu_copy(scaler.state_dict()) if scaler is not None else None,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                          "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                          "gauss": float(np_state["gauss"])},
-                "python": _to_lists(random.getstate())},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {
+                "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                "pos": int(np_state["state"]["pos"]),
+                "has_gauss": int(np_state["has_gauss"]),
+                "gauss": float(np_state["gauss"]),
+            },
+            "python": _to_lists(random.getstate()),
+        },
     }
 
 
-def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-            scaler: torch.amp.GradScaler | None) -> None:
+def restore(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
     """Put a captured state back into freshly built objects (the same architecture and optimiser). A state that
     does not fit them is a one-line ModelError."""
     try:
         _restore(state, model, optimizer, scheduler, scaler)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"the checkpoint of epoch {state.get('epoch')} does not fit this run's model and optimiser "
-                         f"({first[:300]})") from None
+        raise ModelError(
+            f"the checkpoint of epoch {state.get('epoch')} does not fit this run's model and optimiser ({first[:300]})"
+        ) from None
 
 
-def _restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             scaler: torch.amp.GradScaler | None) -> None:
+def _restore(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -63,9 +89,14 @@ def _restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.opt
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     n = rng["numpy"]
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
-                                                               "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
     random.setstate(_to_tuples(rng["python"]))
 
 
@@ -96,8 +127,15 @@ def load(path: Path, name: str | None = None) -> dict[str, Any]:
 
 
 # What capture() writes, as (key, type): a checkpoint lacking one of them cannot be resumed from.
-_FIELDS = (("epoch", int), ("history", list), ("lr_steps", list), ("model", dict), ("optimizer", dict),
-           ("scheduler", dict), ("rng", dict))
+_FIELDS = (
+    ("epoch", int),
+    ("history", list),
+    ("lr_steps", list),
+    ("model", dict),
+    ("optimizer", dict),
+    ("scheduler", dict),
+    ("rng", dict),
+)
 _RNG_FIELDS = (("torch", torch.Tensor), ("cuda", list), ("numpy", dict), ("python", list))
 
 

@@ -1,11 +1,13 @@
 """Command-line plumbing shared by the entry points: click options generated from a config dataclass (so the
 two cannot drift), and one-line errors instead of tracebacks for problems the user can fix."""
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -39,8 +41,9 @@ def _click_type(f: dataclasses.Field) -> Any:
     if m["choices"]:
         return click.Choice(m["choices"])
     if kind is int:
-        number: click.ParamType = click.IntRange(min=m["low"], max=m["high"], min_open=m["low_open"],
-                                                 max_open=m["high_open"])
+        number: click.ParamType = click.IntRange(
+            min=m["low"], max=m["high"], min_open=m["low_open"], max_open=m["high_open"]
+        )
     elif kind is float:
         number = click.FloatRange(min=m["low"], max=m["high"], min_open=m["low_open"], max_open=m["high_open"])
     else:
@@ -50,11 +53,19 @@ def _click_type(f: dataclasses.Field) -> Any:
 
 def config_options(config_cls: type) -> Callable[[Callable], Callable]:
     """Decorator adding one --option per dataclass field, with its default, type, range and help."""
+
     def decorate(fn: Callable) -> Callable:
         for f in reversed(dataclasses.fields(config_cls)):
-            fn = click.option(f"--{f.name}", f.name, type=_click_type(f), default=f.default, show_default=True,
-                              help=f"{f.metadata['help']} Allowed: {allowed(f)}.")(fn)
+            fn = click.option(
+                f"--{f.name}",
+                f.name,
+                type=_click_type(f),
+                default=f.default,
+                show_default=True,
+                help=f"{f.metadata['help']} Allowed: {allowed(f)}.",
+            )(fn)
         return fn
+
     return decorate
 
 
@@ -62,7 +73,7 @@ def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, 
     """Run a click command in this process: (0, "") on success, else (exit code, one-line message)."""
     try:
         command.main(args=args, standalone_mode=False)
-    except click.exceptions.Abort:      # Ctrl-C (click turns KeyboardInterrupt into Abort)
+    except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
         return 130, "interrupted (Ctrl-C); the run is KILLED and its last checkpoint kept"
     except Terminated:
         return 143, "terminated (SIGTERM); the run is KILLED and its last checkpoint kept"
@@ -70,7 +81,7 @@ def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, 
         return exc.exit_code, exc.format_message()
     except CifarMlflowError as exc:
         return getattr(exc, "exit_code", 1), str(exc)
-    except OSError as exc:   # the machine, not the code: a full disk, a file too large, a folder not writable
+    except OSError as exc:  # the machine, not the code: a full disk, a file too large, a folder not writable
         return 1, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
     return 0, ""
 
@@ -87,8 +98,8 @@ def run_cli(command: click.Command) -> None:
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
-    if code not in _RUN_LEFT_ALONE and os.environ.get("MLFLOW_RUN_ID"):   # `mlflow run` made a run: FAILED + reason
-        from cifar_mlflow import tracking   # imported only here: --help and option errors stay fast
+    if code not in _RUN_LEFT_ALONE and os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made a run: FAILED + reason
+        from cifar_mlflow import tracking  # imported only here: --help and option errors stay fast
 
         tracking.fail_run_from_env(message)
     sys.exit(code)

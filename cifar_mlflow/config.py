@@ -3,6 +3,7 @@
 This is the one place defaults live. The MLproject file and the click options are checked against these
 dataclasses (tests/test_project_files.py); the click options are generated from them (cifar_mlflow/cli.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,10 @@ LOADERS = ("auto", "device", "workers")
 
 # Registered model names as this project writes them into model URIs (models:/<name>/<version>) and MLflow's
 # search filters: MLflow itself refuses '/' and ':'; '@' would read as an alias, quotes and spaces break both.
-MODEL_NAME = (r"[A-Za-z0-9][A-Za-z0-9_.-]{0,255}",
-              "letters, digits, '_', '-' and '.', starting with a letter or digit (at most 256 characters)")
+MODEL_NAME = (
+    r"[A-Za-z0-9][A-Za-z0-9_.-]{0,255}",
+    "letters, digits, '_', '-' and '.', starting with a letter or digit (at most 256 characters)",
+)
 
 
 def param(
@@ -47,8 +50,16 @@ def param(
     also: words accepted besides the typed values (e.g. "auto" for the learning rate)."""
     return field(
         default=default,
-        metadata={"help": help, "choices": choices, "low": low, "high": high,
-                  "low_open": low_open, "high_open": high_open, "pattern": pattern, "also": also},
+        metadata={
+            "help": help,
+            "choices": choices,
+            "low": low,
+            "high": high,
+            "low_open": low_open,
+            "high_open": high_open,
+            "pattern": pattern,
+            "also": also,
+        },
     )
 
 
@@ -87,8 +98,11 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is float and not math.isfinite(value)):
         raise bad
-    if kind is str and (not value.strip() or (m["choices"] and value not in m["choices"])
-                        or (m["pattern"] and not re.fullmatch(m["pattern"][0], value))):
+    if kind is str and (
+        not value.strip()
+        or (m["choices"] and value not in m["choices"])
+        or (m["pattern"] and not re.fullmatch(m["pattern"][0], value))
+    ):
         raise bad
     if m["low"] is not None and (value < m["low"] or (m["low_open"] and value == m["low"])):
         raise bad
@@ -118,75 +132,125 @@ class TrainConfig(_Validated):
     data cannot be downloaded on the machines it was built on). On real digits it is measured against the
     course-notebook loop: benchmarks/RESULTS.md."""
 
-    epochs: int = param(20, "Passes over the training set; 20 is what the course assignments ask for, where one-cycle "
-                        "SGD reaches 92-93% with this network (Lightning's CIFAR-10 baseline).", low=1)
+    epochs: int = param(
+        20,
+        "Passes over the training set; 20 is what the course assignments ask for, where one-cycle "
+        "SGD reaches 92-93% with this network (Lightning's CIFAR-10 baseline).",
+        low=1,
+    )
     batch_size: int = param(
-        512, "Images per step; 512 keeps a GPU busy and takes per-step overhead out of the epoch (Goyal et al. "
+        512,
+        "Images per step; 512 keeps a GPU busy and takes per-step overhead out of the epoch (Goyal et al. "
         "2017 train ResNets at up to 8k with the LR scaled linearly).",
-        low=1)
+        low=1,
+    )
     lr: float | str = param(
-        0.2, "Peak learning rate of the schedule; 0.2 = 0.1 per 256 images, He et al.'s 0.1 scaled linearly to "
+        0.2,
+        "Peak learning rate of the schedule; 0.2 = 0.1 per 256 images, He et al.'s 0.1 scaled linearly to "
         "batch 512 (Goyal et al. 2017). "
         "auto = run the LR range test first and use its suggestion (clamped to a safe range).",
-        low=0.0, low_open=True, also=("auto",))
-    optimizer: str = param("sgd", "Optimiser; SGD with Nesterov momentum (Sutskever et al. 2013): adaptive methods "
-                           "generalise worse on CIFAR image classifiers (Wilson et al. 2017).",
-                           choices=OPTIMIZERS)
-    momentum: float = param(0.9, "SGD momentum (Adam beta1); 0.9 as in He et al. 2016 and every recipe cited here.",
-                            low=0.0, high=1.0, high_open=True)
+        low=0.0,
+        low_open=True,
+        also=("auto",),
+    )
+    optimizer: str = param(
+        "sgd",
+        "Optimiser; SGD with Nesterov momentum (Sutskever et al. 2013): adaptive methods "
+        "generalise worse on CIFAR image classifiers (Wilson et al. 2017).",
+        choices=OPTIMIZERS,
+    )
+    momentum: float = param(
+        0.9,
+        "SGD momentum (Adam beta1); 0.9 as in He et al. 2016 and every recipe cited here.",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+    )
     weight_decay: float = param(
-        0.0005, "L2 weight decay; 5e-4 as in Wide ResNets (Zagoruyko & Komodakis 2016), kuangliu/pytorch-cifar and "
-        "the Lightning baseline (He et al. 2016 used 1e-4 over 160 epochs).", low=0.0)
+        0.0005,
+        "L2 weight decay; 5e-4 as in Wide ResNets (Zagoruyko & Komodakis 2016), kuangliu/pytorch-cifar and "
+        "the Lightning baseline (He et al. 2016 used 1e-4 over 160 epochs).",
+        low=0.0,
+    )
     l1: float = param(
-        0.0, "L1 penalty on conv/linear weights added to the loss; 0 = off (weight decay already regularises).",
-        low=0.0)
+        0.0, "L1 penalty on conv/linear weights added to the loss; 0 = off (weight decay already regularises).", low=0.0
+    )
     label_smoothing: float = param(
-        0.1, "Label smoothing of the training loss; 0.1 as in Szegedy et al. 2016 (airbench uses 0.2 for CIFAR-10); "
+        0.1,
+        "Label smoothing of the training loss; 0.1 as in Szegedy et al. 2016 (airbench uses 0.2 for CIFAR-10); "
         "train/loss and test/loss are reported without it.",
-        low=0.0, high=1.0, high_open=True)
+        low=0.0,
+        high=1.0,
+        high_open=True,
+    )
     scheduler: str = param(
-        "onecycle", "LR schedule; one-cycle (linear warm-up over the first 20%, then linear decay to ~0): fast "
+        "onecycle",
+        "LR schedule; one-cycle (linear warm-up over the first 20%, then linear decay to ~0): fast "
         "convergence in short budgets (Smith & Topin 2019), the shape of Page's 24-epoch CIFAR-10 runs (2018). cosine: per-step cosine decay to 0; plateau: x0.1 when "
         "the test loss stalls for 2 epochs; cyclic: triangular2 between lr/10 and lr, 2-epoch half cycles.",
-        choices=SCHEDULERS)
+        choices=SCHEDULERS,
+    )
     augment: str = param(
-        "standard", "Augmentation preset; standard = reflect-pad 4 + random crop 32 and horizontal flip (He et al. "
+        "standard",
+        "Augmentation preset; standard = reflect-pad 4 + random crop 32 and horizontal flip (He et al. "
         "2016), one 16x16 cutout centred anywhere (DeVries & Taylor 2017: the best size for CIFAR-10). See README "
-        "for flip-cutout, heavy, rotate.", choices=AUGMENT_PRESETS)
-    arch: str = param("resnet18", "Network: torchvision ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool).",
-                      choices=ARCHS)
+        "for flip-cutout, heavy, rotate.",
+        choices=AUGMENT_PRESETS,
+    )
+    arch: str = param(
+        "resnet18", "Network: torchvision ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool).", choices=ARCHS
+    )
     norm: str = param(
-        "batch", "Normalisation layers; batch (Ioffe & Szegedy 2015), as every recipe cited here; group (32 groups, "
-        "Wu & He 2018) and layer (GroupNorm with one group) do not depend on the batch size.", choices=NORMS)
+        "batch",
+        "Normalisation layers; batch (Ioffe & Szegedy 2015), as every recipe cited here; group (32 groups, "
+        "Wu & He 2018) and layer (GroupNorm with one group) do not depend on the batch size.",
+        choices=NORMS,
+    )
     seed: int = param(0, "Seed for weights, shuffling and augmentation; same seed = same run on CPU.", low=0)
     data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/ or digits-batches-py/.")
     dataset: str = param(
-        "cifar10", "cifar10 (read or downloaded); digits: scikit-learn's handwritten digits as 32x32 RGB in the "
+        "cifar10",
+        "cifar10 (read or downloaded); digits: scikit-learn's handwritten digits as 32x32 RGB in the "
         "CIFAR-10 layout, real images that need no download; synthetic: a generated 10-class set for speed runs "
-        "(it proves plumbing, not learning).", choices=DATASETS)
+        "(it proves plumbing, not learning).",
+        choices=DATASETS,
+    )
     max_train_samples: int = param(0, "Use only the first N training images (0 = all); for quick runs.", low=0)
     max_test_samples: int = param(0, "Use only the first N test images (0 = all); for quick runs.", low=0)
     num_workers: int = param(
-        -1, "Data-loader worker processes; -1 = auto (one per spare core, at most 8, 0 on a single core).", low=-1)
+        -1, "Data-loader worker processes; -1 = auto (one per spare core, at most 8, 0 on a single core).", low=-1
+    )
     precision: str = param(
-        "auto", "Compute precision; auto = bf16 autocast where the device runs it natively (CUDA with bf16, "
-        "CPUs with AVX512-BF16/AMX), else fp32.", choices=PRECISIONS)
+        "auto",
+        "Compute precision; auto = bf16 autocast where the device runs it natively (CUDA with bf16, "
+        "CPUs with AVX512-BF16/AMX), else fp32.",
+        choices=PRECISIONS,
+    )
     loader: str = param(
-        "auto", "How training batches are made. device: the split lives on the training device as one uint8 "
+        "auto",
+        "How training batches are made. device: the split lives on the training device as one uint8 "
         "tensor and is cropped, flipped and cut out there by batched tensor ops (presets standard, flip-cutout, "
         "none; no worker processes, no copy per batch); workers: albumentations in loader worker processes "
         "(every preset); auto = device on a GPU for the presets it has, else workers (on a CPU the workers "
-        "augment beside the training threads).", choices=LOADERS)
+        "augment beside the training threads).",
+        choices=LOADERS,
+    )
     compile: str = param(
-        "false", "torch.compile the model for training and evaluation; pays off on a GPU over many epochs, costs "
+        "false",
+        "torch.compile the model for training and evaluation; pays off on a GPU over many epochs, costs "
         "a minute or more of compilation first. GradCAM and saved weights always use the uncompiled module.",
-        choices=("false", "true"))
+        choices=("false", "true"),
+    )
     log_images_every: int = param(
-        -1, "Log a panel of fixed test images with predictions and GradCAM (layer3) every N epochs and after the "
+        -1,
+        "Log a panel of fixed test images with predictions and GradCAM (layer3) every N epochs and after the "
         "last, as MLflow images (step = epoch), to watch attention form; -1 = auto (epoch 1, about 5 more, the "
-        "last), 0 = off.", low=-1)
+        "last), 0 = off.",
+        low=-1,
+    )
     registered_model_name: str = param(
-        "cifar10-resnet18", "Registered model that receives a new version.", pattern=MODEL_NAME)
+        "cifar10-resnet18", "Registered model that receives a new version.", pattern=MODEL_NAME
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -200,12 +264,13 @@ DEVICE_PRESETS = ("standard", "flip-cutout", "none")
 def check_loader(cfg: Any) -> None:
     """loader=device needs a preset with a batched version."""
     if cfg.loader == "device" and cfg.augment not in DEVICE_PRESETS:
-        raise ConfigError(f"loader='device' is not allowed with augment={cfg.augment!r}: the device loader has "
-                          f"{', '.join(DEVICE_PRESETS)}; use loader=workers or auto")
+        raise ConfigError(
+            f"loader='device' is not allowed with augment={cfg.augment!r}: the device loader has "
+            f"{', '.join(DEVICE_PRESETS)}; use loader=workers or auto"
+        )
 
 
-MODEL_URI_FORMS = ("models:/<name>/<version>, models:/<name>@<alias>, models:/<logged model id> "
-                   "or runs:/<run id>/<path>")
+MODEL_URI_FORMS = "models:/<name>/<version>, models:/<name>@<alias>, models:/<logged model id> or runs:/<run id>/<path>"
 
 
 @dataclass(frozen=True)
@@ -213,22 +278,32 @@ class AnalyzeConfig(_Validated):
     """Parameters of the `analyze` entry point."""
 
     model_uri: str = param(
-        "models:/cifar10-resnet18@champion", "The model to analyse: a registered version, an alias or a run's model.",
-        pattern=(r"(models:/[^/@\s]+(/[0-9]+|@[\w-]+)?|runs:/[0-9a-f]+/\S+)", MODEL_URI_FORMS))
+        "models:/cifar10-resnet18@champion",
+        "The model to analyse: a registered version, an alias or a run's model.",
+        pattern=(r"(models:/[^/@\s]+(/[0-9]+|@[\w-]+)?|runs:/[0-9a-f]+/\S+)", MODEL_URI_FORMS),
+    )
     num_images: int = param(
-        25, "Misclassified images in the gallery and the GradCAM figures, most confident mistakes first.", low=1)
+        25, "Misclassified images in the gallery and the GradCAM figures, most confident mistakes first.", low=1
+    )
     target_layers: str = param(
-        "layer3,layer4", "Comma-separated modules to explain with GradCAM; layer3 (8x8) and layer4 (4x4) are the "
-        "last two stages, coarse-to-fine as in the course notebooks.", pattern=(r"[\w.]+(,[\w.]+)*",
-                                                                            "comma-separated layer names"))
+        "layer3,layer4",
+        "Comma-separated modules to explain with GradCAM; layer3 (8x8) and layer4 (4x4) are the "
+        "last two stages, coarse-to-fine as in the course notebooks.",
+        pattern=(r"[\w.]+(,[\w.]+)*", "comma-separated layer names"),
+    )
     data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/ or digits-batches-py/.")
     dataset: str = param(
-        "auto", "Test data: auto = the dataset the model's training run used; or cifar10, digits, synthetic.",
-        choices=ANALYZE_DATASETS)
+        "auto",
+        "Test data: auto = the dataset the model's training run used; or cifar10, digits, synthetic.",
+        choices=ANALYZE_DATASETS,
+    )
     max_test_samples: int = param(0, "Use only the first N test images (0 = all); for quick runs.", low=0)
     batch_size: int = param(
-        0, "Images per evaluation/GradCAM batch; 0 = the training run's batch size, so the accuracy reproduces "
-        "the training run's exactly.", low=0)
+        0,
+        "Images per evaluation/GradCAM batch; 0 = the training run's batch size, so the accuracy reproduces "
+        "the training run's exactly.",
+        low=0,
+    )
 
 
 def inherit(config: type, name: str) -> Any:
@@ -242,12 +317,17 @@ def inherit(config: type, name: str) -> Any:
 class LRFindConfig(_Validated):
     """Parameters of the `lr_find` entry point: the sweep, plus main's data, model and optimiser parameters."""
 
-    start_lr: float = param(1e-5, "First learning rate of the exponential sweep (well below any useful LR).",
-                            low=0.0, low_open=True)
-    end_lr: float = param(10.0, "Last learning rate of the sweep (well above where training diverges).",
-                          low=0.0, low_open=True)
-    num_iter: int = param(100, "Sweep steps; 100 points over 6 decades put ~8 in each half-decade the suggestion "
-                          "fits a line through.", low=20)
+    start_lr: float = param(
+        1e-5, "First learning rate of the exponential sweep (well below any useful LR).", low=0.0, low_open=True
+    )
+    end_lr: float = param(
+        10.0, "Last learning rate of the sweep (well above where training diverges).", low=0.0, low_open=True
+    )
+    num_iter: int = param(
+        100,
+        "Sweep steps; 100 points over 6 decades put ~8 in each half-decade the suggestion fits a line through.",
+        low=20,
+    )
     batch_size: int = inherit(TrainConfig, "batch_size")
     optimizer: str = inherit(TrainConfig, "optimizer")
     momentum: float = inherit(TrainConfig, "momentum")
@@ -309,8 +389,11 @@ class PipelineConfig(_Validated):
     num_images: int = inherit(AnalyzeConfig, "num_images")
     target_layers: str = inherit(AnalyzeConfig, "target_layers")
     reuse: str = param(
-        "true", "Reuse a step whose FINISHED run with the same parameters and the same code exists (MLflow's "
-        "multistep pattern) instead of running it again; false = always run every step.", choices=("true", "false"))
+        "true",
+        "Reuse a step whose FINISHED run with the same parameters and the same code exists (MLflow's "
+        "multistep pattern) instead of running it again; false = always run every step.",
+        choices=("true", "false"),
+    )
 
     def steps(self) -> tuple[LRFindConfig, TrainConfig, AnalyzeConfig]:
         """The three steps' configs (validated): training's lr and analysis' model_uri are placeholders that
@@ -320,5 +403,8 @@ class PipelineConfig(_Validated):
         def pick(config: type, **extra: Any) -> Any:
             return config(**{**{k: v for k, v in mine.items() if k in config.__dataclass_fields__}, **extra})
 
-        return (pick(LRFindConfig), pick(TrainConfig),
-                pick(AnalyzeConfig, model_uri=f"models:/{self.registered_model_name}/1", dataset=self.dataset))
+        return (
+            pick(LRFindConfig),
+            pick(TrainConfig),
+            pick(AnalyzeConfig, model_uri=f"models:/{self.registered_model_name}/1", dataset=self.dataset),
+        )

@@ -5,6 +5,7 @@ build the data loaders.
 Images stay uint8 HWC numpy arrays end to end (airbench-style: one array per split); the conversion to float,
 CHW/channels_last and normalisation happen on the device, inside the engine and the model.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -18,9 +19,10 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +39,18 @@ META_FILE = "batches.meta"
 NUM_CLASSES = 10
 IMAGE_BYTES = 3 * 32 * 32
 
-SYNTHETIC_CLASSES = ("red-disc", "green-square", "blue-triangle", "yellow-cross", "magenta-ring",
-                     "cyan-hbar", "orange-vbar", "purple-diamond", "white-x", "lime-frame")
+SYNTHETIC_CLASSES = (
+    "red-disc",
+    "green-square",
+    "blue-triangle",
+    "yellow-cross",
+    "magenta-ring",
+    "cyan-hbar",
+    "orange-vbar",
+    "purple-diamond",
+    "white-x",
+    "lime-frame",
+)
 # Same sizes as CIFAR-10 so that synthetic is a drop-in stand-in; only the first N requested are rendered.
 SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
 
@@ -65,7 +77,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, n: int) -> "Split":
+    def head(self, n: int) -> Split:
         """The first n samples (n = 0 means all)."""
         return self if n <= 0 or n >= len(self) else Split(self.images[:n], self.labels[:n])
 
@@ -84,14 +96,17 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the CIFAR-10 python layout
 
+
 class _Refused(pickle.UnpicklingError):
     """The pickle asks for something a CIFAR batch never holds."""
 
 
 # Plain numeric dtypes, each with the byte orders its pickled state may name. A CIFAR-10 file holds uint8 pixels
 # and a list of int labels; the other plain types are read so that read_batch can say what is wrong with them.
-_PLAIN_DTYPES = {**{name: "|" for name in ("b1", "i1", "u1")},
-                 **{f"{kind}{size}": "<>=" for kind in "iuf" for size in (2, 4, 8)}}
+_PLAIN_DTYPES = {
+    **{name: "|" for name in ("b1", "i1", "u1")},
+    **{f"{kind}{size}": "<>=" for kind in "iuf" for size in (2, 4, 8)},
+}
 
 
 class _PickledDtype:
@@ -108,9 +123,16 @@ class _PickledDtype:
 
     def __setstate__(self, state: Any) -> None:
         # numpy's state of a plain dtype: (3, byte order, None, None, None, -1, -1, 0), optionally + metadata None
-        plain = (isinstance(state, tuple) and len(state) in (8, 9) and state[0] == 3
-                 and isinstance(state[1], str) and len(state[1]) == 1 and state[1] in _PLAIN_DTYPES[self.name]
-                 and state[2:8] == (None, None, None, -1, -1, 0) and state[8:] in ((), (None,)))
+        plain = (
+            isinstance(state, tuple)
+            and len(state) in (8, 9)
+            and state[0] == 3
+            and isinstance(state[1], str)
+            and len(state[1]) == 1
+            and state[1] in _PLAIN_DTYPES[self.name]
+            and state[2:8] == (None, None, None, -1, -1, 0)
+            and state[8:] in ((), (None,))
+        )
         if not plain:
             raise _Refused(f"refusing a {self.name} dtype whose pickled state is not numpy's plain one")
         self.dtype = np.dtype(self.name).newbyteorder("=" if state[1] == "|" else state[1])
@@ -138,13 +160,19 @@ class _PickledArray:
             raise _Refused("refusing an array whose pickled state is not numpy's plain one")
         _, shape, dtype, fortran, raw = state
         dtype = _plain(dtype)
-        if (not isinstance(shape, tuple) or len(shape) > 2 or fortran not in (0, 1)
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        if (
+            not isinstance(shape, tuple)
+            or len(shape) > 2
+            or fortran not in (0, 1)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+        ):
             raise _Refused(f"refusing an array of shape {shape!r:.80}")
         size = math.prod(shape) * dtype.itemsize
         if not isinstance(raw, bytes) or len(raw) != size:
-            raise _Refused(f"an array of shape {shape} needs {size} bytes, the file holds "
-                           f"{len(raw) if isinstance(raw, bytes) else type(raw).__name__}")
+            raise _Refused(
+                f"an array of shape {shape} needs {size} bytes, the file holds "
+                f"{len(raw) if isinstance(raw, bytes) else type(raw).__name__}"
+            )
         native = dtype.newbyteorder("=")
         self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").astype(native)
 
@@ -187,11 +215,14 @@ def _refuse_ndarray(*args: Any) -> None:
 
 
 _NDARRAY = _Global(_refuse_ndarray)
-_MULTIARRAY = ("numpy.core.multiarray", "numpy._core.multiarray")   # numpy 1.x and 2.x spellings
-_GLOBALS = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _Global(_PickledDtype),
-            ("_codecs", "encode"): _Global(_latin1),
-            **{(m, "_reconstruct"): _Global(_PickledArray) for m in _MULTIARRAY},
-            **{(m, "scalar"): _Global(_scalar) for m in _MULTIARRAY}}
+_MULTIARRAY = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1.x and 2.x spellings
+_GLOBALS = {
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Global(_PickledDtype),
+    ("_codecs", "encode"): _Global(_latin1),
+    **{(m, "_reconstruct"): _Global(_PickledArray) for m in _MULTIARRAY},
+    **{(m, "scalar"): _Global(_scalar) for m in _MULTIARRAY},
+}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -215,8 +246,19 @@ def _materialised(value: Any) -> Any:
 
 
 # Everything a mutated pickle can raise while being read: one line naming the file, never a traceback.
-_UNREADABLE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-               LookupError, MemoryError, RecursionError, OverflowError)
+_UNREADABLE = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    LookupError,
+    MemoryError,
+    RecursionError,
+    OverflowError,
+)
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -258,7 +300,7 @@ def read_batch(path: Path) -> Split:
 def read_class_names(path: Path) -> tuple[str, ...]:
     names = _load_pickle(path).get("label_names")
     ok = isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, (bytes, str)) for n in names)
-    if not ok:   # described by type and length: repr() of a crafted, deeply nested value would itself fail
+    if not ok:  # described by type and length: repr() of a crafted, deeply nested value would itself fail
         got = f"{type(names).__name__} of length {len(names)}" if isinstance(names, list) else type(names).__name__
         raise DataError(f"{path}: 'label_names' must list {NUM_CLASSES} class names (strings), got a {got}")
     try:
@@ -299,8 +341,12 @@ def read_layout(folder: Path, name: str, max_train: int = 0, max_test: int = 0, 
 def write_batch(path: Path, split: Split, *, bytes_keys: bool = True, label: str = "batch") -> None:
     """Write a split in the CIFAR-10 python layout (protocol-2 pickle). Used by tests and tools that make data."""
     data = np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)).reshape(len(split), IMAGE_BYTES)
-    d = {"batch_label": label, "labels": [int(x) for x in split.labels], "data": data,
-         "filenames": [f"{i:05d}.png" for i in range(len(split))]}
+    d = {
+        "batch_label": label,
+        "labels": [int(x) for x in split.labels],
+        "data": data,
+        "filenames": [f"{i:05d}.png" for i in range(len(split))],
+    }
     if bytes_keys:
         d = {k.encode(): (v.encode() if isinstance(v, str) else v) for k, v in d.items()}
     with open(path, "wb") as fh:
@@ -318,6 +364,7 @@ def write_meta(path: Path, class_names: tuple[str, ...], *, bytes_keys: bool = T
 
 # ---------------------------------------------------------------------------------------------------------------
 # Download
+
 
 def file_digest(path: Path, algorithm: str = "md5") -> str:
     """Hex digest of a file, read in 1 MiB chunks (the archive is 170 MB, checkpoints ~90 MB)."""
@@ -343,30 +390,42 @@ def safe_extract(archive: Path, target: Path) -> None:
             tar.extractall(target, members=members, filter="data")
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{archive}: not a valid .tar.gz archive ({exc})") from None
-    except OSError as exc:    # disk full, file size limit, permissions: the archive is fine, the target is not
-        raise DataError(f"{archive}: extracting into {target} failed ({exc.strerror or exc}); free space or "
-                        "choose another data_dir, then run again") from None
+    except OSError as exc:  # disk full, file size limit, permissions: the archive is fine, the target is not
+        raise DataError(
+            f"{archive}: extracting into {target} failed ({exc.strerror or exc}); free space or "
+            "choose another data_dir, then run again"
+        ) from None
 
 
-def _writable_folder(data_dir: Path, layout: str = LAYOUT, purpose: str = "CIFAR-10 cannot be downloaded into it") -> None:
+def _writable_folder(
+    data_dir: Path, layout: str = LAYOUT, purpose: str = "CIFAR-10 cannot be downloaded into it"
+) -> None:
     """data_dir exists (created if need be) as a folder this process can write into, or one line says why not."""
     if data_dir.exists() and not data_dir.is_dir():
-        raise DataError(f"data_dir={str(data_dir)!r} is a file, not a folder; pass the folder that holds (or "
-                        f"should receive) {layout}/")
+        raise DataError(
+            f"data_dir={str(data_dir)!r} is a file, not a folder; pass the folder that holds (or "
+            f"should receive) {layout}/"
+        )
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        why = "a part of its path is a file" if isinstance(exc, (NotADirectoryError, FileExistsError)) else \
-            exc.strerror or str(exc)
+        why = (
+            "a part of its path is a file"
+            if isinstance(exc, (NotADirectoryError, FileExistsError))
+            else exc.strerror or str(exc)
+        )
         raise DataError(f"data_dir={str(data_dir)!r}: cannot create the folder ({why})") from None
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise _not_writable(data_dir, "permission denied", layout, purpose)
 
 
-def _not_writable(data_dir: Path, why: str, layout: str = LAYOUT,
-                  purpose: str = "CIFAR-10 cannot be downloaded into it") -> DataError:
-    return DataError(f"data_dir={str(data_dir)!r} is not writable ({why}), so {purpose}; choose a writable "
-                     f"folder, or copy {layout}/ there")
+def _not_writable(
+    data_dir: Path, why: str, layout: str = LAYOUT, purpose: str = "CIFAR-10 cannot be downloaded into it"
+) -> DataError:
+    return DataError(
+        f"data_dir={str(data_dir)!r} is not writable ({why}), so {purpose}; choose a writable "
+        f"folder, or copy {layout}/ there"
+    )
 
 
 def _extract_atomically(archive: Path, data_dir: Path) -> None:
@@ -380,14 +439,13 @@ def _extract_atomically(archive: Path, data_dir: Path) -> None:
         try:
             os.rename(staging / LAYOUT, data_dir / LAYOUT)
         except OSError:
-            if not (data_dir / LAYOUT).is_dir():   # else another process finished first: its copy is complete
+            if not (data_dir / LAYOUT).is_dir():  # else another process finished first: its copy is complete
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def download_cifar10(data_dir: Path, url: str | None = None, md5: str = CIFAR10_MD5,
-                     timeout: float = 30.0) -> Path:
+def download_cifar10(data_dir: Path, url: str | None = None, md5: str = CIFAR10_MD5, timeout: float = 30.0) -> Path:
     """Download the CIFAR-10 archive with a progress bar, check its MD5, extract it safely into data_dir."""
     from tqdm import tqdm
 
@@ -411,7 +469,8 @@ def download_cifar10(data_dir: Path, url: str | None = None, md5: str = CIFAR10_
             reason = getattr(exc, "reason", exc)
             raise DataError(
                 f"could not download CIFAR-10 from {url} ({reason}); offline? copy the extracted "
-                f"'{LAYOUT}' folder to {data_dir / LAYOUT}, or run with dataset=synthetic") from None
+                f"'{LAYOUT}' folder to {data_dir / LAYOUT}, or run with dataset=synthetic"
+            ) from None
         got = file_digest(tmp)
         if got != md5:
             raise DataError(f"{url}: downloaded archive has MD5 {got}, expected {md5}; not extracting it")
@@ -424,7 +483,7 @@ def download_cifar10(data_dir: Path, url: str | None = None, md5: str = CIFAR10_
 # ---------------------------------------------------------------------------------------------------------------
 # Digits: a real image set that needs no download
 
-DIGITS_SCALE = 4   # 8x8 -> 32x32, the input size of every model here
+DIGITS_SCALE = 4  # 8x8 -> 32x32, the input size of every model here
 
 
 def digits_splits() -> tuple[Split, Split]:
@@ -437,8 +496,12 @@ def digits_splits() -> tuple[Split, Split]:
 
     digits = load_digits()
     size = 8 * DIGITS_SCALE
-    big = np.stack([cv2.resize(img.astype(np.float32) * (255.0 / 16.0), (size, size),
-                               interpolation=cv2.INTER_LINEAR) for img in digits.images])
+    big = np.stack(
+        [
+            cv2.resize(img.astype(np.float32) * (255.0 / 16.0), (size, size), interpolation=cv2.INTER_LINEAR)
+            for img in digits.images
+        ]
+    )
     grey = np.clip(np.rint(big), 0, 255).astype(np.uint8)
     images = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=3))
     labels = digits.target.astype(np.int64)
@@ -467,14 +530,14 @@ def write_layout(folder: Path, train: Split, test: Split, class_names: tuple[str
     try:
         bounds = np.linspace(0, len(train), len(TRAIN_FILES) + 1).astype(int)
         for i, name in enumerate(TRAIN_FILES):
-            part = Split(train.images[bounds[i]:bounds[i + 1]], train.labels[bounds[i]:bounds[i + 1]])
+            part = Split(train.images[bounds[i] : bounds[i + 1]], train.labels[bounds[i] : bounds[i + 1]])
             write_batch(tmp / name, part, label=f"training batch {i + 1} of {len(TRAIN_FILES)}")
         write_batch(tmp / TEST_FILE, test, label="testing batch 1 of 1")
         write_meta(tmp / META_FILE, class_names)
         try:
             tmp.rename(folder)
         except OSError:
-            if not folder.is_dir():   # not a concurrent writer that finished first with the same content
+            if not folder.is_dir():  # not a concurrent writer that finished first with the same content
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -487,15 +550,28 @@ def build_digits(root: Path) -> Path:
     _writable_folder(root, DIGITS_LAYOUT, purpose)
     try:
         return write_layout(root / DIGITS_LAYOUT, *digits_splits(), DIGITS_CLASSES)
-    except OSError as exc:      # disk full, quota: nothing half-written is left (write_layout)
+    except OSError as exc:  # disk full, quota: nothing half-written is left (write_layout)
         raise _not_writable(root, exc.strerror or str(exc), DIGITS_LAYOUT, purpose) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Synthetic stand-in
 
-_PALETTE = np.array([[220, 40, 40], [40, 200, 60], [50, 80, 230], [235, 220, 40], [220, 50, 220],
-                     [40, 220, 230], [250, 140, 20], [140, 50, 200], [245, 245, 245], [160, 250, 40]], np.float32)
+_PALETTE = np.array(
+    [
+        [220, 40, 40],
+        [40, 200, 60],
+        [50, 80, 230],
+        [235, 220, 40],
+        [220, 50, 220],
+        [40, 220, 230],
+        [250, 140, 20],
+        [140, 50, 200],
+        [245, 245, 245],
+        [160, 250, 40],
+    ],
+    np.float32,
+)
 _YY, _XX = np.mgrid[0:32, 0:32].astype(np.float32)
 
 
@@ -503,14 +579,14 @@ def _shape_mask(cls: int, cx: float, cy: float, r: float) -> np.ndarray:
     dx, dy = _XX - cx, _YY - cy
     ax, ay, d = np.abs(dx), np.abs(dy), np.hypot(dx, dy)
     masks = (
-        d <= r,                                                   # disc
-        (ax <= r * 0.85) & (ay <= r * 0.85),                      # square
-        (dy <= r * 0.7) & (dy >= -r) & (ax <= (dy + r) * 0.6),   # triangle
+        d <= r,  # disc
+        (ax <= r * 0.85) & (ay <= r * 0.85),  # square
+        (dy <= r * 0.7) & (dy >= -r) & (ax <= (dy + r) * 0.6),  # triangle
         (ax <= r * 0.3) & (ay <= r) | (ay <= r * 0.3) & (ax <= r),  # cross
-        (d <= r) & (d >= r * 0.55),                               # ring
-        (ay <= r * 0.35) & (ax <= r * 1.2),                       # horizontal bar
-        (ax <= r * 0.35) & (ay <= r * 1.2),                       # vertical bar
-        ax + ay <= r,                                             # diamond
+        (d <= r) & (d >= r * 0.55),  # ring
+        (ay <= r * 0.35) & (ax <= r * 1.2),  # horizontal bar
+        (ax <= r * 0.35) & (ay <= r * 1.2),  # vertical bar
+        ax + ay <= r,  # diamond
         (np.abs(dx - dy) <= r * 0.35) & (d <= r) | (np.abs(dx + dy) <= r * 0.35) & (d <= r),  # x
         (np.maximum(ax, ay) <= r) & (np.maximum(ax, ay) >= r * 0.65),  # square frame
     )
@@ -542,12 +618,23 @@ def synthetic_dataset(max_train: int = 0, max_test: int = 0, test_only: bool = F
     n_train = 0 if test_only else max_train or SYNTHETIC_SIZES["train"]
     n_test = max_test or SYNTHETIC_SIZES["test"]
     # Fixed seeds, independent of the training seed: the dataset is the same for every run.
-    return Dataset("synthetic", make_synthetic(min(n_train, SYNTHETIC_SIZES["train"]), 1234),
-                   make_synthetic(min(n_test, SYNTHETIC_SIZES["test"]), 5678), SYNTHETIC_CLASSES, "synthetic")
+    return Dataset(
+        "synthetic",
+        make_synthetic(min(n_train, SYNTHETIC_SIZES["train"]), 1234),
+        make_synthetic(min(n_test, SYNTHETIC_SIZES["test"]), 5678),
+        SYNTHETIC_CLASSES,
+        "synthetic",
+    )
 
 
-def load_dataset(name: str, data_dir: str | Path, max_train: int = 0, max_test: int = 0,
-                 download: Callable[[Path], Path] = download_cifar10, test_only: bool = False) -> Dataset:
+def load_dataset(
+    name: str,
+    data_dir: str | Path,
+    max_train: int = 0,
+    max_test: int = 0,
+    download: Callable[[Path], Path] = download_cifar10,
+    test_only: bool = False,
+) -> Dataset:
     """The dataset a run asks for; downloads CIFAR-10 (or builds digits) first if its layout is missing from
     data_dir. test_only: read only the test split (analysis), leaving the training split empty."""
     if name == "synthetic":
@@ -571,11 +658,11 @@ def channel_stats(images: np.ndarray, chunk: int = 10_000) -> tuple[tuple[float,
     s = np.zeros(3, np.float64)
     s2 = np.zeros(3, np.float64)
     for i in range(0, len(images), chunk):
-        block = images[i:i + chunk].astype(np.float64) / 255.0
+        block = images[i : i + chunk].astype(np.float64) / 255.0
         s += block.sum(axis=(0, 1, 2))
-        s2 += (block ** 2).sum(axis=(0, 1, 2))
+        s2 += (block**2).sum(axis=(0, 1, 2))
     mean = s / n
-    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-12))
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12))
     return tuple(round(float(x), 6) for x in mean), tuple(round(float(x), 6) for x in std)
 
 
@@ -589,6 +676,7 @@ def array_digest(split: Split) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loaders
+
 
 def _mix(*parts: int) -> int:
     """A deterministic 32-bit seed from several integers."""
@@ -623,7 +711,7 @@ class EpochSampler:
             order = np.random.default_rng(_mix(self.seed, self.epoch)).permutation(self.n)
         else:
             order = np.arange(self.n)
-        return iter((order[:self.used][self.rank::self.world] + self.epoch * self.n).tolist())
+        return iter((order[: self.used][self.rank :: self.world] + self.epoch * self.n).tolist())
 
 
 class SplitDataset:
@@ -667,8 +755,9 @@ def _collated(batch: Any) -> Any:
 
 def _worker_init(_: int) -> None:
     # Each worker is one process doing tiny images: OpenCV's and torch's own thread pools only add contention.
-    import cv2
     import signal
+
+    import cv2
     import torch
 
     cv2.setNumThreads(0)
@@ -700,8 +789,18 @@ def auto_num_workers(requested: int, processes: int = 1) -> int:
     return max(0, min(8, cores // max(processes, 1) - 1))
 
 
-def make_loader(split: Split, *, batch_size: int, train: bool, transform: Any = None, seed: int = 0,
-                num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1) -> Any:
+def make_loader(
+    split: Split,
+    *,
+    batch_size: int,
+    train: bool,
+    transform: Any = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> Any:
     """A DataLoader over a split (over this process's shard of it when world > 1; batch_size is then per
     process). Training: shuffled per epoch, augmented, last partial batch dropped when the shard holds more than
     one batch (a batch of 1 would break BatchNorm). Evaluation: in order, every sample of the shard."""
@@ -709,7 +808,14 @@ def make_loader(split: Split, *, batch_size: int, train: bool, transform: Any = 
 
     sampler = EpochSampler(len(split), seed, shuffle=train, rank=rank, world=world)
     return DataLoader(
-        SplitDataset(split, transform if train else None, seed), batch_size=batch_size, sampler=sampler,
-        drop_last=train and len(sampler) > batch_size, num_workers=num_workers, collate_fn=_collated,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=_worker_init,
-        prefetch_factor=4 if num_workers > 0 else None)
+        SplitDataset(split, transform if train else None, seed),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=train and len(sampler) > batch_size,
+        num_workers=num_workers,
+        collate_fn=_collated,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_worker_init,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -6,9 +6,10 @@ device, in the same order: the same EpochSampler draws the (seed, epoch) permuta
 batch's random draws are seeded from (seed, epoch, batch), so a resumed run sees exactly the same images.
 Used for the presets that have a batched twin (augment.BATCH_RECIPES); the others keep albumentations workers.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,12 +20,24 @@ from cifar_mlflow import augment, data
 class DeviceLoader:
     """Drop-in for data.make_loader's DataLoader over one split (this process's shard when world > 1)."""
 
-    def __init__(self, split: data.Split, *, device: torch.device, batch_size: int, train: bool,
-                 preset: str = "none", mean: tuple[float, ...] = (0.0, 0.0, 0.0), seed: int = 0, rank: int = 0,
-                 world: int = 1) -> None:
+    def __init__(
+        self,
+        split: data.Split,
+        *,
+        device: torch.device,
+        batch_size: int,
+        train: bool,
+        preset: str = "none",
+        mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         if preset not in augment.BATCH_RECIPES:
-            raise ValueError(f"augment={preset!r} has no batched version on the device: expected one of "
-                             f"{', '.join(augment.BATCH_RECIPES)}")
+            raise ValueError(
+                f"augment={preset!r} has no batched version on the device: expected one of "
+                f"{', '.join(augment.BATCH_RECIPES)}"
+            )
         self.recipe = augment.BATCH_RECIPES[preset if train else "none"]
         self.device, self.batch_size, self.seed = device, batch_size, seed
         self.sampler = data.EpochSampler(len(split), seed, shuffle=train, rank=rank, world=world)
@@ -38,7 +51,7 @@ class DeviceLoader:
         self.labels = torch.from_numpy(split.labels).to(device)
         self.fill = torch.tensor(augment.cutout_fill(mean), dtype=torch.uint8, device=device)
         self.generator = torch.Generator(device=device)
-        self.dataset = self      # map-style batch access, as the DataLoader's SplitDataset offers
+        self.dataset = self  # map-style batch access, as the DataLoader's SplitDataset offers
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -54,4 +67,4 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         keys = list(self.sampler)
         for i in range(len(self)):
-            yield self.__getitems__(keys[i * self.batch_size:(i + 1) * self.batch_size])
+            yield self.__getitems__(keys[i * self.batch_size : (i + 1) * self.batch_size])

@@ -3,6 +3,7 @@ CUDA), and the few collectives the job needs. Knows nothing of MLflow; only rank
 
     torchrun --standalone --nproc_per_node=2 -m entrypoints.train --epochs 20
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,10 @@ def check_batch_size(batch_size: int) -> None:
     """Before any work: the global batch must split evenly over the processes."""
     world = world_size()
     if world > 1 and batch_size % world:
-        raise ConfigError(f"batch_size={batch_size} is not allowed with {world} processes: expected a multiple of "
-                          f"{world} (each process takes batch_size/{world} images per step)")
+        raise ConfigError(
+            f"batch_size={batch_size} is not allowed with {world} processes: expected a multiple of "
+            f"{world} (each process takes batch_size/{world} images per step)"
+        )
 
 
 def setup() -> Context | None:

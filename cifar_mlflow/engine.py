@@ -4,15 +4,17 @@ Knows nothing of MLflow: fit() returns the per-epoch metrics and calls an option
 The hot loop never syncs with the host: losses and correct counts accumulate in device tensors and are read
 once per epoch.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,8 +82,9 @@ def build_optimizer(cfg: Any, params: Iterable[nn.Parameter], lr: float | None =
     """cfg: any config with optimizer, momentum and weight_decay; lr defaults to cfg.lr."""
     lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+        )
     betas = (cfg.momentum, 0.999)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
@@ -117,20 +120,38 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     sched = torch.optim.lr_scheduler
     total = cfg.epochs * steps_per_epoch
     if cfg.scheduler == "onecycle":
-        return Schedule(sched.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=ONECYCLE_PCT_START,
-            anneal_strategy="linear", div_factor=ONECYCLE_DIV_FACTOR, final_div_factor=ONECYCLE_FINAL_DIV_FACTOR,
-            cycle_momentum=False), per_step=True)  # keep the `momentum` parameter as given instead of cycling it
+        return Schedule(
+            sched.OneCycleLR(
+                optimizer,
+                max_lr=cfg.lr,
+                total_steps=total,
+                pct_start=ONECYCLE_PCT_START,
+                anneal_strategy="linear",
+                div_factor=ONECYCLE_DIV_FACTOR,
+                final_div_factor=ONECYCLE_FINAL_DIV_FACTOR,
+                cycle_momentum=False,
+            ),
+            per_step=True,
+        )  # keep the `momentum` parameter as given instead of cycling it
     if cfg.scheduler == "cosine":
         return Schedule(sched.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0), per_step=True)
     if cfg.scheduler == "cyclic":
-        return Schedule(sched.CyclicLR(
-            optimizer, base_lr=cfg.lr / CYCLIC_BASE_DIV, max_lr=cfg.lr,
-            step_size_up=max(1, CYCLIC_HALF_EPOCHS * steps_per_epoch), mode="triangular2",
-            cycle_momentum=False), per_step=True)   # cycling momentum would fight Adam's betas
+        return Schedule(
+            sched.CyclicLR(
+                optimizer,
+                base_lr=cfg.lr / CYCLIC_BASE_DIV,
+                max_lr=cfg.lr,
+                step_size_up=max(1, CYCLIC_HALF_EPOCHS * steps_per_epoch),
+                mode="triangular2",
+                cycle_momentum=False,
+            ),
+            per_step=True,
+        )  # cycling momentum would fight Adam's betas
     if cfg.scheduler == "plateau":
-        return Schedule(sched.ReduceLROnPlateau(optimizer, mode="min", factor=PLATEAU_FACTOR,
-                                                patience=PLATEAU_PATIENCE), per_step=False)
+        return Schedule(
+            sched.ReduceLROnPlateau(optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE),
+            per_step=False,
+        )
     return Schedule(sched.LambdaLR(optimizer, lambda _: 1.0), per_step=True)
 
 
@@ -166,12 +187,23 @@ def _progress(loader: Any, desc: str) -> Iterator[Any]:
 NAN_CHECK_EVERY = 10
 
 
-def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                    device: torch.device, precision: str, label_smoothing: float,
-                    scaler: torch.amp.GradScaler | None = None, desc: str = "train", l1: float = 0.0,
-                    lr_log: list[float] | None = None, epoch: int = 1, first_step: int = 1,
-                    first_step_time: list[float] | None = None,
-                    ctx: distributed.Context | None = None) -> Metrics:
+def train_one_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    device: torch.device,
+    precision: str,
+    label_smoothing: float,
+    scaler: torch.amp.GradScaler | None = None,
+    desc: str = "train",
+    l1: float = 0.0,
+    lr_log: list[float] | None = None,
+    epoch: int = 1,
+    first_step: int = 1,
+    first_step_time: list[float] | None = None,
+    ctx: distributed.Context | None = None,
+) -> Metrics:
     """One pass over loader. Returns train/loss (plain cross-entropy, comparable with test/loss; the optimised
     objective adds label smoothing and the L1 penalty), train/accuracy, train/images_per_sec and lr (the LR of the
     epoch's last step). Every step's LR is appended to lr_log. A NaN/inf loss raises TrainingDiverged naming
@@ -182,7 +214,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     penalised = l1_weights(model) if l1 > 0 else []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    bad_step = torch.full((), -1, dtype=torch.int64, device=device)   # first step with a non-finite loss
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
     seen, lr = 0, float(optimizer.param_groups[0]["lr"])
     start = time.perf_counter()
     for i, (images, labels) in enumerate(_progress(loader, desc)):
@@ -201,11 +233,11 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         else:
             loss.backward()
             optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]   # the LR this step used (a Python float: no sync)
+        lr = optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float: no sync)
         if lr_log is not None:
             lr_log.append(float(lr))
         if first_step_time is not None and not first_step_time:
-            first_step_time.append(time.time())   # start-up cost as users feel it (reported by the job)
+            first_step_time.append(time.time())  # start-up cost as users feel it (reported by the job)
         schedule.after_step()
         with torch.no_grad():
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), first_step + i, bad_step)
@@ -216,25 +248,35 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         if (i + 1) % NAN_CHECK_EVERY == 0:
             _raise_if_diverged(int(bad_step.item()), epoch)
     # the epoch's one host sync: all values in one transfer (one collective too, when data-parallel)
-    local = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device),
-                         bad_step.double()])
+    local = torch.stack(
+        [loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device), bad_step.double()]
+    )
     ranks = (distributed.all_gather(local, ctx.world) if ctx else local[None]).tolist()
     bad = [int(r[3]) for r in ranks if r[3] >= 0]
     _raise_if_diverged(min(bad) if bad else -1, epoch)
     total_loss, total_correct, total_seen = (sum(r[i] for r in ranks) for i in range(3))
     elapsed = time.perf_counter() - start
-    out = {"train/loss": total_loss / max(total_seen, 1), "train/accuracy": total_correct / max(total_seen, 1),
-           "train/images_per_sec": total_seen / elapsed if elapsed > 0 else 0.0,
-           "lr": float(lr)}
+    out = {
+        "train/loss": total_loss / max(total_seen, 1),
+        "train/accuracy": total_correct / max(total_seen, 1),
+        "train/images_per_sec": total_seen / elapsed if elapsed > 0 else 0.0,
+        "lr": float(lr),
+    }
     if ctx:
         for r, (r_loss, r_correct, r_seen, _) in enumerate(ranks):
-            out.update({f"ranks/{r}/train/loss": r_loss / max(r_seen, 1),
-                        f"ranks/{r}/train/accuracy": r_correct / max(r_seen, 1), f"ranks/{r}/train/samples": r_seen})
+            out.update(
+                {
+                    f"ranks/{r}/train/loss": r_loss / max(r_seen, 1),
+                    f"ranks/{r}/train/accuracy": r_correct / max(r_seen, 1),
+                    f"ranks/{r}/train/samples": r_seen,
+                }
+            )
     return out
 
 
-def eval_logits(model: nn.Module, loader: Any, device: torch.device, precision: str,
-                desc: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_logits(
+    model: nn.Module, loader: Any, device: torch.device, precision: str, desc: str = "test"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(fp32 logits, labels) per batch, on the device, in eval mode without gradients. The one evaluation path:
     training's test metrics and the analysis entry point both go through it, so they agree exactly."""
     model.eval()
@@ -247,8 +289,14 @@ def eval_logits(model: nn.Module, loader: Any, device: torch.device, precision: 
             yield logits.float(), y
 
 
-def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str, desc: str = "test",
-             ctx: distributed.Context | None = None) -> Metrics:
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    precision: str,
+    desc: str = "test",
+    ctx: distributed.Context | None = None,
+) -> Metrics:
     """Plain cross-entropy and accuracy over every sample of loader (of every process's shard, with ctx)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -261,8 +309,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
     return {"test/loss": total_loss / max(total_seen, 1), "test/accuracy": total_correct / max(total_seen, 1)}
 
 
-def _summed(values: list[torch.Tensor | int], device: torch.device,
-            ctx: distributed.Context | None) -> list[float]:
+def _summed(values: list[torch.Tensor | int], device: torch.device, ctx: distributed.Context | None) -> list[float]:
     """Device scalars (and host counts) as floats, summed over every process with ctx: one transfer to the host,
     and one collective when data-parallel."""
     totals = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
@@ -276,8 +323,9 @@ def _raise_if_diverged(bad_step: int, epoch: int) -> None:
         raise TrainingDiverged(bad_step, epoch)
 
 
-def evaluate_flip_tta(model: nn.Module, loader: Any, device: torch.device, precision: str,
-                      ctx: distributed.Context | None = None) -> float:
+def evaluate_flip_tta(
+    model: nn.Module, loader: Any, device: torch.device, precision: str, ctx: distributed.Context | None = None
+) -> float:
     """Accuracy of the mean softmax over each image and its horizontal mirror (flip test-time augmentation),
     over every process's shard with ctx."""
     model.eval()
@@ -298,17 +346,25 @@ def evaluate_flip_tta(model: nn.Module, loader: Any, device: torch.device, preci
 
 @dataclass
 class FitResult:
-    history: list[Metrics]      # one dict per epoch, epoch 1 first
-    final: Metrics              # the last epoch's metrics
-    lr_steps: list[float]       # the LR of every optimiser step, in order
-    first_step_at: float | None = None   # time.time() when this process finished its first optimiser step
+    history: list[Metrics]  # one dict per epoch, epoch 1 first
+    final: Metrics  # the last epoch's metrics
+    lr_steps: list[float]  # the LR of every optimiser step, in order
+    first_step_at: float | None = None  # time.time() when this process finished its first optimiser step
 
 
-@stop.deferred()     # Ctrl-C/SIGTERM stop it between two batches, where no lock is held
-def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig, device: torch.device,
-        precision: str, on_epoch_end: Callable[[int, Metrics, Callable[[], dict]], None] | None = None,
-        log: Callable[[str], None] = print, resume: dict[str, Any] | None = None,
-        ctx: distributed.Context | None = None) -> FitResult:
+@stop.deferred()  # Ctrl-C/SIGTERM stop it between two batches, where no lock is held
+def fit(
+    model: nn.Module,
+    train_loader: Any,
+    test_loader: Any,
+    cfg: TrainConfig,
+    device: torch.device,
+    precision: str,
+    on_epoch_end: Callable[[int, Metrics, Callable[[], dict]], None] | None = None,
+    log: Callable[[str], None] = print,
+    resume: dict[str, Any] | None = None,
+    ctx: distributed.Context | None = None,
+) -> FitResult:
     """Train for cfg.epochs, evaluating after each epoch. on_epoch_end(epoch, metrics, capture) gets 1-based
     epochs and a function returning the full checkpoint state. resume: a checkpoint.capture() state to continue
     from (the next epoch after it); the result then covers every epoch, the resumed ones included.
@@ -335,23 +391,41 @@ def fit(model: nn.Module, train_loader: Any, test_loader: Any, cfg: TrainConfig,
         history, lr_steps, start = list(resume["history"]), list(resume["lr_steps"]), int(resume["epoch"]) + 1
     for epoch in range(start, cfg.epochs + 1):
         train_loader.sampler.set_epoch(epoch)
-        metrics = train_one_epoch(train_net, train_loader, optimizer, schedule, device, precision,
-                                  cfg.label_smoothing, scaler, desc=f"epoch {epoch}/{cfg.epochs} train",
-                                  l1=cfg.l1, lr_log=lr_steps, epoch=epoch,
-                                  first_step=(epoch - 1) * len(train_loader) + 1, first_step_time=first_step,
-                                  ctx=ctx)
+        metrics = train_one_epoch(
+            train_net,
+            train_loader,
+            optimizer,
+            schedule,
+            device,
+            precision,
+            cfg.label_smoothing,
+            scaler,
+            desc=f"epoch {epoch}/{cfg.epochs} train",
+            l1=cfg.l1,
+            lr_log=lr_steps,
+            epoch=epoch,
+            first_step=(epoch - 1) * len(train_loader) + 1,
+            first_step_time=first_step,
+            ctx=ctx,
+        )
         if ctx is not None:
             distributed.sync_buffers(model)
-        metrics.update(evaluate(eval_net, test_loader, device, precision, desc=f"epoch {epoch}/{cfg.epochs} test",
-                                ctx=ctx))
-        if not all(math.isfinite(v) for v in metrics.values()):   # e.g. fp16 overflow in evaluation
+        metrics.update(
+            evaluate(eval_net, test_loader, device, precision, desc=f"epoch {epoch}/{cfg.epochs} test", ctx=ctx)
+        )
+        if not all(math.isfinite(v) for v in metrics.values()):  # e.g. fp16 overflow in evaluation
             raise TrainingDiverged(epoch * len(train_loader), epoch, "non-finite in evaluation")
         schedule.after_epoch(metrics["test/loss"])
         history.append(metrics)
-        log(f"epoch {epoch}/{cfg.epochs}  train loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.4f}"
+        log(
+            f"epoch {epoch}/{cfg.epochs}  train loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.4f}"
             f"  test loss {metrics['test/loss']:.4f} acc {metrics['test/accuracy']:.4f}"
-            f"  lr {metrics['lr']:.3g}  {metrics['train/images_per_sec']:.0f} img/s")
+            f"  lr {metrics['lr']:.3g}  {metrics['train/images_per_sec']:.0f} img/s"
+        )
         if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics, lambda e=epoch: checkpoint.capture(
-                model, optimizer, schedule.scheduler, scaler, e, history, lr_steps))
+            on_epoch_end(
+                epoch,
+                metrics,
+                lambda e=epoch: checkpoint.capture(model, optimizer, schedule.scheduler, scaler, e, history, lr_steps),
+            )
     return FitResult(history, history[-1], lr_steps, first_step[0] if first_step else None)

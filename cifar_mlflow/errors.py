@@ -23,8 +23,10 @@ class TrainingDiverged(CifarMlflowError, FloatingPointError):
 
     def __init__(self, step: int, epoch: int, value: str = "nan") -> None:
         self.step, self.epoch = step, epoch
-        super().__init__(f"the training loss became {value} at step {step} (epoch {epoch}); training stopped and "
-                         "nothing was registered; try a lower lr or precision=fp32")
+        super().__init__(
+            f"the training loss became {value} at step {step} (epoch {epoch}); training stopped and "
+            "nothing was registered; try a lower lr or precision=fp32"
+        )
 
 
 class TrackingError(CifarMlflowError):

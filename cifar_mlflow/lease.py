@@ -7,6 +7,7 @@ change a param, so of two processes writing the same n exactly one succeeds. The
 id, host, process id and start time) and an expiry; the tag `lease` carries the holder's renewals (every
 HEARTBEAT seconds) and, at the end, its release. A lease lapses when its expiry passes, or at once when its holder
 is a process of this machine that is gone (a resume right after a crash need not wait)."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ class Holder:
     id: str
     host: str
     pid: int
-    started: float      # the process's start time: tells the holder from a later process given the same pid
+    started: float  # the process's start time: tells the holder from a later process given the same pid
     expires: float
 
     def to_json(self) -> str:
@@ -41,8 +42,7 @@ class Holder:
         """None for anything that is not a holder (a malformed value holds no lease)."""
         try:
             raw = json.loads(text or "")
-            return cls(str(raw["id"]), str(raw["host"]), int(raw["pid"]), float(raw["started"]),
-                       float(raw["expires"]))
+            return cls(str(raw["id"]), str(raw["host"]), int(raw["pid"]), float(raw["started"]), float(raw["expires"]))
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -65,14 +65,18 @@ class Holder:
 def this_process(now: float, ttl: float = TTL) -> Holder:
     import psutil
 
-    return Holder(uuid.uuid4().hex, socket.gethostname(), psutil.Process().pid, psutil.Process().create_time(),
-                  now + ttl)
+    return Holder(
+        uuid.uuid4().hex, socket.gethostname(), psutil.Process().pid, psutil.Process().create_time(), now + ttl
+    )
 
 
 def latest(params: dict[str, str], tags: dict[str, str]) -> tuple[int, Holder | None]:
     """The newest claim's number (0: none yet) and its holder, with the expiry of its latest renewal."""
-    claims = {int(k[len(PARAM_PREFIX):]): v for k, v in params.items()
-              if k.startswith(PARAM_PREFIX) and k[len(PARAM_PREFIX):].isdigit()}
+    claims = {
+        int(k[len(PARAM_PREFIX) :]): v
+        for k, v in params.items()
+        if k.startswith(PARAM_PREFIX) and k[len(PARAM_PREFIX) :].isdigit()
+    }
     if not claims:
         return 0, None
     n = max(claims)

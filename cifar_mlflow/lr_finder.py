@@ -19,12 +19,14 @@ earlier initialisation it suggested exactly that point, 1.52e-5. Later on, the E
 decade of LR), so its slope belongs to smaller LRs. A centred least-squares slope over a fixed width of
 log10(lr) has neither problem. The EMA still decides when to stop (that must be causal).
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,21 +36,21 @@ from torch import nn
 from cifar_mlflow import engine, stop
 from cifar_mlflow.errors import ConfigError
 
-SMOOTHING = 0.05     # EMA weight of each new loss for the stop rule (pytorch-lr-finder's smooth_f)
-DIVERGE = 4.0        # stop when the EMA exceeds 4x its best: the run is past any useful LR
-SKIP_START = 3       # the stop rule ignores the EMA's first points (it averages only a few losses there)
-WINDOW = 0.5         # decades of LR in each centred linear fit: ~8 points of a 100-step sweep over 6 decades
-SKIP = 0.1           # the suggestion ignores the first tenth of the sweep (fastai does the same)
+SMOOTHING = 0.05  # EMA weight of each new loss for the stop rule (pytorch-lr-finder's smooth_f)
+DIVERGE = 4.0  # stop when the EMA exceeds 4x its best: the run is past any useful LR
+SKIP_START = 3  # the stop rule ignores the EMA's first points (it averages only a few losses there)
+WINDOW = 0.5  # decades of LR in each centred linear fit: ~8 points of a 100-step sweep over 6 decades
+SKIP = 0.1  # the suggestion ignores the first tenth of the sweep (fastai does the same)
 MIN_POINTS = 8
 
 
 @dataclass(frozen=True)
 class RangeTestResult:
     lrs: list[float]
-    losses: list[float]        # raw per-batch training loss
-    smoothed: list[float]      # the centred linear fit the suggestion is read from (nan where it has no points)
+    losses: list[float]  # raw per-batch training loss
+    smoothed: list[float]  # the centred linear fit the suggestion is read from (nan where it has no points)
     suggested_lr: float
-    diverged: bool             # stopped early because the loss blew up
+    diverged: bool  # stopped early because the loss blew up
 
 
 def centred_fit(lrs: Sequence[float], losses: Sequence[float], window: float = WINDOW) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +84,7 @@ def _steepest_before_minimum(lrs: Sequence[float], level: np.ndarray, slope: np.
     if not np.isfinite(level[start:]).any():
         raise ValueError("the range test recorded no finite loss to suggest an LR from")
     stop = start + int(np.nanargmin(level[start:]))
-    candidates = np.where(np.isfinite(slope[start:stop + 1]), slope[start:stop + 1], np.inf)
+    candidates = np.where(np.isfinite(slope[start : stop + 1]), slope[start : stop + 1], np.inf)
     return float(lrs[start + int(np.argmin(candidates))])
 
 
@@ -95,9 +97,19 @@ def _cycle(loader: Any):
 
 
 @stop.deferred()
-def range_test(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, device: torch.device,
-               precision: str, *, start_lr: float, end_lr: float, num_iter: int, label_smoothing: float = 0.0,
-               l1: float = 0.0) -> RangeTestResult:
+def range_test(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    precision: str,
+    *,
+    start_lr: float,
+    end_lr: float,
+    num_iter: int,
+    label_smoothing: float = 0.0,
+    l1: float = 0.0,
+) -> RangeTestResult:
     """Exponential sweep from start_lr to end_lr over num_iter training steps (looping over the loader as needed).
     Model and optimiser state (weights, BatchNorm statistics, momentum buffers, LR) are restored afterwards.
     Reads the loss on the host every step: that is the point of the test, and it is not the training loop."""
@@ -112,7 +124,7 @@ def range_test(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
     try:
         for i, (images, labels) in zip(range(num_iter), _cycle(loader)):
             stop.check()
-            lr = start_lr * ratio ** i
+            lr = start_lr * ratio**i
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = engine.to_device_images(images, device)
@@ -126,7 +138,7 @@ def range_test(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
             optimizer.step()
             value = loss.item()
             avg = SMOOTHING * value + (1 - SMOOTHING) * avg
-            smooth = avg / (1 - (1 - SMOOTHING) ** (i + 1))      # bias correction of the EMA
+            smooth = avg / (1 - (1 - SMOOTHING) ** (i + 1))  # bias correction of the EMA
             lrs.append(lr)
             losses.append(value)
             if not math.isfinite(smooth) or (i >= SKIP_START and smooth > DIVERGE * best):
@@ -137,8 +149,10 @@ def range_test(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
         model.load_state_dict(saved_model)
         optimizer.load_state_dict(saved_opt)
     if len(lrs) < MIN_POINTS:
-        raise ConfigError(f"start_lr={start_lr!r} is not allowed: the loss diverged after {len(lrs)} steps of the "
-                          "range test; expected a start_lr below any useful LR (e.g. 1e-5)")
+        raise ConfigError(
+            f"start_lr={start_lr!r} is not allowed: the loss diverged after {len(lrs)} steps of the "
+            "range test; expected a start_lr below any useful LR (e.g. 1e-5)"
+        )
     level, slope = centred_fit(lrs, losses)
     return RangeTestResult(lrs, losses, level.tolist(), _steepest_before_minimum(lrs, level, slope), diverged)
 

@@ -1,5 +1,6 @@
 """The `lr_find` entry point's work (and the `lr=auto` step of training): run the LR range test and log its
 curve, its series and the suggested learning rate."""
+
 from __future__ import annotations
 
 from cifar_mlflow import data, engine, lr_finder, plots, tracking
@@ -10,17 +11,28 @@ from cifar_mlflow.prepare import Prepared, prepare
 def range_test(p: Prepared, cfg: LRFindConfig) -> lr_finder.RangeTestResult:
     """Range test on the prepared model with cfg's optimiser; the model comes back exactly as it was."""
     optimizer = engine.build_optimizer(cfg, p.model.parameters(), lr=cfg.start_lr)
-    return lr_finder.range_test(p.model, p.train_loader, optimizer, p.device, p.precision, start_lr=cfg.start_lr,
-                                end_lr=cfg.end_lr, num_iter=cfg.num_iter, label_smoothing=cfg.label_smoothing,
-                                l1=cfg.l1)
+    return lr_finder.range_test(
+        p.model,
+        p.train_loader,
+        optimizer,
+        p.device,
+        p.precision,
+        start_lr=cfg.start_lr,
+        end_lr=cfg.end_lr,
+        num_iter=cfg.num_iter,
+        label_smoothing=cfg.label_smoothing,
+        l1=cfg.l1,
+    )
 
 
 def log_range_test(result: lr_finder.RangeTestResult) -> None:
     """To the active run: lr_find/curve.png, the series as the table lr_find/curve.json, lr_find/suggested_lr."""
-    tracking.log_figure(plots.lr_finder_figure(result.lrs, result.losses, result.smoothed, result.suggested_lr),
-                        "lr_find/curve.png")
-    tracking.log_table({"lr": result.lrs, "loss": result.losses, "smoothed_loss": result.smoothed},
-                       "lr_find/curve.json")
+    tracking.log_figure(
+        plots.lr_finder_figure(result.lrs, result.losses, result.smoothed, result.suggested_lr), "lr_find/curve.png"
+    )
+    tracking.log_table(
+        {"lr": result.lrs, "loss": result.losses, "smoothed_loss": result.smoothed}, "lr_find/curve.json"
+    )
     tracking.log_metrics({"lr_find/suggested_lr": result.suggested_lr})
 
 
@@ -34,7 +46,9 @@ def run_lr_find(cfg: LRFindConfig) -> float:
         data.shutdown_workers(p.train_loader)
         log_range_test(result)
         stop = "stopped when the loss diverged" if result.diverged else "no divergence within the sweep"
-        print(f"\nLR range test: {len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g} ({stop})"
-              f"\n  suggested lr {result.suggested_lr:.4g} (steepest descent of the smoothed loss before its "
-              f"minimum)\n")
+        print(
+            f"\nLR range test: {len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g} ({stop})"
+            f"\n  suggested lr {result.suggested_lr:.4g} (steepest descent of the smoothed loss before its "
+            f"minimum)\n"
+        )
         return result.suggested_lr

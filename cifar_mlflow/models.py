@@ -5,14 +5,15 @@ buffers saved with the weights), so every client (serving, analysis, notebooks) 
 On disk a model is two files: `model_config.json` (architecture, classes, normalisation) and
 `weights.safetensors` (tensors only: loading it cannot execute code, unlike a pickle).
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 1
 _LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
-GROUPS = 32   # GroupNorm's default group count (Wu & He 2018); every ResNet width (64..512) divides by it
+GROUPS = 32  # GroupNorm's default group count (Wu & He 2018); every ResNet width (64..512) divides by it
 
 
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -61,8 +62,9 @@ class CifarResNet(ResNet):
     their resolution into layer1 (kuangliu/pytorch-cifar). `layer1..layer4` keep their torchvision names, so
     `model.layer4[-1]` is the obvious GradCAM target."""
 
-    def __init__(self, layers: list[int], num_classes: int, mean: Sequence[float], std: Sequence[float],
-                 norm: str = "batch") -> None:
+    def __init__(
+        self, layers: list[int], num_classes: int, mean: Sequence[float], std: Sequence[float], norm: str = "batch"
+    ) -> None:
         # No zero-init of the residual branches (torchvision's default; Goyal et al. 2017 use it to steady
         # 8k-image batches over 90 ImageNet epochs). Here the projection shortcuts are 1x1 stride-2 convs, so a
         # network whose branches start at zero sees only a stride-8 grid of 3x3 patches (121 of 1,024 pixels;
@@ -113,7 +115,7 @@ def save_model_files(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
 
 # A config lists a handful of class names (< 1 KB): anything bigger is not ours, and is refused before parsing.
 MAX_CONFIG_BYTES = 64 * 1024
-MAX_CLASSES = 1000          # ImageNet's count; the classifier's last layer is built before the weights load
+MAX_CLASSES = 1000  # ImageNet's count; the classifier's last layer is built before the weights load
 MAX_CLASS_NAME = 200
 
 
@@ -123,20 +125,26 @@ def read_spec(folder: Path) -> ModelSpec:
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise ModelError(f"{path}: {size:,} bytes is not a model config (at most {MAX_CONFIG_BYTES:,}); "
-                             "refused before parsing")
+            raise ModelError(
+                f"{path}: {size:,} bytes is not a model config (at most {MAX_CONFIG_BYTES:,}); refused before parsing"
+            )
         raw = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as exc:
         raise ModelError(f"{path}: not a valid model config ({exc})") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: not a valid model config (a JSON object is expected)")
-    spec = ModelSpec(arch=raw.get("arch"), class_names=_class_names(raw.get("class_names"), path),
-                     mean=_channels(raw.get("mean"), "mean", path, low=0.0),
-                     std=_channels(raw.get("std"), "std", path, low=0.0, low_open=True),
-                     norm=raw.get("norm", "batch"), format_version=raw.get("format_version", 0))
+    spec = ModelSpec(
+        arch=raw.get("arch"),
+        class_names=_class_names(raw.get("class_names"), path),
+        mean=_channels(raw.get("mean"), "mean", path, low=0.0),
+        std=_channels(raw.get("std"), "std", path, low=0.0, low_open=True),
+        norm=raw.get("norm", "batch"),
+        format_version=raw.get("format_version", 0),
+    )
     if type(spec.format_version) is not int or spec.format_version != FORMAT_VERSION:
-        raise ModelError(f"{path}: format_version {spec.format_version!r:.40} is not supported "
-                         f"(expected {FORMAT_VERSION})")
+        raise ModelError(
+            f"{path}: format_version {spec.format_version!r:.40} is not supported (expected {FORMAT_VERSION})"
+        )
     for key, allowed in (("arch", tuple(_LAYERS)), ("norm", NORMS)):
         if getattr(spec, key) not in allowed:
             raise ModelError(f"{path}: {key} {getattr(spec, key)!r:.40} is not one of {', '.join(allowed)}")
@@ -144,23 +152,35 @@ def read_spec(folder: Path) -> ModelSpec:
 
 
 def _class_names(value: object, path: Path) -> tuple[str, ...]:
-    ok = (isinstance(value, list) and 2 <= len(value) <= MAX_CLASSES
-          and all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME for n in value))
+    ok = (
+        isinstance(value, list)
+        and 2 <= len(value) <= MAX_CLASSES
+        and all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME for n in value)
+    )
     if not ok:
         got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
-        raise ModelError(f"{path}: class_names must list 2 to {MAX_CLASSES} names (strings of 1-{MAX_CLASS_NAME} "
-                         f"characters), got {got}")
+        raise ModelError(
+            f"{path}: class_names must list 2 to {MAX_CLASSES} names (strings of 1-{MAX_CLASS_NAME} "
+            f"characters), got {got}"
+        )
     return tuple(value)
 
 
 def _channels(value: object, name: str, path: Path, low: float, low_open: bool = False) -> tuple[float, ...]:
     """mean/std: three finite numbers in [0, 1] (fractions of 255), std above 0."""
-    ok = (isinstance(value, list) and len(value) == 3
-          and all(type(v) in (int, float) and math.isfinite(v) and v <= 1 and (v > low if low_open else v >= low)
-                  for v in value))
+    ok = (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(
+            type(v) in (int, float) and math.isfinite(v) and v <= 1 and (v > low if low_open else v >= low)
+            for v in value
+        )
+    )
     if not ok:
-        raise ModelError(f"{path}: {name} must be 3 numbers in {'(0' if low_open else '[0'}, 1], one per RGB "
-                         f"channel, got {json.dumps(value)[:60]}")
+        raise ModelError(
+            f"{path}: {name} must be 3 numbers in {'(0' if low_open else '[0'}, 1], one per RGB "
+            f"channel, got {json.dumps(value)[:60]}"
+        )
     return tuple(float(v) for v in value)
 
 
@@ -191,8 +211,9 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], model: nn.Module, spec: Mo
     net = f"{CONFIG_FILE}'s network ({spec.num_classes} classes, {spec.norm} norm)"
     problems = [f"it lacks {k}, which {net} needs" for k in expected if k not in shapes]
     problems += [f"it holds {k!r:.80}, which {net} does not have" for k in shapes if k not in expected]
-    problems += [f"{k} has shape {shapes[k]}; {net} needs {v}" for k, v in expected.items()
-                 if k in shapes and shapes[k] != v]
+    problems += [
+        f"{k} has shape {shapes[k]}; {net} needs {v}" for k, v in expected.items() if k in shapes and shapes[k] != v
+    ]
     if problems:
         raise ModelError(f"{path}: not loadable weights for {spec.arch} ({problems[0]})")
 
@@ -214,8 +235,10 @@ def as_images(value: object, max_images: int | None = None) -> np.ndarray:
         x = value
     elif isinstance(value, list):
         if max_images is not None and len(value) > max_images:
-            raise ModelError(f"a request of {len(value)} images is too large: at most {max_images} per request "
-                             "(send several, or predict in-process with mlflow.pyfunc.load_model)")
+            raise ModelError(
+                f"a request of {len(value)} images is too large: at most {max_images} per request "
+                "(send several, or predict in-process with mlflow.pyfunc.load_model)"
+            )
         x = _json_numbers(value)
     else:
         raise ModelError(f"input of type {type(value).__name__} is not allowed: expected {_INPUT}")
@@ -226,8 +249,9 @@ def as_images(value: object, max_images: int | None = None) -> np.ndarray:
         raise ModelError(f"input holds {int(bad.sum())} NaN or infinite values: expected {_INPUT}")
     outside = (x < 0) | (x > 1)
     if outside.any():
-        raise ModelError(f"input holds {int(outside.sum())} values outside [0, 1], e.g. {x[outside][0]:g}: expected "
-                         f"{_INPUT}")
+        raise ModelError(
+            f"input holds {int(outside.sum())} values outside [0, 1], e.g. {x[outside][0]:g}: expected {_INPUT}"
+        )
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -237,7 +261,7 @@ def _json_numbers(value: list) -> np.ndarray:
     refuses 0-255 pixel values."""
     try:
         cells = np.array(value, dtype=object)
-    except ValueError as exc:      # ragged beyond what an object array can hold
+    except ValueError as exc:  # ragged beyond what an object array can hold
         raise ModelError(f"input is not a regular nested list ({exc}): expected {_INPUT}") from None
     if cells.ndim != 4 or cells.shape[1:] != IMAGE_SHAPE:
         raise ModelError(f"input of shape {cells.shape} is not allowed: expected {_INPUT}")
@@ -256,6 +280,6 @@ def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 512)
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            x = images[i : i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
             out.append(torch.softmax(model(x).float(), dim=1).cpu())
-    return torch.cat(out) if out else torch.empty(0, len(getattr(model, "fc").bias))
+    return torch.cat(out) if out else torch.empty(0, len(model.fc.bias))

@@ -1,12 +1,14 @@
 """The `pipeline` entry point's work: LR range test -> training with the suggested LR -> analysis of the version
 that training registered, as one parent run whose steps are child runs (MLflow's multistep pattern). A step
 whose FINISHED run with the same parameters and code version exists is reused instead of run again."""
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cifar_mlflow import analysis, lr_finder, models, tracking
 from cifar_mlflow.config import PipelineConfig
@@ -18,7 +20,7 @@ VERSION_TAG = "registered_model_version"
 @dataclass(frozen=True)
 class PipelineOutcome:
     run_id: str
-    step_runs: dict[str, str]     # entry point -> run id
+    step_runs: dict[str, str]  # entry point -> run id
     reused: dict[str, bool]
     lr: float
     model_uri: str
@@ -28,7 +30,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
     tracking.check_tracking_server()
     # Steps run in the project's folder: a relative data_dir must mean the same folder as for this process.
     absolute = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
-    sweep, train, analyze = absolute.steps()     # every step's parameters validated before anything runs
+    sweep, train, analyze = absolute.steps()  # every step's parameters validated before anything runs
     # the analysis step's layers too, on the network training will build (not after an hour of training)
     blank = models.ModelSpec(train.arch, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, train.norm)
     analysis.resolve_layers(models.build_model(blank), analyze.target_layers)
@@ -43,8 +45,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
             reused[entry] = found is not None
             print(f"pipeline: {entry}: " + (f"reusing finished run {found.info.run_id}" if found else "running"))
             runs[entry] = found or tracking.run_step(entry, params)
-            tracking.set_tags({f"step/{entry}/run_id": runs[entry].info.run_id,
-                               f"step/{entry}/reused": str(reused[entry]).lower()})
+            tracking.set_tags(
+                {f"step/{entry}/run_id": runs[entry].info.run_id, f"step/{entry}/reused": str(reused[entry]).lower()}
+            )
             return runs[entry]
 
         found = step("lr_find", sweep.to_params(), lambda r: SUGGESTED in r.data.metrics)
@@ -54,13 +57,19 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
         model_uri = f"models:/{cfg.registered_model_name}/{trained.data.tags[VERSION_TAG]}"
         analysed = step("analyze", {**analyze.to_params(), "model_uri": model_uri}, lambda r: True)
 
-        summary = {SUGGESTED: suggested, "lr": lr, **{k: v for k, v in trained.data.metrics.items()
-                                                     if k in ("test/accuracy", "test/loss", "test/accuracy_tta")}}
+        summary = {
+            SUGGESTED: suggested,
+            "lr": lr,
+            **{
+                k: v
+                for k, v in trained.data.metrics.items()
+                if k in ("test/accuracy", "test/loss", "test/accuracy_tta")
+            },
+        }
         tracking.log_metrics(summary)
         tracking.set_tags({"model_uri": model_uri})
         _print_summary(runs, reused, suggested, lr, model_uri, analysed, tracking.run_url(parent))
-        return PipelineOutcome(parent.info.run_id, {k: r.info.run_id for k, r in runs.items()}, reused, lr,
-                               model_uri)
+        return PipelineOutcome(parent.info.run_id, {k: r.info.run_id for k, r in runs.items()}, reused, lr, model_uri)
 
 
 def _print_summary(runs, reused, suggested, lr, model_uri, analysed, url) -> None:
@@ -68,7 +77,10 @@ def _print_summary(runs, reused, suggested, lr, model_uri, analysed, url) -> Non
     for entry, run in runs.items():
         lines.append(f"  {entry:8s} run {run.info.run_id}" + ("  (reused)" if reused[entry] else ""))
     acc = analysed.data.metrics.get("test/accuracy")
-    lines += [f"  lr: range test suggested {suggested:.4g}, trained with {lr:.4g}",
-              f"  model {model_uri}" + (f"  test accuracy {acc:.4f}" if acc is not None else ""),
-              f"  view: {url}", ""]
+    lines += [
+        f"  lr: range test suggested {suggested:.4g}, trained with {lr:.4g}",
+        f"  model {model_uri}" + (f"  test accuracy {acc:.4f}" if acc is not None else ""),
+        f"  view: {url}",
+        "",
+    ]
     print("\n".join(lines))

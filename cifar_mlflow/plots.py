@@ -1,7 +1,8 @@
 """Figures as pure functions returning matplotlib Figures (no pyplot state, no show()); tracking logs them."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -41,15 +42,28 @@ def image_grid(images: np.ndarray, titles: Sequence[str], ncols: int = 8, title:
     return fig
 
 
-def misclassified_gallery(images: np.ndarray, true_names: Sequence[str], pred_names: Sequence[str],
-                          confidence: Sequence[float], ncols: int = 5) -> Figure:
+def misclassified_gallery(
+    images: np.ndarray,
+    true_names: Sequence[str],
+    pred_names: Sequence[str],
+    confidence: Sequence[float],
+    ncols: int = 5,
+) -> Figure:
     """Misclassified images, each titled `true -> predicted (confidence)`."""
     titles = [f"{t} ->\n{p} ({c:.0%})" for t, p, c in zip(true_names, pred_names, confidence)]
     return image_grid(images, titles, ncols=ncols, title="misclassified test images, most confident first")
 
 
-def gradcam_figure(images: np.ndarray, pred_maps: np.ndarray, true_maps: np.ndarray, true_names: Sequence[str],
-                   pred_names: Sequence[str], confidence: Sequence[float], layer: str, per_row: int = 4) -> Figure:
+def gradcam_figure(
+    images: np.ndarray,
+    pred_maps: np.ndarray,
+    true_maps: np.ndarray,
+    true_names: Sequence[str],
+    pred_names: Sequence[str],
+    confidence: Sequence[float],
+    layer: str,
+    per_row: int = 4,
+) -> Figure:
     """For each image three panels: the image, GradCAM for the predicted class ("why it said X") and GradCAM
     for the true class ("where Y was")."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -63,9 +77,11 @@ def gradcam_figure(images: np.ndarray, pred_maps: np.ndarray, true_maps: np.ndar
     for i in range(n):
         row, col = divmod(i, per_row)
         img = images[i].astype(np.float32) / 255.0
-        panels = ((images[i], f"{true_names[i]} ->\n{pred_names[i]} ({confidence[i]:.0%})"),
-                  (show_cam_on_image(img, pred_maps[i], use_rgb=True), f"why {pred_names[i]}"),
-                  (show_cam_on_image(img, true_maps[i], use_rgb=True), f"where {true_names[i]}"))
+        panels = (
+            (images[i], f"{true_names[i]} ->\n{pred_names[i]} ({confidence[i]:.0%})"),
+            (show_cam_on_image(img, pred_maps[i], use_rgb=True), f"why {pred_names[i]}"),
+            (show_cam_on_image(img, true_maps[i], use_rgb=True), f"where {true_names[i]}"),
+        )
         for j, (panel, title) in enumerate(panels):
             ax = axes[row, 3 * col + j]
             ax.imshow(panel, interpolation="nearest")
@@ -88,8 +104,15 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str]) -> Figur
     for i in range(k):
         for j in range(k):
             if norm[i, j] >= 0.005:
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{norm[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title("confusion matrix (rows normalised)")
     return fig
@@ -109,8 +132,9 @@ def per_class_accuracy_figure(accuracy: Sequence[float], class_names: Sequence[s
     return fig
 
 
-def lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
-                     suggested: float) -> Figure:
+def lr_finder_figure(
+    lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggested: float
+) -> Figure:
     """Range-test curve: raw and smoothed loss against the learning rate (log axis), suggestion marked."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
@@ -121,7 +145,7 @@ def lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Se
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
     finite = [v for v in smoothed if np.isfinite(v)]
-    if finite:   # keep the divergence spike from flattening the useful part of the curve
+    if finite:  # keep the divergence spike from flattening the useful part of the curve
         ax.set_ylim(min(finite) * 0.95, min(max(finite), 3 * finite[0]) * 1.05)
     ax.set_title("LR range test")
     ax.grid(alpha=0.3, which="both")
@@ -141,8 +165,16 @@ def lr_schedule_figure(lr_steps: Sequence[float], steps_per_epoch: int) -> Figur
     return fig
 
 
-def watch_panel(images: np.ndarray, maps: np.ndarray, true_names: Sequence[str], pred_names: Sequence[str],
-                confidence: Sequence[float], epoch: int, layer: str, per_row: int = 5) -> Figure:
+def watch_panel(
+    images: np.ndarray,
+    maps: np.ndarray,
+    true_names: Sequence[str],
+    pred_names: Sequence[str],
+    confidence: Sequence[float],
+    epoch: int,
+    layer: str,
+    per_row: int = 5,
+) -> Figure:
     """The fixed test images, each above its GradCAM for the predicted class, titled with the prediction: green
     when right, red when wrong. Logged every few epochs to watch attention form. Near-square (rows of 5), so
     that the MLflow UI's 256-pixel preview stays legible."""
@@ -154,9 +186,20 @@ def watch_panel(images: np.ndarray, maps: np.ndarray, true_names: Sequence[str],
     # A fixed grid, not layout="constrained": the solver measured 20 titled axes on every panel (70% of 0.4 s
     # rendering); these margins leave room for the labels at fontsize 8 and the suptitle.
     fig = Figure(figsize=(width, height))
-    axes = np.array(fig.subplots(2 * rows, per_row, gridspec_kw=dict(
-        left=0.1 / width, right=1 - 0.1 / width, bottom=0.05 / height, top=1 - 0.45 / height,
-        wspace=0.1, hspace=0.25))).reshape(2 * rows, per_row)
+    axes = np.array(
+        fig.subplots(
+            2 * rows,
+            per_row,
+            gridspec_kw=dict(
+                left=0.1 / width,
+                right=1 - 0.1 / width,
+                bottom=0.05 / height,
+                top=1 - 0.45 / height,
+                wspace=0.1,
+                hspace=0.25,
+            ),
+        )
+    ).reshape(2 * rows, per_row)
     for ax in axes.ravel():
         ax.axis("off")
     for i in range(n):
@@ -167,9 +210,15 @@ def watch_panel(images: np.ndarray, maps: np.ndarray, true_names: Sequence[str],
         cam = show_cam_on_image(images[i].astype(np.float32) / 255.0, maps[i], use_rgb=True)
         bottom.imshow(cam, interpolation="nearest")
         # text, not set_title: placing a title measures the (hidden) tick labels at every draw
-        for ax, text, color in ((top, true_names[i], "black"),
-                                (bottom, f"{pred_names[i]} {confidence[i]:.0%}", "tab:green" if right else "tab:red")):
+        for ax, text, color in (
+            (top, true_names[i], "black"),
+            (bottom, f"{pred_names[i]} {confidence[i]:.0%}", "tab:green" if right else "tab:red"),
+        ):
             ax.text(0.5, 1.03, text, transform=ax.transAxes, ha="center", va="bottom", fontsize=8, color=color)
-    fig.suptitle(f"epoch {epoch}: test image over GradCAM ({layer}) for the predicted class", fontsize=9,
-                 y=1 - 0.12 / height, va="top")
+    fig.suptitle(
+        f"epoch {epoch}: test image over GradCAM ({layer}) for the predicted class",
+        fontsize=9,
+        y=1 - 0.12 / height,
+        va="top",
+    )
     return fig

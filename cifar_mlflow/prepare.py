@@ -1,6 +1,7 @@
 """What training and the LR range test both need, built from their configs: device, precision, data,
 normalisation statistics, the model and the loaders. Everything here can fail on bad input, so it all happens
 before an MLflow run is opened."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,25 +18,39 @@ class Prepared:
     precision: str
     dataset: data.Dataset
     spec: models.ModelSpec
-    model: torch.nn.Module        # on the device, channels_last
-    summary: str                  # torchinfo table
-    transform: Any                # albumentations pipeline or None
+    model: torch.nn.Module  # on the device, channels_last
+    summary: str  # torchinfo table
+    transform: Any  # albumentations pipeline or None
     num_workers: int
     train_loader: Any
     test_loader: Any
     ctx: distributed.Context | None = None
-    loader: str = "workers"        # how training batches are made: device or workers
+    loader: str = "workers"  # how training batches are made: device or workers
 
     def derived_params(self) -> dict[str, Any]:
         """Values worth logging beside the config: they follow from it and from the machine."""
-        world = {"env/world_size": self.ctx.world, "env/backend": self.ctx.backend,
-                 "env/per_process_batch_size": self.train_loader.batch_size} if self.ctx else {}
-        return {**world, "model/num_params": models.num_parameters(self.model), "data/train_size": len(self.dataset.train),
-                "data/test_size": len(self.dataset.test), "data/mean": self.spec.mean, "data/std": self.spec.std,
-                "env/device": _device_name(self.device), "env/precision": self.precision,
-                "env/num_workers": self.num_workers, "env/loader": self.loader,
-                **({"env/precision_emulated": True} if engine.precision_is_emulated(self.precision, self.device)
-                   else {})}
+        world = (
+            {
+                "env/world_size": self.ctx.world,
+                "env/backend": self.ctx.backend,
+                "env/per_process_batch_size": self.train_loader.batch_size,
+            }
+            if self.ctx
+            else {}
+        )
+        return {
+            **world,
+            "model/num_params": models.num_parameters(self.model),
+            "data/train_size": len(self.dataset.train),
+            "data/test_size": len(self.dataset.test),
+            "data/mean": self.spec.mean,
+            "data/std": self.spec.std,
+            "env/device": _device_name(self.device),
+            "env/precision": self.precision,
+            "env/num_workers": self.num_workers,
+            "env/loader": self.loader,
+            **({"env/precision_emulated": True} if engine.precision_is_emulated(self.precision, self.device) else {}),
+        }
 
 
 def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> Prepared:
@@ -44,12 +59,17 @@ def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> 
     device = engine.resolve_device(ctx)
     precision = engine.resolve_precision(cfg.precision, device)
     if engine.precision_is_emulated(precision, device):
-        print(f"warning: precision={precision} on this CPU is emulated (no AVX512-BF16/AMX): expect training 10x "
-              "or more slower than precision=fp32 (precision=auto picks fp32 here)", flush=True)
+        print(
+            f"warning: precision={precision} on this CPU is emulated (no AVX512-BF16/AMX): expect training 10x "
+            "or more slower than precision=fp32 (precision=auto picks fp32 here)",
+            flush=True,
+        )
     dataset = data.load_dataset(cfg.dataset, cfg.data_dir, cfg.max_train_samples, max_test)
     if len(dataset.train) < 2 or len(dataset.test) < 1:
-        raise data.DataError(f"{dataset.source}: need at least 2 training and 1 test image, "
-                             f"got {len(dataset.train)} and {len(dataset.test)}")
+        raise data.DataError(
+            f"{dataset.source}: need at least 2 training and 1 test image, "
+            f"got {len(dataset.train)} and {len(dataset.test)}"
+        )
     mean, std = data.channel_stats(dataset.train.images)
     engine.seed_everything(cfg.seed)
     spec = models.ModelSpec(cfg.arch, dataset.class_names, mean, std, cfg.norm)
@@ -57,7 +77,7 @@ def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> 
     summary = _model_summary(model)
     model = model.to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True   # fixed 32x32 shapes: let cuDNN pick the fastest kernels once
+        torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: let cuDNN pick the fastest kernels once
     transform = augment.build_train_transform(cfg.augment, mean)
     rank, world = (ctx.rank, ctx.world) if ctx else (0, 1)
     batch = cfg.batch_size // world
@@ -66,20 +86,41 @@ def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> 
         from cifar_mlflow.device_loader import DeviceLoader
 
         workers = 0
-        train_loader: Any = DeviceLoader(dataset.train, device=device, batch_size=batch, train=True,
-                                         preset=cfg.augment, mean=mean, seed=cfg.seed, rank=rank, world=world)
-        test_loader: Any = DeviceLoader(dataset.test, device=device, batch_size=batch, train=False, rank=rank,
-                                        world=world)
+        train_loader: Any = DeviceLoader(
+            dataset.train,
+            device=device,
+            batch_size=batch,
+            train=True,
+            preset=cfg.augment,
+            mean=mean,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
+        )
+        test_loader: Any = DeviceLoader(
+            dataset.test, device=device, batch_size=batch, train=False, rank=rank, world=world
+        )
     else:
         workers = data.auto_num_workers(cfg.num_workers, processes=world)
         pin = device.type == "cuda"
-        train_loader = data.make_loader(dataset.train, batch_size=batch, train=True, transform=transform,
-                                        seed=cfg.seed, num_workers=workers, pin_memory=pin, rank=rank, world=world)
+        train_loader = data.make_loader(
+            dataset.train,
+            batch_size=batch,
+            train=True,
+            transform=transform,
+            seed=cfg.seed,
+            num_workers=workers,
+            pin_memory=pin,
+            rank=rank,
+            world=world,
+        )
         # Test batches are array slices (no per-sample work): a worker process would only add IPC latency.
-        test_loader = data.make_loader(dataset.test, batch_size=batch, train=False, pin_memory=pin, rank=rank,
-                                       world=world)
-    return Prepared(device, precision, dataset, spec, model, summary, transform, workers, train_loader, test_loader,
-                    ctx, loader)
+        test_loader = data.make_loader(
+            dataset.test, batch_size=batch, train=False, pin_memory=pin, rank=rank, world=world
+        )
+    return Prepared(
+        device, precision, dataset, spec, model, summary, transform, workers, train_loader, test_loader, ctx, loader
+    )
 
 
 def resolve_loader(loader: str, preset: str, device: torch.device) -> str:
@@ -93,8 +134,9 @@ def resolve_loader(loader: str, preset: str, device: torch.device) -> str:
 def _model_summary(model: torch.nn.Module) -> str:
     from torchinfo import summary
 
-    return str(summary(model, input_size=(1, 3, 32, 32), device="cpu", verbose=0,
-                       col_names=("output_size", "num_params")))
+    return str(
+        summary(model, input_size=(1, 3, 32, 32), device="cpu", verbose=0, col_names=("output_size", "num_params"))
+    )
 
 
 def _device_name(device: torch.device) -> str:

@@ -10,11 +10,13 @@ Outside `deferred()` a signal raises at once, as Python's own handler does.
 
 Knows nothing of MLflow: `install()` is called by the entry points' command-line plumbing (cli.run_cli); where it
 is not (a click command invoked in a test process), Python's handlers stay and nothing here changes anything."""
+
 from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from cifar_mlflow.errors import Terminated
 
@@ -58,4 +60,4 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _deferring -= 1
-    check()     # a stop asked for after the last check: honoured as the block ends, before anything else runs
+    check()  # a stop asked for after the last check: honoured as the block ends, before anything else runs

@@ -5,6 +5,7 @@ and whose loader is `_load_pyfunc` below, imported from the installed package: n
 so loading it as pyfunc (serving) runs only the environment's code, and loading it as a torch.nn.Module
 (`load_torch_model`, analysis) reads data files only. Neither unpickles anything.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,11 +19,12 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -33,12 +35,11 @@ from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import Schema, TensorSpec
 
-from cifar_mlflow import checkpoint, lease
+from cifar_mlflow import checkpoint, lease, models
 from cifar_mlflow import data as data_mod
-from cifar_mlflow import models
 from cifar_mlflow.errors import ConfigError, ModelError, RunBusy, StorageError, Terminated, TrackingError
 
-if TYPE_CHECKING:   # a served model needs no matplotlib
+if TYPE_CHECKING:  # a served model needs no matplotlib
     from matplotlib.figure import Figure
 
 CHAMPION = "champion"
@@ -60,6 +61,7 @@ def versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Runs
 
+
 def check_tracking_server(timeout: float = 5.0) -> None:
     """Before any work, the tracking store must be one MLflow can open: an unknown URI is one line at once; a
     server that is down or refuses our credentials fails in seconds with its URI named (instead of after MLflow's
@@ -68,11 +70,13 @@ def check_tracking_server(timeout: float = 5.0) -> None:
     uri = mlflow.get_tracking_uri()
     try:
         with _sqlite_lock(uri):
-            MlflowClient(uri)     # MLflow's own registry of store schemes; creates and migrates a new sqlite file
+            MlflowClient(uri)  # MLflow's own registry of store schemes; creates and migrates a new sqlite file
     except (MlflowException, ImportError, OSError) as exc:
-        raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r} is not a tracking store MLflow can open "
-                            f"({_store_problem(exc)}); use sqlite:///<file>, postgresql://, mysql:// or "
-                            "http(s)://<server>") from None
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={uri!r} is not a tracking store MLflow can open "
+            f"({_store_problem(exc)}); use sqlite:///<file>, postgresql://, mysql:// or "
+            "http(s)://<server>"
+        ) from None
     if uri.startswith(("http://", "https://")):
         _probe_server(uri, timeout)
 
@@ -93,8 +97,8 @@ def _sqlite_lock(uri: str) -> Iterator[None]:
         return
     import fcntl
 
-    path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-    path.parent.mkdir(parents=True, exist_ok=True)     # as MLflow would
+    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would
     with open(path, "ab") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         yield
@@ -108,35 +112,54 @@ def _probe_server(uri: str, timeout: float) -> None:
 
     creds = get_default_host_creds(uri)
     try:
-        resp = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", max_retries=0, timeout=timeout,
-                            raise_on_status=False, params={"max_results": 1})
+        resp = http_request(
+            creds,
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            max_retries=0,
+            timeout=timeout,
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
     except MlflowException as exc:
         text = exc.message.lower()
-        reason = ("connection refused" if "refused" in text else
-                  "its TLS certificate is not trusted: set MLFLOW_TRACKING_SERVER_CERT_PATH to its CA bundle, or "
-                  "MLFLOW_TRACKING_INSECURE_TLS=true" if "certificate" in text or "ssl" in text else
-                  f"no answer within {timeout:g} s" if "timeout" in text or "timed out" in text else
-                  exc.message.splitlines()[0][:160])
-        raise TrackingError(f"tracking server {uri} is unreachable ({reason}); start it, or point "
-                            "MLFLOW_TRACKING_URI at one that is up") from None
+        reason = (
+            "connection refused"
+            if "refused" in text
+            else "its TLS certificate is not trusted: set MLFLOW_TRACKING_SERVER_CERT_PATH to its CA bundle, or "
+            "MLFLOW_TRACKING_INSECURE_TLS=true"
+            if "certificate" in text or "ssl" in text
+            else f"no answer within {timeout:g} s"
+            if "timeout" in text or "timed out" in text
+            else exc.message.splitlines()[0][:160]
+        )
+        raise TrackingError(
+            f"tracking server {uri} is unreachable ({reason}); start it, or point MLFLOW_TRACKING_URI at one that is up"
+        ) from None
     if resp.status_code in (401, 403):
         if creds.username:
-            raise TrackingError(f"tracking server {uri} refused the credentials of user {creds.username!r} "
-                                f"(HTTP {resp.status_code}); check MLFLOW_TRACKING_USERNAME/PASSWORD")
+            raise TrackingError(
+                f"tracking server {uri} refused the credentials of user {creds.username!r} "
+                f"(HTTP {resp.status_code}); check MLFLOW_TRACKING_USERNAME/PASSWORD"
+            )
         if creds.token:
-            raise TrackingError(f"tracking server {uri} refused the token in MLFLOW_TRACKING_TOKEN "
-                                f"(HTTP {resp.status_code})")
-        raise TrackingError(f"tracking server {uri} requires authentication (HTTP {resp.status_code}); set "
-                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+            raise TrackingError(
+                f"tracking server {uri} refused the token in MLFLOW_TRACKING_TOKEN (HTTP {resp.status_code})"
+            )
+        raise TrackingError(
+            f"tracking server {uri} requires authentication (HTTP {resp.status_code}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
     if resp.status_code >= 400:
-        raise TrackingError(f"tracking server {uri} answered HTTP {resp.status_code} to a simple query; "
-                            "is it an MLflow server?")
+        raise TrackingError(
+            f"tracking server {uri} answered HTTP {resp.status_code} to a simple query; is it an MLflow server?"
+        )
 
 
 CODE_VERSION_TAG = "code_version"
 
 
-@functools.cache    # the files a process runs do not change under it: hash them once (the pipeline asks 4 times)
+@functools.cache  # the files a process runs do not change under it: hash them once (the pipeline asks 4 times)
 def code_version() -> str:
     """A digest of the code a run executes (this package, the entry points, MLproject and the pins), tagged on
     every run: the pipeline reuses a step only if it ran the same code. Unlike the git commit it also sees
@@ -179,7 +202,7 @@ def open_run(held: RunLease | None = None) -> Iterator[mlflow.ActiveRun]:
                     mlflow.set_tag(DIVERGED_TAG, str(step))
             raise
         finally:
-            if held is not None:    # no renewal may race the run's end (it would set the status back)
+            if held is not None:  # no renewal may race the run's end (it would set the status back)
                 held.stop()
 
 
@@ -226,19 +249,21 @@ class RunLease:
         try:
             run = client.get_run(run_id)
         except MlflowException as exc:
-            raise TrackingError(f"run {run_id} (MLFLOW_RUN_ID) cannot be read from {mlflow.get_tracking_uri()} "
-                                f"({_first_line(exc)[:160]})") from None
+            raise TrackingError(
+                f"run {run_id} (MLFLOW_RUN_ID) cannot be read from {mlflow.get_tracking_uri()} "
+                f"({_first_line(exc)[:160]})"
+            ) from None
         n, holder = lease.latest(run.data.params, run.data.tags)
         now = time.time()
         if holder is not None and holder.alive(now):
             raise RunBusy(_busy(run_id, holder))
         mine = lease.this_process(now)
         key = f"{lease.PARAM_PREFIX}{n + 1}"
-        try:    # insert-once: of two processes claiming n + 1, the store lets exactly one write it
+        try:  # insert-once: of two processes claiming n + 1, the store lets exactly one write it
             client.log_param(run_id, key, mine.to_json())
         except MlflowException:
             other = client.get_run(run_id).data.params.get(key)
-            if other is None:       # not a lost race: the store itself failed
+            if other is None:  # not a lost race: the store itself failed
                 raise
             raise RunBusy(_busy(run_id, lease.Holder.from_json(other))) from None
         client.set_tag(run_id, lease.TAG, mine.to_json())
@@ -248,7 +273,7 @@ class RunLease:
 
     def _beat(self) -> None:
         while not self._stop.wait(lease.HEARTBEAT):
-            with contextlib.suppress(Exception):     # a store that is down: the next beat tries again
+            with contextlib.suppress(Exception):  # a store that is down: the next beat tries again
                 self.renew()
 
     def renew(self) -> None:
@@ -268,8 +293,10 @@ class RunLease:
     def check(self) -> None:
         """Before each checkpoint: a process that lost its lease stops instead of overwriting the new holder's."""
         if self.lost:
-            raise RunBusy(f"run {self.run_id}: another process took over its lease while this one could not renew "
-                          "it; this one stops without writing more")
+            raise RunBusy(
+                f"run {self.run_id}: another process took over its lease while this one could not renew "
+                "it; this one stops without writing more"
+            )
 
     def stop(self) -> None:
         self._stop.set()
@@ -279,8 +306,10 @@ class RunLease:
 
 def _busy(run_id: str, holder: lease.Holder | None) -> str:
     who = holder.describe() if holder is not None else "another process"
-    return (f"run {run_id} is being trained by {who}; this process stops without touching it: wait for that one "
-            "to end, or resume after it stops")
+    return (
+        f"run {run_id} is being trained by {who}; this process stops without touching it: wait for that one "
+        "to end, or resume after it stops"
+    )
 
 
 def fail_run_from_env(reason: str) -> None:
@@ -307,6 +336,7 @@ def run_url(run: mlflow.ActiveRun) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Params, metrics, datasets, artifacts
 
+
 def _as_param(value: Any) -> str:
     """How a value is logged: tuples (mean, std) as comma-separated numbers, everything else as str()."""
     return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
@@ -326,7 +356,7 @@ def _same(logged: str, value: Any) -> bool:
 def _unquoted(logged: str) -> str:
     try:
         words = shlex.split(logged)
-    except ValueError:       # unbalanced quotes: not something shlex.quote wrote
+    except ValueError:  # unbalanced quotes: not something shlex.quote wrote
         return logged
     return words[0] if len(words) == 1 else logged
 
@@ -348,10 +378,14 @@ def log_params(params: dict[str, Any]) -> None:
         # Derived params (data/..., env/..., model/...) exist only once a process of ours ran in this run.
         resumed = any("/" in k and not k.startswith(lease.PARAM_PREFIX) for k in existing)
         if resumed:
-            raise ConfigError(f"run {run_id} was logged with other parameters: {'; '.join(differ)}; resume it "
-                              "with the same parameters, or start a new run")
-        raise ConfigError(f"run {run_id}: `mlflow run` logged parameters that differ from those this process "
-                          f"received: {'; '.join(differ)}")
+            raise ConfigError(
+                f"run {run_id} was logged with other parameters: {'; '.join(differ)}; resume it "
+                "with the same parameters, or start a new run"
+            )
+        raise ConfigError(
+            f"run {run_id}: `mlflow run` logged parameters that differ from those this process "
+            f"received: {'; '.join(differ)}"
+        )
     if new:
         mlflow.log_params(new)
 
@@ -360,8 +394,9 @@ def log_epoch(epoch: int, metrics: dict[str, float], once: bool = False) -> None
     """once (a resumed run): skip the metrics the run holds at this step already (logged before it was killed)."""
     if once:
         client, run_id = MlflowClient(), mlflow.active_run().info.run_id
-        metrics = {k: v for k, v in metrics.items()
-                   if all(m.step != epoch for m in client.get_metric_history(run_id, k))}
+        metrics = {
+            k: v for k, v in metrics.items() if all(m.step != epoch for m in client.get_metric_history(run_id, k))
+        }
     if metrics:
         mlflow.log_metrics(metrics, step=epoch)
 
@@ -382,8 +417,9 @@ def log_dataset(dataset: data_mod.Dataset, split: data_mod.Split, context: str) 
         # MLflow registers its local-file source twice and warns that a path "can be interpreted in multiple
         # ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource" -- the same class; nothing to act on.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        ds = mlflow.data.from_numpy(split.images, targets=split.labels, name=dataset.name,
-                                    digest=data_mod.array_digest(split), source=source)
+        ds = mlflow.data.from_numpy(
+            split.images, targets=split.labels, name=dataset.name, digest=data_mod.array_digest(split), source=source
+        )
     for attempt in range(3):
         try:
             mlflow.log_input(ds, context=context)
@@ -420,6 +456,7 @@ def log_dict(obj: dict[str, Any], artifact_file: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Models and registry
 
+
 class _PyfuncClassifier:
     """What `mlflow.pyfunc.load_model` returns for our models: float32 images in [0, 1] of shape (N, 3, 32, 32)
     in, class probabilities (N, num_classes) out. Class names are in the model's metadata.
@@ -455,8 +492,10 @@ def _load_pyfunc(data_path: str) -> _PyfuncClassifier:
 
 
 def _signature(num_classes: int) -> ModelSignature:
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32))]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+    )
     # Saved in MLmodel as `is_signature_from_type_hint: true`: MLflow then leaves input checking to the model
     # (_PyfuncClassifier.predict), as it does for models whose signature comes from their code's type hints.
     signature._is_signature_from_type_hint = True
@@ -471,8 +510,14 @@ class RegisteredVersion:
     is_champion: bool
 
 
-def log_and_register_model(model: Any, spec: models.ModelSpec, input_example: np.ndarray, registered_name: str,
-                           test_accuracy: float, epochs: int) -> RegisteredVersion:
+def log_and_register_model(
+    model: Any,
+    spec: models.ModelSpec,
+    input_example: np.ndarray,
+    registered_name: str,
+    test_accuracy: float,
+    epochs: int,
+) -> RegisteredVersion:
     """Log the model to the active run, register it as a new version tagged with its test accuracy, and move the
     `champion` alias to it if it beats the current champion (or there is none). A run that registered a version
     already (killed right after registering, then resumed) keeps that version: none is added."""
@@ -484,11 +529,19 @@ def log_and_register_model(model: Any, spec: models.ModelSpec, input_example: np
             models.save_model_files(model, spec, files)
             # No code_paths: the loader module is imported from the environment, never from the artifact store.
             info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN, loader_module=__name__, data_path=str(files),
-                signature=_signature(spec.num_classes), input_example=input_example,
+                name=MODEL_NAME_IN_RUN,
+                loader_module=__name__,
+                data_path=str(files),
+                signature=_signature(spec.num_classes),
+                input_example=input_example,
                 pip_requirements=[f"{p}=={metadata.version(p)}" for p in _SERVING_PACKAGES],
-                metadata={"class_names": list(spec.class_names), "arch": spec.arch,
-                          "input": "float32 (N, 3, 32, 32) in [0, 1]", "output": "class probabilities (N, C)"})
+                metadata={
+                    "class_names": list(spec.class_names),
+                    "arch": spec.arch,
+                    "input": "float32 (N, 3, 32, 32) in [0, 1]",
+                    "output": "class probabilities (N, C)",
+                },
+            )
         tags = {"test_accuracy": f"{test_accuracy:.6f}", "epochs": str(epochs), "run_id": run.info.run_id}
         mv = mlflow.register_model(info.model_uri, registered_name, tags=tags)
     return _settle_and_tag(registered_name, str(mv.version), run.info.run_id)
@@ -502,9 +555,17 @@ def finish_registration(registered_name: str, run_id: str) -> RegisteredVersion:
 
 def _settle_and_tag(registered_name: str, version: str, run_id: str) -> RegisteredVersion:
     is_champion = settle_champion(registered_name) == version
-    MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in {
-        "registered_model_name": registered_name, "registered_model_version": version,
-        "champion": str(is_champion).lower()}.items()])
+    MlflowClient().log_batch(
+        run_id,
+        tags=[
+            RunTag(k, v)
+            for k, v in {
+                "registered_model_name": registered_name,
+                "registered_model_version": version,
+                "champion": str(is_champion).lower(),
+            }.items()
+        ],
+    )
     return RegisteredVersion(registered_name, version, f"models:/{registered_name}/{version}", is_champion)
 
 
@@ -532,8 +593,11 @@ def version_of_run(name: str, run_id: str) -> Any:
 
 def _best_version(client: MlflowClient, name: str) -> str | None:
     """The version with the highest test_accuracy tag; ties go to the earlier version (it got there first)."""
-    scored = [(float(v.tags["test_accuracy"]), -int(v.version), str(v.version))
-              for v in _versions(client, name) if "test_accuracy" in v.tags]
+    scored = [
+        (float(v.tags["test_accuracy"]), -int(v.version), str(v.version))
+        for v in _versions(client, name)
+        if "test_accuracy" in v.tags
+    ]
     return max(scored)[2] if scored else None
 
 
@@ -564,13 +628,13 @@ def current_champion(name: str) -> Any:
         return None
 
 
-MAX_MLMODEL_BYTES = 1 << 20   # MLflow writes a few KB; a bigger file is not parsed
+MAX_MLMODEL_BYTES = 1 << 20  # MLflow writes a few KB; a bigger file is not parsed
 
 
 def _model_files_dir(model_uri: str, dst: Path) -> Path:
     """Download the model's folder and find its data files through MLmodel (YAML, read with PyYAML's safe
     loader). Nothing in the folder is imported or executed; a `data` path leading out of the folder is refused."""
-    if not sys.stderr.isatty():   # MLflow's per-file download bar floods logs and CI output
+    if not sys.stderr.isatty():  # MLflow's per-file download bar floods logs and CI output
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst))).resolve()
@@ -598,6 +662,7 @@ def load_torch_model(model_uri: str, device: str = "cpu") -> tuple[Any, models.M
 # ---------------------------------------------------------------------------------------------------------------
 # Finding a model and its training run (analysis)
 
+
 @dataclass(frozen=True)
 class ModelRef:
     """What a model URI points at: the registered name and version (None for runs:/ and logged-model URIs),
@@ -621,15 +686,15 @@ def resolve_model(uri: str) -> ModelRef:
     An unknown name, version or alias is a one-line ModelError naming what exists."""
     client = MlflowClient()
     if uri.startswith("runs:/"):
-        run_id = uri[len("runs:/"):].split("/", 1)[0]
+        run_id = uri[len("runs:/") :].split("/", 1)[0]
         try:
             client.get_run(run_id)
         except MlflowException:
             raise ModelError(f"model_uri {uri!r}: no run {run_id!r} in this tracking store") from None
         return ModelRef(uri, None, None, run_id)
-    rest = uri[len("models:/"):]
+    rest = uri[len("models:/") :]
     name, sep, ref = rest.partition("@") if "@" in rest else rest.partition("/")
-    if not sep:   # models:/<logged model id> (MLflow 3)
+    if not sep:  # models:/<logged model id> (MLflow 3)
         try:
             return ModelRef(uri, None, None, mlflow.get_logged_model(name).source_run_id)
         except MlflowException:
@@ -638,8 +703,9 @@ def resolve_model(uri: str) -> ModelRef:
         client.get_registered_model(name)
     except MlflowException:
         names = sorted(m.name for m in client.search_registered_models())
-        raise ModelError(f"model_uri {uri!r}: no registered model {name!r}; registered models: "
-                         f"{', '.join(names) or 'none yet'}") from None
+        raise ModelError(
+            f"model_uri {uri!r}: no registered model {name!r}; registered models: {', '.join(names) or 'none yet'}"
+        ) from None
     try:
         mv = client.get_model_version_by_alias(name, ref) if sep == "@" else client.get_model_version(name, ref)
     except MlflowException:
@@ -657,8 +723,13 @@ def analysis_run(ref: ModelRef) -> Iterator[mlflow.ActiveRun]:
     """Open the analysis run (or the one `mlflow run` created), tagged with the model it analyses; the model
     version is tagged back with this run's id, so the lineage reads both ways."""
     with open_run() as run:
-        mlflow.set_tags({"model_uri": ref.uri, "training_run_id": ref.run_id,
-                         **({"model_name": ref.name, "model_version": ref.version} if ref.name else {})})
+        mlflow.set_tags(
+            {
+                "model_uri": ref.uri,
+                "training_run_id": ref.run_id,
+                **({"model_name": ref.name, "model_version": ref.version} if ref.name else {}),
+            }
+        )
         if ref.name:
             MlflowClient().set_model_version_tag(ref.name, ref.version, "analysis_run_id", run.info.run_id)
         yield run
@@ -671,7 +742,6 @@ def log_metrics(metrics: dict[str, float]) -> None:
 def log_table(columns: dict[str, list[Any]], artifact_file: str) -> None:
     """A table the MLflow UI can sort and filter (Artifacts view / evaluation tables)."""
     mlflow.log_table(data=columns, artifact_file=artifact_file)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -691,8 +761,9 @@ def _slot_path(epoch: int) -> str:
     return f"{CHECKPOINTS}/slot-{'a' if epoch % 2 else 'b'}/{SLOT_FILE}"
 
 
-def log_checkpoint(run_id: str, state: dict[str, Any], epoch: int, previous: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
+def log_checkpoint(
+    run_id: str, state: dict[str, Any], epoch: int, previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Two slots used in turn, then a manifest naming the slot just finished with its SHA-256, and the other
     slot's entry (`previous`) as the fallback. A crash while uploading a slot leaves the manifest on the other,
     complete one; the store holds two checkpoints, not one per epoch. Returns the manifest's entry."""
@@ -707,16 +778,18 @@ def log_checkpoint(run_id: str, state: dict[str, Any], epoch: int, previous: dic
             before = {k: previous[k] for k in entry} if previous and previous.get("epoch") == epoch - 1 else None
             manifest = {**entry, "previous": before}
             client.log_dict(run_id, manifest, MANIFEST)
-        except (OSError, RuntimeError) as exc:     # torch reports a full disk as a RuntimeError of its writer
-            raise StorageError(f"cannot write the checkpoint of epoch {epoch} ({_storage_reason(exc)}); free "
-                               f"space, then resume the run (mlflow run --run-id {run_id})") from None
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its writer
+            raise StorageError(
+                f"cannot write the checkpoint of epoch {epoch} ({_storage_reason(exc)}); free "
+                f"space, then resume the run (mlflow run --run-id {run_id})"
+            ) from None
     return entry
 
 
 def _storage_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or _first_line(exc)
-    return "the write failed: is the disk full?"    # torch's zip writer reports no errno ("unexpected pos ...")
+    return "the write failed: is the disk full?"  # torch's zip writer reports no errno ("unexpected pos ...")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -751,12 +824,15 @@ def read_manifest(run_id: str) -> dict[str, Any] | None:
             path = Path(client.download_artifacts(run_id, MANIFEST, tmp))
             manifest = json.loads(path.read_text()) if path.stat().st_size < 65536 else "a file over 64 KB"
         except (MlflowException, OSError, ValueError, RecursionError) as exc:
-            raise ModelError(f"run {run_id}: its checkpoint manifest {MANIFEST} is unreadable "
-                             f"({_first_line(exc)})") from None
+            raise ModelError(
+                f"run {run_id}: its checkpoint manifest {MANIFEST} is unreadable ({_first_line(exc)})"
+            ) from None
     problem = _entry_problem(manifest)
     if problem:
-        raise ModelError(f"run {run_id}: its checkpoint manifest {MANIFEST} is malformed ({problem}); it was not "
-                         "followed. Restore it, or start a new run")
+        raise ModelError(
+            f"run {run_id}: its checkpoint manifest {MANIFEST} is malformed ({problem}); it was not "
+            "followed. Restore it, or start a new run"
+        )
     return manifest
 
 
@@ -770,8 +846,9 @@ def _verified(client: MlflowClient, run_id: str, entry: dict[str, Any], tmp: str
         raise ModelError(f"run {run_id}: {entry['path']} does not match the SHA-256 in {MANIFEST}")
     state = checkpoint.load(path, name=f"run {run_id}: {entry['path']}")
     if state["epoch"] != entry["epoch"]:
-        raise ModelError(f"run {run_id}: {entry['path']} holds epoch {state['epoch']}, the manifest says "
-                         f"{entry['epoch']}")
+        raise ModelError(
+            f"run {run_id}: {entry['path']} holds epoch {state['epoch']}, the manifest says {entry['epoch']}"
+        )
     return state
 
 
@@ -810,24 +887,26 @@ class EpochReporter:
         self.run_id, self.lease, self.logged_through = run_id, lease, logged_through
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-reporter")
         self._pending: list[Future] = []
-        self._previous: dict[str, Any] | None = None    # the manifest entry of the epoch before
-        self.cpu_seconds = 0.0     # CPU time the reporting thread has spent (what tracking takes from training)
+        self._previous: dict[str, Any] | None = None  # the manifest entry of the epoch before
+        self.cpu_seconds = 0.0  # CPU time the reporting thread has spent (what tracking takes from training)
 
-    def __call__(self, epoch: int, metrics: dict[str, float], capture: Any,
-                 images: dict[str, Callable[[], Figure]] | None = None) -> None:
+    def __call__(
+        self, epoch: int, metrics: dict[str, float], capture: Any, images: dict[str, Callable[[], Figure]] | None = None
+    ) -> None:
         """images: key -> a function building the figure to log with mlflow's log_image(key=key, step=epoch);
         built in the reporting thread (rendering takes a few hundred ms)."""
         self._raise_finished_errors()
-        state = capture()    # copied now, on the training thread: the model keeps changing afterwards
+        state = capture()  # copied now, on the training thread: the model keeps changing afterwards
         self._pending.append(self._pool.submit(self._report, epoch, dict(metrics), state, images or {}))
 
-    def _report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any],
-                images: dict[str, Callable[[], Figure]]) -> None:
+    def _report(
+        self, epoch: int, metrics: dict[str, float], state: dict[str, Any], images: dict[str, Callable[[], Figure]]
+    ) -> None:
         start = time.thread_time()
         try:
             if self.lease is not None:
                 self.lease.check()
-            if self._previous is None and epoch > 1:     # the first epoch this process reports, on a resume
+            if self._previous is None and epoch > 1:  # the first epoch this process reports, on a resume
                 self._previous = _entry_of(self.run_id, epoch - 1)
             self._previous = log_checkpoint(self.run_id, state, epoch, self._previous)
             if epoch <= self.logged_through:
@@ -877,8 +956,9 @@ def backfill_epochs(run_id: str, history: list[dict[str, float]]) -> None:
     now = int(time.time() * 1000)
     for key in history[0] if history else ():
         logged = {m.step for m in client.get_metric_history(run_id, key)}
-        missing += [Metric(key, float(h[key]), now, epoch) for epoch, h in enumerate(history, start=1)
-                    if epoch not in logged]
+        missing += [
+            Metric(key, float(h[key]), now, epoch) for epoch, h in enumerate(history, start=1) if epoch not in logged
+        ]
     if missing:
         client.log_batch(run_id, metrics=missing)
 
@@ -886,12 +966,15 @@ def backfill_epochs(run_id: str, history: list[dict[str, float]]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Multistep workflows (the `pipeline` entry point)
 
+
 def project_dir() -> Path:
     """The MLflow Project this package belongs to (the folder holding MLproject)."""
     root = _PACKAGE_DIR.parent
     if not (root / "MLproject").is_file():
-        raise ConfigError(f"the pipeline runs the MLflow Project's entry points, but {root} holds no MLproject "
-                          "file; run it from a checkout of cifar-mlflow")
+        raise ConfigError(
+            f"the pipeline runs the MLflow Project's entry points, but {root} holds no MLproject "
+            "file; run it from a checkout of cifar-mlflow"
+        )
     return root
 
 
@@ -901,8 +984,10 @@ def finished_step(entry_point: str, params: dict[str, Any], needs: Callable[[Any
     (MLflow's multistep example compares the git commit; code_version also sees uncommitted edits.)"""
     client = MlflowClient()
     experiment_id = mlflow.active_run().info.experiment_id
-    query = (f"attributes.status = 'FINISHED' and tags.`mlflow.project.entryPoint` = '{entry_point}' "
-             f"and tags.{CODE_VERSION_TAG} = '{code_version()}'")
+    query = (
+        f"attributes.status = 'FINISHED' and tags.`mlflow.project.entryPoint` = '{entry_point}' "
+        f"and tags.{CODE_VERSION_TAG} = '{code_version()}'"
+    )
     for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"]):
         logged = run.data.params
         if all(k in logged and _same(logged[k], v) for k, v in params.items()) and needs(run):
@@ -918,24 +1003,28 @@ def run_step(entry_point: str, params: dict[str, Any]) -> Any:
 
     parent = mlflow.active_run().info
     try:
-        submitted = run_project(str(project_dir()), entry_point=entry_point, env_manager="local",
-                                parameters={k: _as_param(v) for k, v in params.items()},
-                                experiment_id=parent.experiment_id, run_name=entry_point, synchronous=False)
+        submitted = run_project(
+            str(project_dir()),
+            entry_point=entry_point,
+            env_manager="local",
+            parameters={k: _as_param(v) for k, v in params.items()},
+            experiment_id=parent.experiment_id,
+            run_name=entry_point,
+            synchronous=False,
+        )
     except MlflowException as exc:
         raise TrackingError(f"pipeline step {entry_point!r} could not start: {exc.message.splitlines()[0]}") from None
     try:
         ok = submitted.wait()
-    except BaseException:      # Ctrl-C or SIGTERM of the pipeline: stop the step too (it ends KILLED)
+    except BaseException:  # Ctrl-C or SIGTERM of the pipeline: stop the step too (it ends KILLED)
         submitted.cancel()
         raise
     client = MlflowClient()
     run = client.get_run(submitted.run_id)
-    if run.info.status == "RUNNING":    # the step died before it could close its run
+    if run.info.status == "RUNNING":  # the step died before it could close its run
         client.set_terminated(submitted.run_id, "FINISHED" if ok else "FAILED")
         run = client.get_run(submitted.run_id)
     if not ok or run.info.status != "FINISHED":
         why = run.data.tags.get(FAILURE_TAG, "see its log above")
-        raise TrackingError(f"pipeline step {entry_point!r} (run {submitted.run_id}) ended "
-                            f"{run.info.status}: {why}")
+        raise TrackingError(f"pipeline step {entry_point!r} (run {submitted.run_id}) ended {run.info.status}: {why}")
     return run
-

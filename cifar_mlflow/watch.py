@@ -1,10 +1,11 @@
 """Training you can watch: a fixed panel of test images, their predictions and GradCAM maps, computed every few
 epochs so the MLflow UI shows attention forming over training. Knows nothing of MLflow."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,20 +42,22 @@ def panel_indices(labels: np.ndarray, num_classes: int) -> np.ndarray:
 class Panel:
     """What one panel shows; rendered later (off the training thread) by figure()."""
 
-    images: np.ndarray        # uint8 (K, 32, 32, 3)
-    maps: np.ndarray          # GradCAM (K, 32, 32) in [0, 1] for the predicted class
+    images: np.ndarray  # uint8 (K, 32, 32, 3)
+    maps: np.ndarray  # GradCAM (K, 32, 32) in [0, 1] for the predicted class
     true_names: Sequence[str]
     pred_names: Sequence[str]
     confidence: np.ndarray
     epoch: int
 
     def figure(self):
-        return plots.watch_panel(self.images, self.maps, self.true_names, self.pred_names, self.confidence,
-                                 self.epoch, PANEL_LAYER)
+        return plots.watch_panel(
+            self.images, self.maps, self.true_names, self.pred_names, self.confidence, self.epoch, PANEL_LAYER
+        )
 
 
-def compute_panel(model: nn.Module, split: data.Split, indices: np.ndarray, class_names: Sequence[str],
-                  epoch: int) -> Panel:
+def compute_panel(
+    model: nn.Module, split: data.Split, indices: np.ndarray, class_names: Sequence[str], epoch: int
+) -> Panel:
     """Predictions and GradCAM for the panel images, on the eager (never compiled) model in fp32 eval mode.
     Called between epochs: the next epoch puts the model back in train mode and clears the gradients."""
     images = split.images[indices]
@@ -62,5 +65,11 @@ def compute_panel(model: nn.Module, split: data.Split, indices: np.ndarray, clas
     layer = dict(analysis.resolve_layers(model, PANEL_LAYER))[PANEL_LAYER]
     maps, probs = analysis.gradcam_of_predictions(model, layer, x)
     predicted = probs.argmax(axis=1)
-    return Panel(images, maps, [class_names[i] for i in split.labels[indices]],
-                 [class_names[i] for i in predicted], probs.max(axis=1), epoch)
+    return Panel(
+        images,
+        maps,
+        [class_names[i] for i in split.labels[indices]],
+        [class_names[i] for i in predicted],
+        probs.max(axis=1),
+        epoch,
+    )

@@ -4,6 +4,7 @@ a confusion matrix and per-class accuracy to an analysis run linked to that vers
     mlflow run . -e analyze -P model_uri=models:/cifar10-resnet18/3 -P num_images=20
     python -m entrypoints.analyze --model_uri models:/cifar10-resnet18@champion
 """
+
 import click
 
 from cifar_mlflow.cli import config_options, run_cli
@@ -15,7 +16,7 @@ from cifar_mlflow.config import AnalyzeConfig
 def analyze(**params) -> None:
     """Analyse a registered model version on the test split and log the findings as a run of their own."""
     config = AnalyzeConfig(**params)
-    from cifar_mlflow.analyze_job import run_analysis   # heavy imports only when work starts
+    from cifar_mlflow.analyze_job import run_analysis  # heavy imports only when work starts
 
     run_analysis(config)
 

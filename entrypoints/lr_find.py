@@ -4,6 +4,7 @@ series and `lr_find/suggested_lr`.
     mlflow run . -e lr_find -P num_iter=100
     python -m entrypoints.lr_find --num_iter 100
 """
+
 import click
 
 from cifar_mlflow.cli import config_options, run_cli
@@ -15,7 +16,7 @@ from cifar_mlflow.config import LRFindConfig
 def lr_find(**params) -> None:
     """Sweep the learning rate exponentially, stop when the loss diverges, suggest a peak LR."""
     config = LRFindConfig(**params)
-    from cifar_mlflow.lr_finder_job import run_lr_find   # heavy imports only when work starts
+    from cifar_mlflow.lr_finder_job import run_lr_find  # heavy imports only when work starts
 
     run_lr_find(config)
 

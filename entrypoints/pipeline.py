@@ -4,6 +4,7 @@ version, as one parent run with the three steps as child runs; finished steps ar
     mlflow run . -e pipeline -P epochs=20
     python -m entrypoints.pipeline --epochs 2 --dataset synthetic
 """
+
 import click
 
 from cifar_mlflow.cli import config_options, run_cli
@@ -17,7 +18,7 @@ def pipeline(**params) -> None:
     range test's suggested LR (clamped to the optimiser's safe range), analysis the version training registered.
     A step whose FINISHED run with the same parameters and code version exists is reused, not rerun."""
     config = PipelineConfig(**params)
-    from cifar_mlflow.pipeline_job import run_pipeline   # heavy imports only when work starts
+    from cifar_mlflow.pipeline_job import run_pipeline  # heavy imports only when work starts
 
     run_pipeline(config)
 

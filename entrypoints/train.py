@@ -1,8 +1,9 @@
 """`main` entry point: train a CIFAR-10 classifier, log everything to MLflow, register a model version.
 
-    mlflow run . -P epochs=20                  # via the MLproject
-    python -m entrypoints.train --epochs 2     # directly
+mlflow run . -P epochs=20                  # via the MLproject
+python -m entrypoints.train --epochs 2     # directly
 """
+
 import click
 
 from cifar_mlflow.cli import config_options, run_cli
@@ -15,7 +16,7 @@ def train(**params) -> None:
     """Train ResNet on CIFAR-10 (or the synthetic stand-in), log params, per-epoch metrics, system metrics and
     artifacts to the active MLflow run, and register the model (alias `champion` if it is the best so far)."""
     config = TrainConfig(**params)
-    from cifar_mlflow.train_job import run_training   # heavy imports (torch, mlflow) only when work starts
+    from cifar_mlflow.train_job import run_training  # heavy imports (torch, mlflow) only when work starts
 
     run_training(config)
 

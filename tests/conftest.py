@@ -1,5 +1,6 @@
 """Shared fixtures: generated data in the exact CIFAR-10 python layout, a real sqlite MLflow store in a temp dir,
 and a helper that runs the real `mlflow run` on this project."""
+
 from __future__ import annotations
 
 import functools
@@ -31,12 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 # whichever copy an editable install points at.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 # Small on purpose: a training step on CPU runs ~100 images/s.
-TRAIN_PER_BATCH = 64          # x 5 batch files = 320 training images
+TRAIN_PER_BATCH = 64  # x 5 batch files = 320 training images
 TEST_IMAGES = 128
 
 
-def write_cifar_layout(root: Path, *, train_per_batch: int = TRAIN_PER_BATCH, test_images: int = TEST_IMAGES,
-                       bytes_keys: bool = True) -> Path:
+def write_cifar_layout(
+    root: Path, *, train_per_batch: int = TRAIN_PER_BATCH, test_images: int = TEST_IMAGES, bytes_keys: bool = True
+) -> Path:
     """Write root/cifar-10-batches-py/ with learnable images (the synthetic generator's) as Python-2 pickles."""
     from cifar_mlflow import data
 
@@ -44,11 +46,17 @@ def write_cifar_layout(root: Path, *, train_per_batch: int = TRAIN_PER_BATCH, te
     folder.mkdir(parents=True, exist_ok=True)
     train = data.make_synthetic(5 * train_per_batch, seed=11)
     for i, name in enumerate(data.TRAIN_FILES):
-        part = data.Split(train.images[i * train_per_batch:(i + 1) * train_per_batch],
-                          train.labels[i * train_per_batch:(i + 1) * train_per_batch])
+        part = data.Split(
+            train.images[i * train_per_batch : (i + 1) * train_per_batch],
+            train.labels[i * train_per_batch : (i + 1) * train_per_batch],
+        )
         data.write_batch(folder / name, part, bytes_keys=bytes_keys, label=f"training batch {i + 1} of 5")
-    data.write_batch(folder / data.TEST_FILE, data.make_synthetic(test_images, seed=12), bytes_keys=bytes_keys,
-                     label="testing batch 1 of 1")
+    data.write_batch(
+        folder / data.TEST_FILE,
+        data.make_synthetic(test_images, seed=12),
+        bytes_keys=bytes_keys,
+        label="testing batch 1 of 1",
+    )
     data.write_meta(folder / data.META_FILE, data.SYNTHETIC_CLASSES, bytes_keys=bytes_keys)
     return root
 
@@ -70,9 +78,12 @@ class Store:
         env.pop("MLFLOW_RUN_ID", None)
         # MLproject runs `python -m ...`: make that this interpreter, whatever PATH the suite started with.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env.update(MLFLOW_TRACKING_URI=self.uri,
-                   # sample system metrics every second so that short test runs record some
-                   MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", **extra)
+        env.update(
+            MLFLOW_TRACKING_URI=self.uri,
+            # sample system metrics every second so that short test runs record some
+            MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+            **extra,
+        )
         return env
 
 
@@ -128,11 +139,23 @@ def mlflow_run_cmd(params: dict[str, object], *, entry: str = "main", run_id: st
     return cmd
 
 
-def mlflow_run(store: Store, params: dict[str, object], *, entry: str = "main", timeout: int = 600,
-               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def mlflow_run(
+    store: Store,
+    params: dict[str, object],
+    *,
+    entry: str = "main",
+    timeout: int = 600,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """mlflow_run_cmd run to completion in the store's folder, output captured."""
-    return subprocess.run(mlflow_run_cmd(params, entry=entry), cwd=store.root, env=store.env(**(extra_env or {})),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        mlflow_run_cmd(params, entry=entry),
+        cwd=store.root,
+        env=store.env(**(extra_env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def cli_args(params: dict[str, object]) -> list[str]:
@@ -168,27 +191,50 @@ class MlflowServer:
     served by the server from root/server-artifacts, `args` appended to its command line), which a test can stop
     and start again on the same port and store."""
 
-    def __init__(self, root: Path, *, app_name: str | None = None, env: dict[str, str] | None = None,
-                 backend_store_uri: str | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        app_name: str | None = None,
+        env: dict[str, str] | None = None,
+        backend_store_uri: str | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.root, self.port, self.app_name, self.args = root, free_port(), app_name, tuple(args)
         self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'server.db'}"
         self.artifacts_destination = root / "server-artifacts"
         # no job-execution workers (three extra processes the tests never use)
-        self.env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                    **(env or {})}
+        self.env = {
+            **os.environ,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **(env or {}),
+        }
         self.proc: subprocess.Popen | None = None
         self.uri = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60) -> "MlflowServer":
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", self.backend_store_uri,
-               "--artifacts-destination", str(self.artifacts_destination)]
+    def start(self, timeout: float = 60) -> MlflowServer:
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            self.backend_store_uri,
+            "--artifacts-destination",
+            str(self.artifacts_destination),
+        ]
         if self.app_name:
             cmd += ["--app-name", self.app_name]
         cmd += self.args
         log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, cwd=self.root, env=self.env, stdout=log, stderr=log,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=self.env, stdout=log, stderr=log, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -217,13 +263,22 @@ class MlflowServer:
 # (most first), which put the two one-test learning files, the longest of all, last and on one worker: pyproject's
 # addopts turn that off (--no-loadscope-reorder).
 # Longest first, by each module's total in a clean-clone run of the suite on a 2-core AVX2 CPU (seconds):
-SLOW_FIRST = ("test_learning_lr_auto.py",    # 400-560 (with test_learning: one each on both workers at the start)
-              "test_learning.py",            # 310-430
-              "test_resume.py",              # ~430
-              "test_hostile_input_2.py",     # ~480, in many short tests
-              "test_benchmarks.py", "test_server.py", "test_engine.py", "test_analyze_e2e.py",   # 275-365
-              "test_distributed.py", "test_pipeline.py", "test_e2e.py", "test_options_e2e.py",   # 185-270
-              "test_user_facing.py", "test_team_server.py")                                      # 130-165
+SLOW_FIRST = (
+    "test_learning_lr_auto.py",  # 400-560 (with test_learning: one each on both workers at the start)
+    "test_learning.py",  # 310-430
+    "test_resume.py",  # ~430
+    "test_hostile_input_2.py",  # ~480, in many short tests
+    "test_benchmarks.py",
+    "test_server.py",
+    "test_engine.py",
+    "test_analyze_e2e.py",  # 275-365
+    "test_distributed.py",
+    "test_pipeline.py",
+    "test_e2e.py",
+    "test_options_e2e.py",  # 185-270
+    "test_user_facing.py",
+    "test_team_server.py",
+)  # 130-165
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,4 +1,5 @@
 """analysis.py: misclassified ordering, per-class statistics, confusion pairs, layer lookup and batched GradCAM."""
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,7 @@ def _preds(probs, labels):
 
 
 def test_misclassified_most_confident_first_ties_by_index():
-    p = _preds([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]],
-               [1, 1, 1, 0, 1, 0])
+    p = _preds([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]], [1, 1, 1, 0, 1, 0])
     # wrong: 0 (conf .9), 2 (.6), 3 (.7), 4 (.6), 5 (.9)
     assert analysis.misclassified(p).tolist() == [0, 5, 3, 2, 4]
     assert p.accuracy == pytest.approx(1 / 6)
@@ -52,8 +52,9 @@ def test_gradcam_maps_shape_range_batched_equals_per_image_and_hooks_released(ne
     batched = analysis.gradcam_maps(net, net.layer3, images, classes, batch_size=6)
     assert batched.shape == (6, 32, 32) and batched.dtype == np.float32
     assert batched.min() >= 0 and batched.max() <= 1 and batched.max() > 0.5
-    single = np.concatenate([analysis.gradcam_maps(net, net.layer3, images[i:i + 1], classes[i:i + 1])
-                             for i in range(6)])
+    single = np.concatenate(
+        [analysis.gradcam_maps(net, net.layer3, images[i : i + 1], classes[i : i + 1]) for i in range(6)]
+    )
     np.testing.assert_allclose(batched, single, atol=1e-5)
     assert not net.layer3._forward_hooks and not net.layer3._backward_hooks
     pred, true = analysis.gradcam_pairs(net, net.layer4, images, classes, classes[::-1], batch_size=4)
@@ -80,7 +81,7 @@ def test_gradcam_backward_only_to_the_layer_gives_the_notebook_maps(net, layer_n
 def test_gradcam_restores_requires_grad_on_error(net):
     images = torch.zeros(2, 3, 32, 32)
     with pytest.raises(IndexError):
-        analysis.gradcam_maps(net, net.layer3, images, [0, 10])     # no class 10
+        analysis.gradcam_maps(net, net.layer3, images, [0, 10])  # no class 10
     assert all(p.requires_grad for p in net.parameters())
     assert not net.layer3._forward_hooks
 
@@ -90,15 +91,16 @@ def test_gradcam_of_predictions_one_pass_equals_predict_then_explain(net):
     maps, probs = analysis.gradcam_of_predictions(net, net.layer3, images, batch_size=4)
     expected = models.predict_proba(net, images).numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)
-    np.testing.assert_allclose(maps, analysis.gradcam_maps(net, net.layer3, images, expected.argmax(1).tolist()),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        maps, analysis.gradcam_maps(net, net.layer3, images, expected.argmax(1).tolist()), atol=1e-5
+    )
 
 
 def test_predict_agrees_with_engine_evaluate(net):
     split = data.make_synthetic(50, seed=4)
     loader = data.make_loader(split, batch_size=16, train=False)
     cpu = torch.device("cpu")
-    precision = engine.resolve_precision("auto", cpu)   # never a forced bf16: emulated (10x slower) on some CPUs
+    precision = engine.resolve_precision("auto", cpu)  # never a forced bf16: emulated (10x slower) on some CPUs
     model = net.to(memory_format=torch.channels_last)
     pred = analysis.predict(model, loader, cpu, precision)
     ev = engine.evaluate(model, loader, cpu, precision)

@@ -1,5 +1,6 @@
 """The analyze entry point end to end: train tiny through `mlflow run`, then analyse by alias (through
 `mlflow run -e analyze`) and by version (directly), against the real registry; then the error cases."""
+
 import json
 import subprocess
 import sys
@@ -58,8 +59,13 @@ def test_analyze_champion_through_mlflow_run(trained, cifar_root):
 
     # artifacts
     local = client.download_artifacts(run.info.run_id, "", str(store.root / "dl"))
-    for name in ("misclassified/gallery.png", "gradcam/layer3.png", "gradcam/layer4.png", "confusion_matrix.png",
-                 "per_class_accuracy.png"):
+    for name in (
+        "misclassified/gallery.png",
+        "gradcam/layer3.png",
+        "gradcam/layer4.png",
+        "confusion_matrix.png",
+        "per_class_accuracy.png",
+    ):
         with open(f"{local}/{name}", "rb") as fh:
             assert fh.read(8) == PNG, name
     table = json.load(open(f"{local}/misclassified.json"))
@@ -80,8 +86,17 @@ def _direct(store, *args):
 
 def test_analyze_by_version_directly(trained, cifar_root):
     store, train_run = trained
-    proc = _direct(store, "--model_uri", "models:/cifar10-resnet18/1", "--data_dir", str(cifar_root),
-                   "--target_layers", "layer4.1.conv2", "--batch_size", "32")
+    proc = _direct(
+        store,
+        "--model_uri",
+        "models:/cifar10-resnet18/1",
+        "--data_dir",
+        str(cifar_root),
+        "--target_layers",
+        "layer4.1.conv2",
+        "--batch_size",
+        "32",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = _analysis_runs(store, train_run.info.run_id)[-1]
     assert run.info.status == "FINISHED" and run.data.tags["model_uri"] == "models:/cifar10-resnet18/1"
@@ -89,14 +104,20 @@ def test_analyze_by_version_directly(trained, cifar_root):
     arts = {a.path for a in MlflowClient(store.uri).list_artifacts(run.info.run_id, "gradcam")}
     assert arts == {"gradcam/layer4.1.conv2.png"}
     tags = MlflowClient(store.uri).get_model_version("cifar10-resnet18", "1").tags
-    assert tags["analysis_run_id"] == run.info.run_id   # the newest analysis
+    assert tags["analysis_run_id"] == run.info.run_id  # the newest analysis
 
 
-@pytest.mark.parametrize("uri, message", [
-    ("models:/no-such-model@champion", "no registered model 'no-such-model'; registered models: cifar10-resnet18"),
-    ("models:/cifar10-resnet18/7", "'cifar10-resnet18' has no version 7; versions: 1; aliases: @champion -> 1"),
-    ("models:/cifar10-resnet18@best", "'cifar10-resnet18' has no alias @best; versions: 1; aliases: @champion -> 1"),
-])
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("models:/no-such-model@champion", "no registered model 'no-such-model'; registered models: cifar10-resnet18"),
+        ("models:/cifar10-resnet18/7", "'cifar10-resnet18' has no version 7; versions: 1; aliases: @champion -> 1"),
+        (
+            "models:/cifar10-resnet18@best",
+            "'cifar10-resnet18' has no alias @best; versions: 1; aliases: @champion -> 1",
+        ),
+    ],
+)
 def test_unknown_model_names_what_exists(trained, cifar_root, uri, message):
     store, train_run = trained
     before = len(_analysis_runs(store, train_run.info.run_id))
@@ -104,7 +125,7 @@ def test_unknown_model_names_what_exists(trained, cifar_root, uri, message):
     assert proc.returncode != 0
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: ") and message in line, line
-    assert len(_analysis_runs(store, train_run.info.run_id)) == before   # nothing opened
+    assert len(_analysis_runs(store, train_run.info.run_id)) == before  # nothing opened
 
 
 def test_bad_target_layer_through_mlflow_run_fails_the_run(trained, cifar_root):
@@ -112,8 +133,9 @@ def test_bad_target_layer_through_mlflow_run_fails_the_run(trained, cifar_root):
     proc = mlflow_run(store, {**ANALYZE, "data_dir": cifar_root, "target_layers": "layer3,fc2"}, entry="analyze")
     assert proc.returncode != 0
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
-    assert "'fc2' is not a layer of this model; valid: conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4" \
-        in line
+    assert (
+        "'fc2' is not a layer of this model; valid: conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4" in line
+    )
     client = MlflowClient(store.uri)
     exp = client.get_experiment_by_name(store.experiment).experiment_id
     (failed,) = client.search_runs([exp], "attributes.status = 'FAILED'")
@@ -124,14 +146,23 @@ def test_bad_target_layer_through_mlflow_run_fails_the_run(trained, cifar_root):
 def test_bad_uri_form(trained):
     store, _ = trained
     proc = _direct(store, "--model_uri", "cifar10-resnet18")
-    assert proc.returncode != 0 and "model_uri='cifar10-resnet18' is not allowed: expected models:/<name>/<version>" \
-        in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "model_uri='cifar10-resnet18' is not allowed: expected models:/<name>/<version>" in proc.stderr
+    )
 
 
 def test_runs_uri_is_accepted(trained, cifar_root):
     store, train_run = trained
-    proc = _direct(store, "--model_uri", f"runs:/{train_run.info.run_id}/model", "--data_dir", str(cifar_root),
-                   "--target_layers", "layer4")
+    proc = _direct(
+        store,
+        "--model_uri",
+        f"runs:/{train_run.info.run_id}/model",
+        "--data_dir",
+        str(cifar_root),
+        "--target_layers",
+        "layer4",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = _analysis_runs(store, train_run.info.run_id)[-1]
     assert run.data.tags["model_uri"].startswith("runs:/") and "model_version" not in run.data.tags

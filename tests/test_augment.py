@@ -1,4 +1,5 @@
 """Augmentation presets: each transform of `standard` really changes images, with 2.x argument names."""
+
 import warnings
 
 import numpy as np
@@ -21,7 +22,7 @@ def _apply(t, img, seed):
 
 def test_standard_builds_without_warnings_and_lists_its_transforms():
     with warnings.catch_warnings():
-        warnings.simplefilter("error")     # albumentations warns (and ignores) 1.x argument names
+        warnings.simplefilter("error")  # albumentations warns (and ignores) 1.x argument names
         t = augment.build_train_transform("standard", MEAN)
     names = [type(x).__name__ for x in t.transforms]
     assert names == ["PadIfNeeded", "RandomCrop", "HorizontalFlip", "Cutout"]
@@ -79,7 +80,7 @@ def test_pad_crop_shifts_and_flip_mirrors(images):
             tr.set_random_seed(i)
             x = tr(image=x)["image"]
         shifted += not np.array_equal(x, img)
-    assert shifted >= 15          # 80 of 81 crop offsets move the image
+    assert shifted >= 15  # 80 of 81 crop offsets move the image
     flip = t.transforms[2]
     flipped = [_apply(flip, images[0], s) for s in range(20)]
     assert any(np.array_equal(f, images[0][:, ::-1]) for f in flipped)
@@ -111,7 +112,7 @@ def test_every_transform_of_every_preset_changes_images(preset, images):
         changed = 0
         for i, img in enumerate(images[:20]):
             x = img
-            for earlier in transforms[:position]:   # what this transform really receives in the pipeline
+            for earlier in transforms[:position]:  # what this transform really receives in the pipeline
                 x = _apply(earlier, x, 1000 + i)
             out = _apply(forced, x, i)
             changed += out.shape != x.shape or not np.array_equal(out, x)
@@ -124,5 +125,4 @@ def test_heavy_keeps_hue_bounded_and_uses_a_half_size_hole():
     assert max(abs(h) for h in jitter.hue) <= 0.05
     cutout = next(x for x in t.transforms if type(x).__name__ == "Cutout")
     assert cutout.hole_height_range == (16, 16) and cutout.hole_width_range == (16, 16)
-    assert [type(x).__name__ for x in t.transforms] == ["HorizontalFlip", "Affine", "Cutout",
-                                                        "ColorJitter", "ToGray"]
+    assert [type(x).__name__ for x in t.transforms] == ["HorizontalFlip", "Affine", "Cutout", "ColorJitter", "ToGray"]

@@ -1,4 +1,5 @@
 """The benchmark scripts run (tiny sizes, CPU) and report what they claim; `--help` stays under a second."""
+
 import json
 import os
 import re
@@ -14,8 +15,9 @@ from tests.conftest import REPO
 
 
 def test_cuda_benchmark_runs_on_cpu(capsys):
-    out = bench_cuda.main(["--images", "64", "--test-images", "32", "--batch-size", "32", "--epochs", "1",
-                           "--no-compile"])
+    out = bench_cuda.main(
+        ["--images", "64", "--test-images", "32", "--batch-size", "32", "--epochs", "1", "--no-compile"]
+    )
     assert out["total_s"] > 0 and 0 <= out["final_accuracy"] <= 1
     assert "total training time" in capsys.readouterr().out
 
@@ -23,8 +25,24 @@ def test_cuda_benchmark_runs_on_cpu(capsys):
 def test_accuracy_benchmark_runs_both_contenders_and_the_ablation(tmp_path, capsys):
     """Tiny sizes: this shows the script runs both sides on the same real files and reports them; what they
     learn at full size is in RESULTS.md (tests/test_learning.py checks the recipe learns)."""
-    tiny = ["--seeds", "0", "--epochs", "1", "--max-train", "64", "--max-test", "32", "--batch-size", "32",
-            "--jobs", "1", "--data-dir", str(tmp_path), "--json", str(tmp_path / "acc.json")]
+    tiny = [
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--max-train",
+        "64",
+        "--max-test",
+        "32",
+        "--batch-size",
+        "32",
+        "--jobs",
+        "1",
+        "--data-dir",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "acc.json"),
+    ]
     out = bench_accuracy.main(tiny)
     assert set(out) == {"notebook-style loop", "project (defaults)"}
     assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in out.values())
@@ -37,24 +55,46 @@ def test_accuracy_benchmark_runs_both_contenders_and_the_ablation(tmp_path, caps
 
 def test_train_benchmark_reports_every_ratio(capsys):
     ratios = bench_train.main(["--images", "32", "--batch-size", "16", "--repeats", "1"])
-    assert set(ratios) == {"engine / notebook (target >= 2.0)", "engine / training limit (target >= 0.9)",
-                           "evaluation / inference limit (target >= 0.9)", "loader / engine training (target >= 10)"}
+    assert set(ratios) == {
+        "engine / notebook (target >= 2.0)",
+        "engine / training limit (target >= 0.9)",
+        "evaluation / inference limit (target >= 0.9)",
+        "loader / engine training (target >= 10)",
+    }
     assert all(v > 0 for v in ratios.values())
     assert "notebook-style loop" in capsys.readouterr().out
 
 
 def _bench(module: str, *args: str, cwd) -> str:
     """Run a benchmark as users do (python -m, from any folder); it must exit 0. Its output."""
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_tracking_benchmark_measures_what_a_training_run_logs(tmp_path):
     """The tracked contender does everything a training run does each epoch: metrics, checkpoint, GradCAM panel."""
-    out = _bench("bench_tracking", "--images", "64", "--epochs", "2", "--batch-size", "32", "--repeats", "1",
-                 "--store", str(tmp_path), cwd=tmp_path)
+    out = _bench(
+        "bench_tracking",
+        "--images",
+        "64",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--repeats",
+        "1",
+        "--store",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     assert re.search(r"\| ratio on/off \(target <= 1.02\) +\| \d+\.\d+", out), out
     assert "GradCAM panel after epochs [1, 2]" in out
     cpu = re.search(r"\| reporting thread CPU \(checkpoints, metrics, panels\) +\| ([\d.]+)", out)
@@ -63,21 +103,28 @@ def test_tracking_benchmark_measures_what_a_training_run_logs(tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [1, 2]
-    manifest = json.loads(open(client.download_artifacts(run.info.run_id, "checkpoints/latest.json", str(tmp_path)))
-                          .read())
+    manifest = json.loads(
+        open(client.download_artifacts(run.info.run_id, "checkpoints/latest.json", str(tmp_path))).read()
+    )
     assert manifest["epoch"] == 2 and manifest["path"] == "checkpoints/slot-b/checkpoint.pt"
-    panels = sorted(a.path.split("+")[2] for a in client.list_artifacts(run.info.run_id, "images")
-                    if a.path.startswith("images/gradcam_panel") and a.path.endswith(".png"))
+    panels = sorted(
+        a.path.split("+")[2]
+        for a in client.list_artifacts(run.info.run_id, "images")
+        if a.path.startswith("images/gradcam_panel") and a.path.endswith(".png")
+    )
     assert panels == ["1", "2"]
     assert run.info.artifact_uri.startswith(tmp_path.as_uri()) or run.info.artifact_uri.startswith(str(tmp_path))
 
 
 def test_gradcam_benchmark_batched_maps_equal_per_image_maps(tmp_path):
     out = _bench("bench_gradcam", "--images", "4", "--test-images", "64", "--repeats", "1", cwd=tmp_path)
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith(("| layer3 ", "| layer4 "))]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith(("| layer3 ", "| layer4 "))
+    ]
     assert [r[0] for r in rows] == ["layer3", "layer4"], out
-    assert all(float(r[-1]) <= 1e-5 and float(r[-2]) > 0 for r in rows), rows     # max |diff|, speed-up
+    assert all(float(r[-1]) <= 1e-5 and float(r[-2]) > 0 for r in rows), rows  # max |diff|, speed-up
     assert "analysis entry point, 64 test images" in out and "evaluate test set" in out
 
 
@@ -89,7 +136,8 @@ def test_startup_benchmark_reports_help_and_first_step(tmp_path):
     assert first and 0 < float(first.group(1)) < 120, out
 
 
-@pytest.mark.parametrize("module", ["entrypoints.train", "entrypoints.analyze", "entrypoints.lr_find",
-                                    "entrypoints.pipeline"])
+@pytest.mark.parametrize(
+    "module", ["entrypoints.train", "entrypoints.analyze", "entrypoints.lr_find", "entrypoints.pipeline"]
+)
 def test_help_answers_in_under_a_second(module):
     assert statistics.median(bench_startup.help_seconds(module) for _ in range(3)) < 1.0

@@ -1,4 +1,5 @@
 """TrainConfig: defaults, type coercion and one-line validation errors."""
+
 import dataclasses
 
 import pytest
@@ -29,29 +30,41 @@ def test_int_is_accepted_for_float_fields():
     assert isinstance(cfg.lr, float) and cfg.lr == 1.0 and isinstance(cfg.weight_decay, float)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"optimizer": "foo"}, "optimizer='foo' is not allowed: expected one of sgd, adam, adamw"),
-    ({"epochs": 0}, "epochs=0 is not allowed: expected an integer >= 1"),
-    ({"batch_size": -3}, "batch_size=-3 is not allowed: expected an integer >= 1"),
-    ({"lr": -0.1}, "lr=-0.1 is not allowed: expected a number > 0"),
-    ({"lr": 0.0}, "lr=0.0 is not allowed: expected a number > 0"),
-    ({"lr": float("nan")}, "lr=nan is not allowed"),
-    ({"momentum": 1.0}, "momentum=1.0 is not allowed: expected a number >= 0 and < 1"),
-    ({"label_smoothing": 1.5}, "label_smoothing=1.5 is not allowed"),
-    ({"scheduler": "cosine!"}, "scheduler='cosine!' is not allowed: expected one of onecycle, cosine, plateau, cyclic, none"),
-    ({"lr": "fast"}, "lr='fast' is not allowed: expected a number > 0, or auto"),
-    ({"norm": "instance"}, "norm='instance' is not allowed: expected one of batch, group, layer"),
-    ({"augment": "mixup"}, "augment='mixup' is not allowed: expected one of standard, flip-cutout, heavy, rotate, none"),
-    ({"l1": -1e-5}, "l1=-1e-05 is not allowed: expected a number >= 0"),
-    ({"dataset": "mnist"}, "dataset='mnist' is not allowed: expected one of cifar10, digits, synthetic"),
-    ({"precision": "fp64"}, "precision='fp64' is not allowed: expected one of auto, fp32, bf16, fp16"),
-    ({"epochs": "20"}, "epochs='20' is not allowed: expected an integer >= 1"),
-    ({"epochs": True}, "epochs=True is not allowed"),
-    ({"epochs": 2.5}, "epochs=2.5 is not allowed"),
-    ({"num_workers": -2}, "num_workers=-2 is not allowed: expected an integer >= -1"),
-    ({"registered_model_name": " "}, "registered_model_name=' ' is not allowed: expected letters, digits, '_', '-' "
-                                     "and '.', starting with a letter or digit (at most 256 characters)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"optimizer": "foo"}, "optimizer='foo' is not allowed: expected one of sgd, adam, adamw"),
+        ({"epochs": 0}, "epochs=0 is not allowed: expected an integer >= 1"),
+        ({"batch_size": -3}, "batch_size=-3 is not allowed: expected an integer >= 1"),
+        ({"lr": -0.1}, "lr=-0.1 is not allowed: expected a number > 0"),
+        ({"lr": 0.0}, "lr=0.0 is not allowed: expected a number > 0"),
+        ({"lr": float("nan")}, "lr=nan is not allowed"),
+        ({"momentum": 1.0}, "momentum=1.0 is not allowed: expected a number >= 0 and < 1"),
+        ({"label_smoothing": 1.5}, "label_smoothing=1.5 is not allowed"),
+        (
+            {"scheduler": "cosine!"},
+            "scheduler='cosine!' is not allowed: expected one of onecycle, cosine, plateau, cyclic, none",
+        ),
+        ({"lr": "fast"}, "lr='fast' is not allowed: expected a number > 0, or auto"),
+        ({"norm": "instance"}, "norm='instance' is not allowed: expected one of batch, group, layer"),
+        (
+            {"augment": "mixup"},
+            "augment='mixup' is not allowed: expected one of standard, flip-cutout, heavy, rotate, none",
+        ),
+        ({"l1": -1e-5}, "l1=-1e-05 is not allowed: expected a number >= 0"),
+        ({"dataset": "mnist"}, "dataset='mnist' is not allowed: expected one of cifar10, digits, synthetic"),
+        ({"precision": "fp64"}, "precision='fp64' is not allowed: expected one of auto, fp32, bf16, fp16"),
+        ({"epochs": "20"}, "epochs='20' is not allowed: expected an integer >= 1"),
+        ({"epochs": True}, "epochs=True is not allowed"),
+        ({"epochs": 2.5}, "epochs=2.5 is not allowed"),
+        ({"num_workers": -2}, "num_workers=-2 is not allowed: expected an integer >= -1"),
+        (
+            {"registered_model_name": " "},
+            "registered_model_name=' ' is not allowed: expected letters, digits, '_', '-' "
+            "and '.', starting with a letter or digit (at most 256 characters)",
+        ),
+    ],
+)
 def test_bad_values_get_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError) as err:
         TrainConfig(**kwargs)

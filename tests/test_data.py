@@ -1,5 +1,6 @@
 """The CIFAR-10 layout reader (both key styles, corrupt files, hostile pickles), download + MD5 + safe
 extraction over a real local HTTP server, the synthetic set, statistics and the loaders."""
+
 import hashlib
 import io
 import os
@@ -15,8 +16,8 @@ from cifar_mlflow import augment, data
 from cifar_mlflow.errors import DataError
 from tests.conftest import write_cifar_layout
 
-
 # ---------------------------------------------------------------------------------------------- reading
+
 
 @pytest.mark.parametrize("bytes_keys", [True, False], ids=["bytes-keys", "str-keys"])
 def test_reader_accepts_both_key_styles(tmp_path, bytes_keys):
@@ -56,16 +57,22 @@ def _ok_batch(n=4):
     return {b"data": np.zeros((n, 3072), np.uint8), b"labels": [0] * n}
 
 
-@pytest.mark.parametrize("name, obj, message", [
-    ("data_batch_2", {**_ok_batch(), b"data": np.zeros((4, 3000), np.uint8)},
-     "'data' must be a (N, 3072) uint8 array, got shape (4, 3000)"),
-    ("data_batch_2", {**_ok_batch(), b"data": np.zeros((4, 3072), np.float32)}, "dtype float32"),
-    ("test_batch", {**_ok_batch(), b"labels": [0, 1, 10, 2]}, "label 10 is outside 0-9"),
-    ("test_batch", {**_ok_batch(), b"labels": [0, -1, 2, 2]}, "label -1 is outside 0-9"),
-    ("data_batch_3", {**_ok_batch(), b"labels": [0, 1]}, "4 images but 'labels' has shape (2,)"),
-    ("data_batch_1", [1, 2, 3], "expected a dict, got list"),
-    ("batches.meta", {b"label_names": [b"a", b"b"]}, "'label_names' must list 10 class names"),
-])
+@pytest.mark.parametrize(
+    "name, obj, message",
+    [
+        (
+            "data_batch_2",
+            {**_ok_batch(), b"data": np.zeros((4, 3000), np.uint8)},
+            "'data' must be a (N, 3072) uint8 array, got shape (4, 3000)",
+        ),
+        ("data_batch_2", {**_ok_batch(), b"data": np.zeros((4, 3072), np.float32)}, "dtype float32"),
+        ("test_batch", {**_ok_batch(), b"labels": [0, 1, 10, 2]}, "label 10 is outside 0-9"),
+        ("test_batch", {**_ok_batch(), b"labels": [0, -1, 2, 2]}, "label -1 is outside 0-9"),
+        ("data_batch_3", {**_ok_batch(), b"labels": [0, 1]}, "4 images but 'labels' has shape (2,)"),
+        ("data_batch_1", [1, 2, 3], "expected a dict, got list"),
+        ("batches.meta", {b"label_names": [b"a", b"b"]}, "'label_names' must list 10 class names"),
+    ],
+)
 def test_corrupt_files_are_named_in_the_error(layout, name, obj, message):
     path = _corrupt(layout, name, obj)
     with pytest.raises(DataError) as err:
@@ -110,6 +117,7 @@ def test_load_dataset_downloads_only_when_layout_missing(layout, tmp_path_factor
 
 
 # ---------------------------------------------------------------------------------------------- download
+
 
 def _tar_of(folder: Path, out: Path) -> str:
     with tarfile.open(out, "w:gz") as tar:
@@ -161,7 +169,7 @@ def test_symlink_member_is_refused(tmp_path):
 
 
 def test_offline_download_gives_one_clear_error(tmp_path):
-    with socket.socket() as s:       # a port nothing listens on: connection refused, as offline
+    with socket.socket() as s:  # a port nothing listens on: connection refused, as offline
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(DataError) as err:
@@ -178,10 +186,11 @@ def test_official_url_and_md5_are_kept():
 
 # ---------------------------------------------------------------------------------------------- digits
 
+
 @pytest.fixture(scope="module")
 def digits_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
-    data.load_dataset("digits", root)      # builds root/digits-batches-py once
+    data.load_dataset("digits", root)  # builds root/digits-batches-py once
     return root
 
 
@@ -233,16 +242,22 @@ def test_an_interrupted_digits_build_leaves_nothing_behind(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(data, "write_meta", disk_full)
-    with pytest.raises(DataError, match=r"is not writable \(No space left on device\), so the digits set cannot "
-                                        r"be written into it; choose a writable folder"):
+    with pytest.raises(
+        DataError,
+        match=r"is not writable \(No space left on device\), so the digits set cannot "
+        r"be written into it; choose a writable folder",
+    ):
         data.load_dataset("digits", tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_digits_into_a_data_dir_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(DataError, match=r"is a file, not a folder; pass the folder that holds \(or should receive\) "
-                                        r"digits-batches-py/"):
+    with pytest.raises(
+        DataError,
+        match=r"is a file, not a folder; pass the folder that holds \(or should receive\) "
+        r"digits-batches-py/",
+    ):
         data.load_dataset("digits", tmp_path / "f")
 
 
@@ -258,6 +273,7 @@ def test_digits_are_real_images_not_a_toy(digits_root):
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
+
 
 def test_synthetic_is_deterministic_and_prefix_stable():
     a, b = data.make_synthetic(50, seed=3), data.make_synthetic(20, seed=3)
@@ -284,6 +300,7 @@ def test_synthetic_dataset_sizes():
 
 # ---------------------------------------------------------------------------------------------- stats, loaders
 
+
 def test_channel_stats_match_numpy():
     images = data.make_synthetic(300, seed=5).images
     mean, std = data.channel_stats(images, chunk=70)
@@ -300,8 +317,10 @@ def _epoch_batches(loader, epoch):
 def test_training_loader_is_deterministic_and_independent_of_workers():
     split = data.make_synthetic(100, seed=0)
     tf = augment.build_train_transform("standard", (0.5, 0.5, 0.5))
-    runs = [_epoch_batches(data.make_loader(split, batch_size=32, train=True, transform=tf, seed=7,
-                                            num_workers=w), epoch=2) for w in (0, 2)]
+    runs = [
+        _epoch_batches(data.make_loader(split, batch_size=32, train=True, transform=tf, seed=7, num_workers=w), epoch=2)
+        for w in (0, 2)
+    ]
     assert len(runs[0]) == 3, "drop_last: 100 images -> 3 full batches of 32"
     for (x0, y0), (x1, y1) in zip(*runs):
         assert x0.dtype.is_floating_point is False and x0.shape == (32, 32, 32, 3)
@@ -338,10 +357,16 @@ def test_shutdown_workers_stops_the_worker_processes_at_once():
     import psutil
 
     split = data.make_synthetic(64, seed=1)
-    loader = data.make_loader(split, batch_size=16, train=True, seed=0, num_workers=2,
-                              transform=augment.build_train_transform("standard", (0.5,) * 3))
+    loader = data.make_loader(
+        split,
+        batch_size=16,
+        train=True,
+        seed=0,
+        num_workers=2,
+        transform=augment.build_train_transform("standard", (0.5,) * 3),
+    )
     me = psutil.Process()
-    others = {p.pid for p in me.children()}     # whatever an earlier test in this worker process left running
+    others = {p.pid for p in me.children()}  # whatever an earlier test in this worker process left running
     loader.sampler.set_epoch(1)
     assert sum(len(y) for _, y in loader) == 64
     workers = [p for p in me.children() if p.pid not in others]
@@ -349,7 +374,7 @@ def test_shutdown_workers_stops_the_worker_processes_at_once():
     start = time.perf_counter()
     data.shutdown_workers(loader)
     assert time.perf_counter() - start < 2 and not any(_alive(p) for p in workers)
-    data.shutdown_workers(loader)                       # twice, or on a loader without workers: nothing happens
+    data.shutdown_workers(loader)  # twice, or on a loader without workers: nothing happens
     data.shutdown_workers(data.make_loader(split, batch_size=16, train=False))
     loader.sampler.set_epoch(2)
     assert sum(len(y) for _, y in loader) == 64, "the loader still works: new workers start on demand"

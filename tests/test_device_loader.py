@@ -1,6 +1,7 @@
 """The device-resident loader (runs on CPU tensors here, as on a GPU): the same order, shards and batch count as
 the worker DataLoader, deterministic per (seed, epoch), and its batched augmentation draws from the same
 distribution as the albumentations presets (crop offsets, flip rate, hole positions)."""
+
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ from cifar_mlflow import augment, data
 from cifar_mlflow.device_loader import DeviceLoader
 
 CPU = torch.device("cpu")
-MEAN = (0.5, 0.5, 0.5)          # cutout fill 128 in every channel
+MEAN = (0.5, 0.5, 0.5)  # cutout fill 128 in every channel
 
 
 def _epoch(loader, epoch):
@@ -19,8 +20,9 @@ def _epoch(loader, epoch):
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-@pytest.mark.parametrize("n, batch, train", [(100, 32, True), (96, 32, True), (20, 32, True), (100, 32, False),
-                                             (7, 3, False)])
+@pytest.mark.parametrize(
+    "n, batch, train", [(100, 32, True), (96, 32, True), (20, 32, True), (100, 32, False), (7, 3, False)]
+)
 def test_same_order_labels_and_batch_count_as_the_worker_loader(n, batch, train):
     split = data.make_synthetic(n, seed=1)
     workers = data.make_loader(split, batch_size=batch, train=train, seed=5)
@@ -153,20 +155,25 @@ def test_hole_rate_and_positions_match_on_both_paths(both_paths):
         for start, end in (("y0", "y1"), ("x0", "x1")):
             assert _chi2_ok(np.bincount(got[start][has], minlength=len(probs)), probs), start
             side = got[end][has] - got[start][has]
-            assert side.min() == 8 and side.max() == 16     # clipped at the border, 16 when inside
+            assert side.min() == 8 and side.max() == 16  # clipped at the border, 16 when inside
 
 
 # ------------------------------------------------------------------------------------- wiring
+
 
 def test_loader_device_with_a_preset_it_lacks_is_a_one_line_config_error():
     from cifar_mlflow.config import LRFindConfig, TrainConfig
     from cifar_mlflow.errors import ConfigError
 
     for config in (TrainConfig, LRFindConfig):
-        with pytest.raises(ConfigError, match="loader='device' is not allowed with augment='heavy': the device "
-                                              "loader has standard, flip-cutout, none; use loader=workers or auto"):
+        with pytest.raises(
+            ConfigError,
+            match="loader='device' is not allowed with augment='heavy': the device "
+            "loader has standard, flip-cutout, none; use loader=workers or auto",
+        ):
             config(loader="device", augment="heavy")
     from cifar_mlflow.config import DEVICE_PRESETS
+
     assert DEVICE_PRESETS == tuple(augment.BATCH_RECIPES)
 
 
@@ -177,7 +184,9 @@ def test_auto_uses_the_device_loader_on_a_gpu_for_the_presets_it_has():
     assert resolve_loader("auto", "standard", cuda) == resolve_loader("auto", "none", cuda) == "device"
     assert resolve_loader("auto", "heavy", cuda) == "workers"
     assert resolve_loader("auto", "standard", CPU) == "workers"
-    assert resolve_loader("device", "standard", CPU) == "device" and resolve_loader("workers", "none", cuda) == "workers"
+    assert (
+        resolve_loader("device", "standard", CPU) == "device" and resolve_loader("workers", "none", cuda) == "workers"
+    )
 
 
 def test_training_through_prepare_on_the_device_loader():
@@ -185,8 +194,15 @@ def test_training_through_prepare_on_the_device_loader():
     from cifar_mlflow.config import TrainConfig
     from cifar_mlflow.prepare import prepare
 
-    cfg = TrainConfig(dataset="synthetic", max_train_samples=64, max_test_samples=32, batch_size=32, epochs=1,
-                      loader="device", precision="fp32")
+    cfg = TrainConfig(
+        dataset="synthetic",
+        max_train_samples=64,
+        max_test_samples=32,
+        batch_size=32,
+        epochs=1,
+        loader="device",
+        precision="fp32",
+    )
     p = prepare(cfg, cfg.max_test_samples)
     assert isinstance(p.train_loader, DeviceLoader) and isinstance(p.test_loader, DeviceLoader)
     params = p.derived_params()

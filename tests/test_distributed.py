@@ -1,6 +1,7 @@
 """Data-parallel training with torchrun on 2 CPU processes (gloo), through `mlflow run -e ddp` as documented:
 one FINISHED run and one registered version, metrics that are the reduction of the per-process values,
 disjoint shards; the sharded sampler itself; and resume of a data-parallel run after a crash."""
+
 import contextlib
 import json
 import os
@@ -26,8 +27,15 @@ def _runs(store):
 
 
 def _mlflow_run_ddp(store, params, run_id=None):
-    return subprocess.Popen(mlflow_run_cmd(params, entry="ddp", run_id=run_id), cwd=store.root, env=store.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        mlflow_run_cmd(params, entry="ddp", run_id=run_id),
+        cwd=store.root,
+        env=store.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (11, 3), (7, 4)])
@@ -42,9 +50,9 @@ def test_sharded_sampler_splits_each_epoch_without_overlap(n, world):
             shards.append({k - 2 * n for k in keys})
         union = set().union(*shards)
         assert sum(map(len, shards)) == len(union), "shards overlap"
-        if shuffle:   # training: equal shards (same number of steps everywhere), at most world-1 left out
+        if shuffle:  # training: equal shards (same number of steps everywhere), at most world-1 left out
             assert len({len(s) for s in shards}) == 1 and n - len(union) == n % world
-        else:         # evaluation: every sample exactly once
+        else:  # evaluation: every sample exactly once
             assert union == set(range(n))
 
 
@@ -71,7 +79,7 @@ def test_torchrun_two_processes_one_run_reduced_metrics_disjoint_shards(store, c
     for key in ("train/loss", "train/accuracy"):
         r0, r1 = m[f"ranks/0/{key}"], m[f"ranks/1/{key}"]
         assert m[key] == pytest.approx((r0 * n0 + r1 * n1) / (n0 + n1), rel=1e-12)
-        assert r0 != r1    # two different shards
+        assert r0 != r1  # two different shards
 
     # the shards each process drew in epoch 1 are disjoint and together cover the training set
     shards = json.loads(open(client.download_artifacts(run_id, "distributed/shards.json", str(store.root))).read())
@@ -82,8 +90,7 @@ def test_torchrun_two_processes_one_run_reduced_metrics_disjoint_shards(store, c
     net, _ = load_torch_model("models:/cifar10-resnet18/1")
     test = data.read_cifar10(cifar_root, max_test=100).test
     loader = data.make_loader(test, batch_size=32, train=False)
-    got = engine.evaluate(net.to(memory_format=torch.channels_last), loader, torch.device("cpu"),
-                          p["env/precision"])
+    got = engine.evaluate(net.to(memory_format=torch.channels_last), loader, torch.device("cpu"), p["env/precision"])
     assert got["test/accuracy"] == pytest.approx(m["test/accuracy"], abs=1 / 100)
     # relative: after 8 steps the eval-mode BN statistics are far from settled and the loss can be 1e4+,
     # where float32 sums in another order differ in the 7th digit
@@ -96,7 +103,7 @@ def test_killed_ddp_run_resumes_from_its_checkpoint(store, cifar_root):
     proc = _mlflow_run_ddp(store, params)
     client = MlflowClient(store.uri)
     deadline = time.time() + 300
-    while time.time() < deadline:     # wait for epoch 1's checkpoint + metrics, then kill everything
+    while time.time() < deadline:  # wait for epoch 1's checkpoint + metrics, then kill everything
         runs = _runs(store)
         if runs and client.get_metric_history(runs[0].info.run_id, "test/accuracy"):
             break
@@ -112,7 +119,7 @@ def test_killed_ddp_run_resumes_from_its_checkpoint(store, cifar_root):
     proc.wait()
     (run,) = _runs(store)
     run_id = run.info.run_id
-    client.set_terminated(run_id, "FAILED")   # what a dead process leaves: the run is not FINISHED
+    client.set_terminated(run_id, "FAILED")  # what a dead process leaves: the run is not FINISHED
 
     again = _mlflow_run_ddp(store, params, run_id)
     out, _ = again.communicate(timeout=600)
@@ -129,12 +136,14 @@ def test_batch_that_does_not_split_over_the_processes_is_refused_first(store, tm
     from cifar_mlflow.cli import invoke
     from entrypoints.train import train
 
-    monkeypatch.setenv("WORLD_SIZE", "3")    # as torchrun --nproc_per_node=3 sets it
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 sets it
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     code, message = invoke(train, ["--dataset", "synthetic", "--batch_size", "64"])
     assert code == 1
-    assert message == ("batch_size=64 is not allowed with 3 processes: expected a multiple of 3 (each process "
-                       "takes batch_size/3 images per step)")
+    assert message == (
+        "batch_size=64 is not allowed with 3 processes: expected a multiple of 3 (each process "
+        "takes batch_size/3 images per step)"
+    )
     assert _runs(store) == [] and list(work.iterdir()) == []

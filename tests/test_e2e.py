@@ -1,5 +1,6 @@
 """End to end, as a user runs it: `mlflow run . --env-manager local -P ...` on generated CIFAR-layout data with a
 real sqlite store, then a fresh process loads the registered model both ways; bad input fails cleanly."""
+
 import json
 import socket
 import subprocess
@@ -63,8 +64,10 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
 
     # the GradCAM panel, logged with log_image(key, step=epoch) after epochs 1 and 2 (auto for 2 epochs)
     panels = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
-    assert [p.split("+")[:3] for p in panels] == [["images/gradcam_panel", "step", "1"],
-                                                  ["images/gradcam_panel", "step", "2"]]
+    assert [p.split("+")[:3] for p in panels] == [
+        ["images/gradcam_panel", "step", "1"],
+        ["images/gradcam_panel", "step", "2"],
+    ]
     with open(f"{local}/{panels[-1]}", "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -92,8 +95,9 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
             "acc": float((p.argmax(1) == test.labels).mean()), "classes": pyfunc.metadata.metadata["class_names"]}}))
     """)
     env = store.env()
-    out = subprocess.run([sys.executable, "-c", script], cwd=store.root, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=store.root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["shape"] == [128, 10] and got["module"] == "CifarResNet"
@@ -112,10 +116,14 @@ def _closed_port_url():
 
 # Every bad value of every parameter is in tests/test_hostile_input.py (in-process); these two go through the
 # whole `mlflow run` path, to show the run it created ends FAILED with the reason.
-@pytest.mark.parametrize("params, message", [
-    ({"optimizer": "foo"}, "'foo' is not one of 'sgd', 'adam', 'adamw'"),
-    ({"no_such_param": 1}, "No such option '--no_such_param'"),
-], ids=["optimizer", "unknown"])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"optimizer": "foo"}, "'foo' is not one of 'sgd', 'adam', 'adamw'"),
+        ({"no_such_param": 1}, "No such option '--no_such_param'"),
+    ],
+    ids=["optimizer", "unknown"],
+)
 def test_bad_parameters_fail_before_training(store, cifar_root, params, message):
     proc = mlflow_run(store, {**TINY, "data_dir": cifar_root, **params})
     assert proc.returncode != 0
@@ -127,11 +135,14 @@ def test_bad_parameters_fail_before_training(store, cifar_root, params, message)
     assert "train/loss" not in run.data.metrics
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch_size", "-1"], "Invalid value for '--batch_size': -1 is not in the range x>=1"),
-    (["--epochs", "two"], "'two' is not a valid integer"),
-    (["--precision", "fp64"], "'fp64' is not one of 'auto', 'fp32', 'bf16', 'fp16'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch_size", "-1"], "Invalid value for '--batch_size': -1 is not in the range x>=1"),
+        (["--epochs", "two"], "'two' is not a valid integer"),
+        (["--precision", "fp64"], "'fp64' is not one of 'auto', 'fp32', 'bf16', 'fp16'"),
+    ],
+)
 def test_bad_parameters_without_mlflow_run_create_no_run(store, args, message):
     proc = _direct_train(store, *args)
     assert proc.returncode != 0
@@ -141,8 +152,9 @@ def test_bad_parameters_without_mlflow_run_create_no_run(store, args, message):
 
 
 def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
-    proc = mlflow_run(store, {**TINY, "data_dir": tmp_path / "nodata"},
-                      extra_env={"CIFAR_MLFLOW_CIFAR10_URL": _closed_port_url()})
+    proc = mlflow_run(
+        store, {**TINY, "data_dir": tmp_path / "nodata"}, extra_env={"CIFAR_MLFLOW_CIFAR10_URL": _closed_port_url()}
+    )
     assert proc.returncode != 0
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     assert "could not download CIFAR-10" in line and str(tmp_path / "nodata" / "cifar-10-batches-py") in line
@@ -151,9 +163,26 @@ def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
 
 
 def _direct_train(store, *args):
-    cmd = [sys.executable, "-m", "entrypoints.train", "--dataset", "synthetic", "--epochs", "1",
-           "--batch_size", "64", "--max_train_samples", "128", "--max_test_samples", "64", "--num_workers", "0",
-           "--registered_model_name", "synthetic-test", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "entrypoints.train",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--batch_size",
+        "64",
+        "--max_train_samples",
+        "128",
+        "--max_test_samples",
+        "64",
+        "--num_workers",
+        "0",
+        "--registered_model_name",
+        "synthetic-test",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=store.env(), capture_output=True, text=True, timeout=300)
 
 
@@ -168,18 +197,29 @@ def test_direct_run_on_synthetic_data(store):
     assert MlflowClient(store.uri).get_model_version_by_alias("synthetic-test", "champion").run_id == run.info.run_id
 
 
-@pytest.mark.parametrize("module, config", [("entrypoints.train", TrainConfig),
-                                            ("entrypoints.analyze", AnalyzeConfig),
-                                            ("entrypoints.lr_find", LRFindConfig),
-                                            ("entrypoints.pipeline", PipelineConfig)])
+@pytest.mark.parametrize(
+    "module, config",
+    [
+        ("entrypoints.train", TrainConfig),
+        ("entrypoints.analyze", AnalyzeConfig),
+        ("entrypoints.lr_find", LRFindConfig),
+        ("entrypoints.pipeline", PipelineConfig),
+    ],
+)
 def test_help_lists_every_option_without_importing_torch(module, config):
-    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     for name in config.__dataclass_fields__:
         assert f"--{name}" in proc.stdout
     # every option explains itself: its reason, what is allowed, and its default
     assert proc.stdout.count("Allowed:") == proc.stdout.count("[default:") == len(config.__dataclass_fields__)
-    loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60).stdout.split()
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
     assert "torch" not in loaded and "mlflow" not in loaded

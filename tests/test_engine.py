@@ -1,5 +1,6 @@
 """Engine: learns (overfits a tiny batch), is deterministic on CPU, schedules the LR as documented, and never
 syncs with the host inside the batch loop."""
+
 import sys
 
 import numpy as np
@@ -30,12 +31,20 @@ def _setup(n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standar
 
 
 def test_overfits_a_tiny_batch():
-    model, train_loader, _, cfg = _setup(n_train=16, batch_size=16, augment_preset="none", epochs=40,
-                                         scheduler="none", lr=0.02, label_smoothing=0.0, weight_decay=0.0)
+    model, train_loader, _, cfg = _setup(
+        n_train=16,
+        batch_size=16,
+        augment_preset="none",
+        epochs=40,
+        scheduler="none",
+        lr=0.02,
+        label_smoothing=0.0,
+        weight_decay=0.0,
+    )
     first = last = None
     optimizer = engine.build_optimizer(cfg, model.parameters())
     scheduler = engine.build_scheduler(cfg, optimizer, len(train_loader))
-    for epoch in range(cfg.epochs):
+    for _epoch in range(cfg.epochs):
         m = engine.train_one_epoch(model, train_loader, optimizer, scheduler, CPU, AUTO, 0.0)
         first = first or m
         last = m
@@ -51,7 +60,7 @@ def _fit(seed):
 
 
 def test_fit_is_deterministic_for_a_seed_on_cpu():
-    def learned(result):   # everything but wall-clock throughput
+    def learned(result):  # everything but wall-clock throughput
         return [{k: v for k, v in m.items() if k != "train/images_per_sec"} for m in result.history]
 
     (a, model_a), (b, model_b) = _fit(3), _fit(3)
@@ -65,11 +74,18 @@ def test_fit_is_deterministic_for_a_seed_on_cpu():
 def test_fit_reports_every_epoch_through_the_callback():
     model, tr, te, cfg = _setup(epochs=2, n_train=32)
     seen = []
-    result = engine.fit(model, tr, te, cfg, CPU, "fp32", on_epoch_end=lambda e, m, capture: seen.append((e, m)),
-                        log=lambda s: None)
+    result = engine.fit(
+        model, tr, te, cfg, CPU, "fp32", on_epoch_end=lambda e, m, capture: seen.append((e, m)), log=lambda s: None
+    )
     assert [e for e, _ in seen] == [1, 2] and [m for _, m in seen] == result.history
-    assert set(result.final) == {"train/loss", "train/accuracy", "train/images_per_sec", "lr",
-                                 "test/loss", "test/accuracy"}
+    assert set(result.final) == {
+        "train/loss",
+        "train/accuracy",
+        "train/images_per_sec",
+        "lr",
+        "test/loss",
+        "test/accuracy",
+    }
     assert all(0 <= m[k] <= 1 for m in result.history for k in ("train/accuracy", "test/accuracy"))
 
 
@@ -90,8 +106,8 @@ def _lr_curve(scheduler, epochs=5, steps_per_epoch=20, test_losses=None, lr=0.2)
 def test_onecycle_warms_up_to_the_peak_then_decays_to_zero():
     lrs = _lr_curve("onecycle")
     peak = max(range(100), key=lrs.__getitem__)
-    assert lrs[peak] == pytest.approx(0.2) and 15 <= peak <= 25        # peaks at ~20% of the run
-    assert lrs[0] == pytest.approx(0.2 / 25) and 0 <= lrs[-1] < 1e-4   # starts low, ends ~0, never negative
+    assert lrs[peak] == pytest.approx(0.2) and 15 <= peak <= 25  # peaks at ~20% of the run
+    assert lrs[0] == pytest.approx(0.2 / 25) and 0 <= lrs[-1] < 1e-4  # starts low, ends ~0, never negative
     assert all(x >= 0 for x in lrs)
 
 
@@ -135,9 +151,10 @@ def test_no_host_sync_inside_the_batch_loop(monkeypatch, n_train):
         original = getattr(torch.Tensor, name)
 
         def spy(self, *a, _name=name, _original=original, **k):
-            if sys._getframe(1).f_code.co_filename == engine.__file__:   # reads made by the engine itself
+            if sys._getframe(1).f_code.co_filename == engine.__file__:  # reads made by the engine itself
                 calls.append(_name)
             return _original(self, *a, **k)
+
         monkeypatch.setattr(torch.Tensor, name, spy)
     optimizer = engine.build_optimizer(cfg, model.parameters())
     scheduler = engine.build_scheduler(cfg, optimizer, len(tr))
@@ -147,7 +164,7 @@ def test_no_host_sync_inside_the_batch_loop(monkeypatch, n_train):
     calls.clear()
     engine.evaluate(model, te, CPU, "fp32")
     assert train_calls == ["item"] * (len(tr) // engine.NAN_CHECK_EVERY) + ["tolist"], train_calls
-    assert calls == ["tolist"], calls     # evaluation: one read of (loss, correct, seen) at the end
+    assert calls == ["tolist"], calls  # evaluation: one read of (loss, correct, seen) at the end
 
 
 def test_cosine_decays_from_lr_to_zero():
@@ -157,9 +174,9 @@ def test_cosine_decays_from_lr_to_zero():
 
 
 def test_cyclic_triangular2_halves_its_amplitude():
-    lrs = _lr_curve("cyclic", epochs=8, steps_per_epoch=10)     # half cycle = 2 epochs = 20 steps
+    lrs = _lr_curve("cyclic", epochs=8, steps_per_epoch=10)  # half cycle = 2 epochs = 20 steps
     assert lrs[0] == pytest.approx(0.02) and lrs[20] == pytest.approx(0.2) and lrs[40] == pytest.approx(0.02)
-    assert lrs[60] == pytest.approx(0.02 + 0.18 / 2)             # second peak: half the amplitude
+    assert lrs[60] == pytest.approx(0.02 + 0.18 / 2)  # second peak: half the amplitude
 
 
 def test_plateau_cuts_the_lr_when_the_test_loss_stalls():
@@ -175,12 +192,14 @@ def test_none_keeps_the_lr():
 def test_l1_penalty_shrinks_weights():
     norms = {}
     for l1 in (0.0, 1e-3):
-        model, tr, te, cfg = _setup(n_train=32, epochs=1, augment_preset="none", scheduler="none", lr=0.01,
-                                    weight_decay=0.0, l1=l1)
+        model, tr, te, cfg = _setup(
+            n_train=32, epochs=1, augment_preset="none", scheduler="none", lr=0.01, weight_decay=0.0, l1=l1
+        )
         optimizer = engine.build_optimizer(cfg, model.parameters())
         tr.sampler.set_epoch(1)
-        engine.train_one_epoch(model, tr, optimizer, engine.build_scheduler(cfg, optimizer, len(tr)), CPU, "fp32",
-                               0.0, l1=cfg.l1)
+        engine.train_one_epoch(
+            model, tr, optimizer, engine.build_scheduler(cfg, optimizer, len(tr)), CPU, "fp32", 0.0, l1=cfg.l1
+        )
         norms[l1] = sum(p.abs().sum().item() for p in engine.l1_weights(model))
     assert norms[1e-3] < norms[0.0]
 
@@ -222,9 +241,19 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_fit():
         model, tr, te, cfg = _setup(epochs=3, n_train=64, seed=2)
         states = {}
         try:
-            engine.fit(model, tr, te, cfg, CPU, AUTO, log=lambda s: None, resume=resume,
-                       on_epoch_end=lambda e, m, capture: states.update({e: capture()}) or (
-                           e == stop_after and (_ for _ in ()).throw(KeyboardInterrupt)))
+            engine.fit(
+                model,
+                tr,
+                te,
+                cfg,
+                CPU,
+                AUTO,
+                log=lambda s: None,
+                resume=resume,
+                on_epoch_end=lambda e, m, capture: (
+                    states.update({e: capture()}) or (e == stop_after and (_ for _ in ()).throw(KeyboardInterrupt))
+                ),
+            )
         except KeyboardInterrupt:
             pass
         return model, states
@@ -238,9 +267,19 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_fit():
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("every, epochs, expected", [
-    (-1, 20, [1, 4, 8, 12, 16, 20]), (-1, 3, [1, 2, 3]), (-1, 1, [1]), (-1, 7, [1, 2, 4, 6, 7]),
-    (0, 20, []), (7, 20, [7, 14, 20]), (1, 3, [1, 2, 3]), (50, 3, [3])])
+@pytest.mark.parametrize(
+    "every, epochs, expected",
+    [
+        (-1, 20, [1, 4, 8, 12, 16, 20]),
+        (-1, 3, [1, 2, 3]),
+        (-1, 1, [1]),
+        (-1, 7, [1, 2, 4, 6, 7]),
+        (0, 20, []),
+        (7, 20, [7, 14, 20]),
+        (1, 3, [1, 2, 3]),
+        (50, 3, [3]),
+    ],
+)
 def test_panel_epochs(every, epochs, expected):
     assert watch.panel_epochs(every, epochs) == expected
 

@@ -2,6 +2,7 @@
 out-of-range and unknown values; truncated, mis-shaped and booby-trapped data files; a wrong-MD5 and an escaping
 archive; a model URI that does not exist. Each case: non-zero exit, a one-line message naming the problem, no
 MLflow run created or left RUNNING, nothing written outside the intended folders."""
+
 import dataclasses
 import hashlib
 import io
@@ -23,8 +24,12 @@ from entrypoints.pipeline import pipeline
 from entrypoints.train import train
 from tests.conftest import make_store
 
-COMMANDS = {"main": (train, TrainConfig), "analyze": (analyze, AnalyzeConfig), "lr_find": (lr_find, LRFindConfig),
-            "pipeline": (pipeline, PipelineConfig)}
+COMMANDS = {
+    "main": (train, TrainConfig),
+    "analyze": (analyze, AnalyzeConfig),
+    "lr_find": (lr_find, LRFindConfig),
+    "pipeline": (pipeline, PipelineConfig),
+}
 
 
 def _bad_values(f: dataclasses.Field):
@@ -48,9 +53,12 @@ def _bad_values(f: dataclasses.Field):
         yield "too high", str(float(value)), "is not in the range"
 
 
-PARAM_CASES = [pytest.param(entry, f.name, value, expected, id=f"{entry}-{f.name}-{what}")
-               for entry, (_, config) in COMMANDS.items() for f in dataclasses.fields(config)
-               for what, value, expected in _bad_values(f)]
+PARAM_CASES = [
+    pytest.param(entry, f.name, value, expected, id=f"{entry}-{f.name}-{what}")
+    for entry, (_, config) in COMMANDS.items()
+    for f in dataclasses.fields(config)
+    for what, value, expected in _bad_values(f)
+]
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +107,13 @@ def test_unknown_parameter(sandbox, entry):
 
 # ---------------------------------------------------------------------------------------------- data
 
+
 def _batch(images=None, labels=None):
     """A batch dict as the real files hold it (bytes keys), with one field replaced."""
-    return {b"data": np.zeros((4, 3072), np.uint8) if images is None else images,
-            b"labels": [0] * 4 if labels is None else labels}
+    return {
+        b"data": np.zeros((4, 3072), np.uint8) if images is None else images,
+        b"labels": [0] * 4 if labels is None else labels,
+    }
 
 
 class _Payload:
@@ -115,6 +126,7 @@ def _write(name, obj):
         with open(folder / name, "wb") as fh:
             pickle.dump(obj, fh, protocol=2)
         return folder / name
+
     return corrupt
 
 
@@ -122,6 +134,7 @@ def _truncate(name):
     def corrupt(folder):
         (folder / name).write_bytes((folder / name).read_bytes()[:700])
         return folder / name
+
     return corrupt
 
 
@@ -129,23 +142,35 @@ def _remove(name):
     def corrupt(folder):
         (folder / name).unlink()
         return folder / name
+
     return corrupt
 
 
 DATA_CASES = [
     ("truncated pickle", _truncate("data_batch_2"), "{path}: not a readable CIFAR-10 pickle"),
-    ("wrong shape", _write("data_batch_1", _batch(images=np.zeros((4, 3000), np.uint8))),
-     "{path}: 'data' must be a (N, 3072) uint8 array, got shape (4, 3000) dtype uint8"),
-    ("wrong dtype", _write("data_batch_3", _batch(images=np.zeros((4, 3072), np.int16))),
-     "{path}: 'data' must be a (N, 3072) uint8 array, got shape (4, 3072) dtype int16"),
-    ("labels outside 0-9", _write("test_batch", _batch(labels=[0, 12, 3, 1])),
-     "{path}: label 12 is outside 0-9"),
-    ("labels not numbers", _write("test_batch", _batch(labels=[b"cat"] * 4)),
-     "{path}: 'labels' must be a list of integers 0-9"),
+    (
+        "wrong shape",
+        _write("data_batch_1", _batch(images=np.zeros((4, 3000), np.uint8))),
+        "{path}: 'data' must be a (N, 3072) uint8 array, got shape (4, 3000) dtype uint8",
+    ),
+    (
+        "wrong dtype",
+        _write("data_batch_3", _batch(images=np.zeros((4, 3072), np.int16))),
+        "{path}: 'data' must be a (N, 3072) uint8 array, got shape (4, 3072) dtype int16",
+    ),
+    ("labels outside 0-9", _write("test_batch", _batch(labels=[0, 12, 3, 1])), "{path}: label 12 is outside 0-9"),
+    (
+        "labels not numbers",
+        _write("test_batch", _batch(labels=[b"cat"] * 4)),
+        "{path}: 'labels' must be a list of integers 0-9",
+    ),
     ("missing file", _remove("data_batch_5"), "{path}: file is missing"),
     ("missing class names", _remove("batches.meta"), "{path}: file is missing"),
-    ("pickle payload", _write("data_batch_1", {b"data": _Payload(), b"labels": []}),
-     "{path}: not a readable CIFAR-10 pickle (refusing to load posix.system)"),
+    (
+        "pickle payload",
+        _write("data_batch_1", {b"data": _Payload(), b"labels": []}),
+        "{path}: not a readable CIFAR-10 pickle (refusing to load posix.system)",
+    ),
 ]
 
 
@@ -166,8 +191,12 @@ def test_archive_with_the_wrong_md5(sandbox, tmp_path, cifar_root, http_dir, mon
         tar.add(cifar_root / data.LAYOUT, arcname=data.LAYOUT)
     monkeypatch.setenv(data.URL_ENV, f"{base}/cifar.tar.gz")
     target = tmp_path / "fresh"
-    _one_line_error("main", ["--data_dir", str(target), "--epochs", "1"], f"{base}/cifar.tar.gz: downloaded archive "
-                    f"has MD5", f"expected {data.CIFAR10_MD5}; not extracting it")
+    _one_line_error(
+        "main",
+        ["--data_dir", str(target), "--epochs", "1"],
+        f"{base}/cifar.tar.gz: downloaded archive has MD5",
+        f"expected {data.CIFAR10_MD5}; not extracting it",
+    )
     assert list(target.iterdir()) == []
 
 
@@ -188,5 +217,8 @@ def test_archive_escaping_the_target(tmp_path, http_dir, member):
 
 
 def test_model_uri_that_does_not_exist(sandbox):
-    _one_line_error("analyze", ["--model_uri", "models:/nope/1"],
-                    "model_uri 'models:/nope/1': no registered model 'nope'; registered models: none yet")
+    _one_line_error(
+        "analyze",
+        ["--model_uri", "models:/nope/1"],
+        "model_uri 'models:/nope/1': no registered model 'nope'; registered models: none yet",
+    )

@@ -9,6 +9,7 @@ default 0.2 for batch 512 scaled linearly, as the README says to scale it: 0.006
 1,497 images, 6 epochs, 3 seeds, beside the course-notebook loop) are in benchmarks/RESULTS.md
 (`python -m benchmarks.bench_accuracy`). `lr=auto` gets the same check in test_learning_lr_auto.py (its own file,
 so that xdist runs the two on both workers at once)."""
+
 import subprocess
 import sys
 
@@ -24,29 +25,42 @@ EPOCHS = 3
 # precisions (bf16 where the CPU has it; one seed of a short run) and still fails any recipe that stops learning:
 # the broken one reached 0.26-0.31 in 6 epochs of all 1,497 images. Chance is 0.1.
 LEARNS = 0.8
-SETTINGS = {"dataset": "digits", "epochs": EPOCHS, "batch_size": 16, "max_train_samples": 640, "num_workers": 0,
-            "seed": 0}
+SETTINGS = {
+    "dataset": "digits",
+    "epochs": EPOCHS,
+    "batch_size": 16,
+    "max_train_samples": 640,
+    "num_workers": 0,
+    "seed": 0,
+}
 SCALED_DEFAULT_LR = 0.2 * 16 / 512
 
 
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
-    data.load_dataset("digits", root)     # built once for the module
+    data.load_dataset("digits", root)  # built once for the module
     return root
 
 
 def train_on_digits(store, digits_dir, **params):
     """Run the train entry point in a process of its own; the finished run and its test accuracy by epoch."""
     args = cli_args({**SETTINGS, "data_dir": digits_dir, **params})
-    proc = subprocess.run([sys.executable, "-m", "entrypoints.train", *args], cwd=REPO, env=store.env(),
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "entrypoints.train", *args],
+        cwd=REPO,
+        env=store.env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(store.uri)
     (run,) = client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
     assert run.info.status == "FINISHED"
-    history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "test/accuracy"),
-                                       key=lambda m: m.step)]
+    history = [
+        m.value for m in sorted(client.get_metric_history(run.info.run_id, "test/accuracy"), key=lambda m: m.step)
+    ]
     assert len(history) == EPOCHS
     return run, history
 

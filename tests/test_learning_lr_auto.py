@@ -1,6 +1,7 @@
 """lr=auto on real digits: the range test inside the run must point where SGD learns (before the fix it said
 1.52e-5, the sweep's first decade, and the run then trained 3 epochs to 0.173), and the LR it resolves must train
 as well as the hand-scaled default does in test_learning.py (same data, settings and budget)."""
+
 import pytest
 
 from cifar_mlflow import lr_finder

@@ -1,5 +1,6 @@
 """LR range test: the pure suggestion rule, on a recorded real curve beside two widely used finders' rules, a
 sensible LR on a task with a known good range, exact state restoration, early stop on divergence."""
+
 import copy
 import json
 from pathlib import Path
@@ -18,7 +19,7 @@ CPU = torch.device("cpu")
 def test_suggest_lr_is_the_steepest_descent_before_the_minimum():
     lrs = np.logspace(-5, 1, 121)
     x = np.log10(lrs)
-    loss = 2.3 - 1.5 / (1 + np.exp(-4 * (x + 2))) + np.exp(3 * (x - 0.5))   # falls fastest at 1e-2, blows up
+    loss = 2.3 - 1.5 / (1 + np.exp(-4 * (x + 2))) + np.exp(3 * (x - 0.5))  # falls fastest at 1e-2, blows up
     suggested = lr_finder.suggest_lr(lrs, loss)
     assert 0.01 / 1.3 < suggested < 0.01 * 1.3
     # a steeper fall beyond the minimum (the divergence side) is never chosen
@@ -59,7 +60,7 @@ def fastai_valley_rule(lrs, losses):
     0.98), the first tenth and last 5 points dropped; the longest decreasing subsequence of the rest; the
     suggestion sits half-way into its second third."""
     n_it = len(lrs)
-    lrs, smoothed = np.asarray(lrs)[n_it // 10:-5], _ema(losses, 0.98, bias_correct=True)[n_it // 10:-5]
+    lrs, smoothed = np.asarray(lrs)[n_it // 10 : -5], _ema(losses, 0.98, bias_correct=True)[n_it // 10 : -5]
     lds, start, end = [1] * len(smoothed), 0, 0
     for i in range(1, len(smoothed)):
         for j in range(i):
@@ -162,7 +163,7 @@ def test_restores_model_and_optimizer_state_exactly(convex_task):
     loader.sampler.set_epoch(1)
     images, labels = next(iter(loader))
     nn.functional.cross_entropy(model(images.permute(0, 3, 1, 2).float() / 255), labels).backward()
-    opt.step()                                    # momentum buffers now exist
+    opt.step()  # momentum buffers now exist
     before_model, before_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     lr_finder.range_test(model, loader, opt, CPU, "fp32", start_lr=1e-5, end_lr=1.0, num_iter=15)
     for k, v in before_model.items():

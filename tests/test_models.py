@@ -1,4 +1,5 @@
 """ResNet for 32x32 on torchvision's ResNet: size, names, in-model normalisation, safe save/load."""
+
 import json
 import os
 
@@ -66,8 +67,10 @@ def test_convolutions_have_pytorchs_default_scale_not_hes():
 
 
 def test_resnet34_parameter_count():
-    assert models.num_parameters(models.build_model(models.ModelSpec("resnet34", CLASSES, (0,) * 3, (1,) * 3))) \
+    assert (
+        models.num_parameters(models.build_model(models.ModelSpec("resnet34", CLASSES, (0,) * 3, (1,) * 3)))
         == 21_282_122
+    )
 
 
 def test_cifar_stem_and_torchvision_names(net):
@@ -106,7 +109,7 @@ class _Payload:
 def test_pickle_planted_as_weights_is_refused_not_executed(net, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     models.save_model_files(net, SPEC, tmp_path)
-    torch.save({"conv1.weight": _Payload()}, tmp_path / models.WEIGHTS_FILE)   # a pickle, not safetensors
+    torch.save({"conv1.weight": _Payload()}, tmp_path / models.WEIGHTS_FILE)  # a pickle, not safetensors
     with pytest.raises(ModelError, match="weights.safetensors: not loadable weights"):
         models.load_model_files(tmp_path)
     assert not (tmp_path / "PWNED").exists()

@@ -3,6 +3,7 @@ to end (options combined so that each run exercises several), checking that each
 runs go through the entry points' click commands in this process, against a real sqlite store: the `mlflow run`
 path itself is covered by tests/test_e2e.py, and a process start per combination would double these tests'
 time."""
+
 import json
 import math
 
@@ -10,8 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar_mlflow import lr_finder
-from cifar_mlflow.tracking import load_torch_model
 from cifar_mlflow.cli import invoke
+from cifar_mlflow.tracking import load_torch_model
 from entrypoints.lr_find import lr_find
 from entrypoints.train import train
 from tests.conftest import cli_args, make_store
@@ -55,13 +56,27 @@ def _common_checks(client, run, store):
 
 
 def test_cosine_adam_heavy_groupnorm_l1(store, cifar_root):
-    run, client = _train(store, cifar_root, scheduler="cosine", optimizer="adam", lr=0.001, augment="heavy",
-                         norm="group", l1=1e-5, log_images_every=0)
+    run, client = _train(
+        store,
+        cifar_root,
+        scheduler="cosine",
+        optimizer="adam",
+        lr=0.001,
+        augment="heavy",
+        norm="group",
+        l1=1e-5,
+        log_images_every=0,
+    )
     _common_checks(client, run, store)
-    assert client.list_artifacts(run.info.run_id, "images") == []     # log_images_every=0: no panels
+    assert client.list_artifacts(run.info.run_id, "images") == []  # log_images_every=0: no panels
     p = run.data.params
-    assert (p["scheduler"], p["optimizer"], p["augment"], p["norm"], p["l1"]) == ("cosine", "adam", "heavy",
-                                                                                 "group", "1e-05")
+    assert (p["scheduler"], p["optimizer"], p["augment"], p["norm"], p["l1"]) == (
+        "cosine",
+        "adam",
+        "heavy",
+        "group",
+        "1e-05",
+    )
     # 64 images / batch 32 = 2 steps per epoch, 4 in all; `lr` is the LR of each epoch's last step (steps 1, 3)
     lrs = _lr_history(client, run)
     assert lrs == pytest.approx([0.001 * (1 + math.cos(math.pi * k / 4)) / 2 for k in (1, 3)])
@@ -73,11 +88,19 @@ def test_cosine_adam_heavy_groupnorm_l1(store, cifar_root):
 
 
 def test_plateau_adamw_rotate_layernorm_resnet34(store, cifar_root):
-    run, client = _train(store, cifar_root, scheduler="plateau", optimizer="adamw", lr=0.002, augment="rotate",
-                         norm="layer", arch="resnet34")
+    run, client = _train(
+        store,
+        cifar_root,
+        scheduler="plateau",
+        optimizer="adamw",
+        lr=0.002,
+        augment="rotate",
+        norm="layer",
+        arch="resnet34",
+    )
     _common_checks(client, run, store)
     assert run.data.params["model/num_params"] == "21282122"
-    assert _lr_history(client, run) == [0.002, 0.002]       # patience 2: no cut within two epochs
+    assert _lr_history(client, run) == [0.002, 0.002]  # patience 2: no cut within two epochs
     assert "Rotate" in _artifact_text(client, run, "augmentations.txt", store)
     net, spec = load_torch_model(f"models:/cifar10-resnet18/{run.data.tags['registered_model_version']}")
     assert spec.arch == "resnet34" and net.bn1.num_groups == 1 and len(net.layer3) == 6
@@ -104,8 +127,14 @@ def test_cyclic_flip_cutout_with_auto_lr(store, cifar_root):
 
 
 def test_lr_find_entry_point(store, cifar_root, capsys):
-    params = {"num_iter": 20, "batch_size": 8, "num_workers": 0, "max_train_samples": 64, "data_dir": cifar_root,
-              "end_lr": 100.0}
+    params = {
+        "num_iter": 20,
+        "batch_size": 8,
+        "num_workers": 0,
+        "max_train_samples": 64,
+        "data_dir": cifar_root,
+        "end_lr": 100.0,
+    }
     code, message = invoke(lr_find, cli_args(params))
     assert code == 0, message
     run = _last_run(store)

@@ -1,5 +1,6 @@
 """The `pipeline` entry point, as a user runs it (`mlflow run . -e pipeline`): three child runs the first time,
 all three reused the second time; and the reuse rule itself on hand-made runs."""
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -9,8 +10,16 @@ from cifar_mlflow.cli import invoke
 from entrypoints.pipeline import pipeline
 from tests.conftest import cli_args, mlflow_run
 
-PIPELINE = {"epochs": 1, "batch_size": 32, "num_workers": 0, "max_train_samples": 128, "max_test_samples": 64,
-            "num_iter": 20, "num_images": 4, "target_layers": "layer4"}
+PIPELINE = {
+    "epochs": 1,
+    "batch_size": 32,
+    "num_workers": 0,
+    "max_train_samples": 128,
+    "max_test_samples": 64,
+    "num_iter": 20,
+    "num_images": 4,
+    "target_layers": "layer4",
+}
 STEPS = ("lr_find", "main", "analyze")
 
 
@@ -42,7 +51,9 @@ def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, cap
     assert children["analyze"].data.params["model_uri"] == "models:/cifar10-resnet18/1"
     assert children["analyze"].data.params["target_layers"] == "layer4"
     assert children["analyze"].data.tags["model_version"] == "1"
-    assert parent.data.metrics["lr"] == pytest.approx(lr) and parent.data.tags["model_uri"] == "models:/cifar10-resnet18/1"
+    assert (
+        parent.data.metrics["lr"] == pytest.approx(lr) and parent.data.tags["model_uri"] == "models:/cifar10-resnet18/1"
+    )
     assert parent.data.metrics["test/accuracy"] == children["main"].data.metrics["test/accuracy"]
     assert "pipeline finished" in proc.stdout
 
@@ -53,8 +64,9 @@ def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, cap
     assert code == 0, message
     runs = _runs(store)
     assert len(runs) == 5
-    (second,) = [r for r in runs if r.info.run_id not in {parent.info.run_id} | {c.info.run_id
-                                                                               for c in children.values()}]
+    (second,) = [
+        r for r in runs if r.info.run_id not in {parent.info.run_id} | {c.info.run_id for c in children.values()}
+    ]
     assert second.info.status == "FINISHED"
     for entry, run in children.items():
         assert second.data.tags[f"step/{entry}/run_id"] == run.info.run_id
@@ -68,8 +80,9 @@ def test_reuse_needs_same_entry_point_params_code_and_a_finished_run(store):
     exp = client.get_experiment_by_name(store.experiment).experiment_id
 
     def make(entry="main", lr="0.1", code=None, status="FINISHED"):
-        run = client.create_run(exp, tags={"mlflow.project.entryPoint": entry,
-                                           "code_version": code or tracking.code_version()})
+        run = client.create_run(
+            exp, tags={"mlflow.project.entryPoint": entry, "code_version": code or tracking.code_version()}
+        )
         client.log_param(run.info.run_id, "lr", lr)
         client.log_param(run.info.run_id, "epochs", "2")
         client.set_terminated(run.info.run_id, status)
@@ -82,7 +95,7 @@ def test_reuse_needs_same_entry_point_params_code_and_a_finished_run(store):
     with mlflow.start_run():
         find = tracking.finished_step
         assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: True) is None
-        good = make(lr="1e-1")      # `mlflow run` keeps the -P spelling: 1e-1 is the same value as 0.1
+        good = make(lr="1e-1")  # `mlflow run` keeps the -P spelling: 1e-1 is the same value as 0.1
         assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: True).info.run_id == good
         assert find("main", {"lr": 0.1, "epochs": 3}, lambda r: True) is None
         assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: False) is None
@@ -93,18 +106,18 @@ def test_a_failing_step_fails_the_pipeline_naming_it(store, tmp_path, monkeypatc
     import socket
     import sys
 
-    with socket.socket() as s:      # a port nobody listens on: the download fails at once
+    with socket.socket() as s:  # a port nobody listens on: the download fails at once
         s.bind(("127.0.0.1", 0))
         monkeypatch.setenv("CIFAR_MLFLOW_CIFAR10_URL", f"http://127.0.0.1:{s.getsockname()[1]}/cifar.tar.gz")
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.chdir(tmp_path)      # a relative data_dir means this folder, though steps run in the project's
+    monkeypatch.chdir(tmp_path)  # a relative data_dir means this folder, though steps run in the project's
     params = {**PIPELINE, "data_dir": "no-data"}
     code, message = invoke(pipeline, cli_args(params))
     assert code == 1
     assert message.startswith("pipeline step 'lr_find' (run ") and "ended FAILED" in message
     assert "could not download CIFAR-10" in message and str(tmp_path / "no-data" / "cifar-10-batches-py") in message
     runs = {r.data.tags.get("mlflow.project.entryPoint", "pipeline"): r for r in _runs(store)}
-    assert sorted(runs) == ["lr_find", "pipeline"]          # training and analysis never started
+    assert sorted(runs) == ["lr_find", "pipeline"]  # training and analysis never started
     assert runs["pipeline"].info.status == "FAILED" and runs["lr_find"].info.status == "FAILED"
     assert runs["pipeline"].data.tags["failure_reason"].startswith("TrackingError: pipeline step 'lr_find'")
     assert runs["lr_find"].data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id

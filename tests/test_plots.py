@@ -1,12 +1,15 @@
 """Figures are pure functions: the right axes, lines and titles, renderable to PNG without a display."""
+
 import io
 
 import numpy as np
 
 from cifar_mlflow import plots
 
-HISTORY = [{"train/loss": 2.0 - e / 10, "test/loss": 2.1 - e / 10, "train/accuracy": e / 10,
-            "test/accuracy": e / 11} for e in range(3)]
+HISTORY = [
+    {"train/loss": 2.0 - e / 10, "test/loss": 2.1 - e / 10, "train/accuracy": e / 10, "test/accuracy": e / 11}
+    for e in range(3)
+]
 
 
 def test_training_curves_have_train_and_test_per_epoch():

@@ -1,18 +1,17 @@
 """The contract files agree: MLproject <-> TrainConfig <-> click options, pyproject pins <-> conda.yaml,
 README documents every parameter, and only tracking.py imports mlflow."""
+
 import ast
 import dataclasses
 import re
 import tomllib
 
 import click
+import pytest
 import yaml
 
-import pytest
-
-from cifar_mlflow.config import AnalyzeConfig, TrainConfig
 from cifar_mlflow.cli import NumberOrWord
-from cifar_mlflow.config import LRFindConfig, PipelineConfig
+from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
 from entrypoints.analyze import analyze as analyze_command
 from entrypoints.lr_find import lr_find as lr_find_command
 from entrypoints.pipeline import pipeline as pipeline_command
@@ -20,10 +19,12 @@ from entrypoints.train import train as train_command
 from tests.conftest import REPO
 
 # MLproject entry point -> (config dataclass, click command, python module)
-ENTRY_POINTS = {"main": (TrainConfig, train_command, "entrypoints.train"),
-                "analyze": (AnalyzeConfig, analyze_command, "entrypoints.analyze"),
-                "lr_find": (LRFindConfig, lr_find_command, "entrypoints.lr_find"),
-                "pipeline": (PipelineConfig, pipeline_command, "entrypoints.pipeline")}
+ENTRY_POINTS = {
+    "main": (TrainConfig, train_command, "entrypoints.train"),
+    "analyze": (AnalyzeConfig, analyze_command, "entrypoints.analyze"),
+    "lr_find": (LRFindConfig, lr_find_command, "entrypoints.lr_find"),
+    "pipeline": (PipelineConfig, pipeline_command, "entrypoints.pipeline"),
+}
 each_entry_point = pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 
 # MLproject type -> dataclass annotation ("float | str": a number or a word such as lr=auto)
@@ -80,9 +81,12 @@ def test_click_options_match_config(entry):
     for name, f in fields.items():
         assert options[name].default == f.default, name
         assert options[name].opts == [f"--{name}"]
-        click_kind = {click.IntRange: "int", click.FloatRange: "float", click.Choice: "str",
-                      NumberOrWord: "float | str"}.get(
-            type(options[name].type), "str" if options[name].type is click.STRING else "?")
+        click_kind = {
+            click.IntRange: "int",
+            click.FloatRange: "float",
+            click.Choice: "str",
+            NumberOrWord: "float | str",
+        }.get(type(options[name].type), "str" if options[name].type is click.STRING else "?")
         assert click_kind == f.type, name
         if f.metadata["choices"]:
             assert tuple(options[name].type.choices) == f.metadata["choices"], name
@@ -104,8 +108,9 @@ def test_readme_documents_every_parameter(entry):
     readme = (REPO / "README.md").read_text()
     section = readme.split(f"## Parameters (`{entry}` entry point)", 1)[1].split("\n## ", 1)[0]
     for f in dataclasses.fields(config):
-        assert re.search(rf"^\| `{f.name}` \| {re.escape(str(f.default))} \|", section, re.M), \
+        assert re.search(rf"^\| `{f.name}` \| {re.escape(str(f.default))} \|", section, re.M), (
             f"README {entry} table lacks {f.name} with default {f.default}"
+        )
     assert "make train" in readme and "make test" in readme
 
 
@@ -113,8 +118,13 @@ def test_only_the_tracking_module_imports_mlflow():
     importers = set()
     for path in list((REPO / "cifar_mlflow").glob("*.py")) + list((REPO / "entrypoints").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 importers.add(path.name)
     assert importers == {"tracking.py"}

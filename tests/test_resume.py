@@ -1,6 +1,7 @@
 """Nothing lost: a real `mlflow run` killed with SIGKILL in epoch 3 resumes with `mlflow run --run-id` and ends
 exactly where an uninterrupted run ends; SIGTERM and Ctrl-C end a run KILLED with its last checkpoint valid; a
 NaN loss stops the run FAILED; a pickle planted as a checkpoint is refused."""
+
 import os
 import signal
 import subprocess
@@ -16,7 +17,6 @@ from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ModelError
 from entrypoints.train import train
 from tests.conftest import REPO, cli_args, make_store, mlflow_run_cmd
-
 
 FOUR = {"epochs": 4, "batch_size": 32, "num_workers": 0, "max_train_samples": 192, "max_test_samples": 64, "seed": 3}
 METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec")
@@ -68,31 +68,45 @@ def _weights(version):
 def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifar_root, monkeypatch, capsys):
     client = MlflowClient(store.uri)
     params = {**FOUR, "data_dir": cifar_root}
-    proc = subprocess.Popen(mlflow_run_cmd(params), cwd=store.root, env=store.env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        mlflow_run_cmd(params),
+        cwd=store.root,
+        env=store.env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     holder = []
     try:
         _wait_for_epoch(client, holder, 2, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)      # the whole process group: mlflow CLI and the trainer
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: mlflow CLI and the trainer
         proc.wait()
     run_id = holder[0]
     _wait_until_its_trainer_is_gone(client, run_id)
     killed = client.get_run(run_id)
-    assert killed.info.status == "RUNNING"       # nobody could say otherwise: that is what a crash leaves
+    assert killed.info.status == "RUNNING"  # nobody could say otherwise: that is what a crash leaves
     assert [m.step for m in client.get_metric_history(run_id, "test/accuracy")] in ([1, 2], [1, 2, 3])
 
     # resuming with other parameters is refused, naming them. (In this process, as `mlflow run --run-id` runs the
     # entry point: with MLFLOW_RUN_ID set and no params logged by MLflow; one process start less.)
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     code, line = invoke(train, cli_args({**params, "epochs": 5, "lr": 0.1}))
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)   # (MLflow removes it itself when that run ends)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # (MLflow removes it itself when that run ends)
     assert code == 1
-    assert f"run {run_id} was logged with other parameters: epochs (run: '4', now: 5); lr (run: '0.2', now: 0.1)" \
-        in line
+    assert (
+        f"run {run_id} was logged with other parameters: epochs (run: '4', now: 5); lr (run: '0.2', now: 0.1)" in line
+    )
 
-    resumed = subprocess.run(mlflow_run_cmd(params, run_id=run_id), cwd=store.root, env=store.env(),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        mlflow_run_cmd(params, run_id=run_id),
+        cwd=store.root,
+        env=store.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] in ("2", "3")
@@ -100,11 +114,13 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4], key
 
     # an uninterrupted run with the same seed ends identically
-    straight = subprocess.run(mlflow_run_cmd(params), cwd=store.root, env=store.env(), capture_output=True,
-                              text=True, timeout=300)
+    straight = subprocess.run(
+        mlflow_run_cmd(params), cwd=store.root, env=store.env(), capture_output=True, text=True, timeout=300
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
-    other = client.search_runs([run.info.experiment_id], "attributes.status = 'FINISHED'",
-                               order_by=["start_time DESC"])[0]
+    other = client.search_runs(
+        [run.info.experiment_id], "attributes.status = 'FINISHED'", order_by=["start_time DESC"]
+    )[0]
     assert other.info.run_id != run_id
     for key in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr"):
         assert other.data.metrics[key] == run.data.metrics[key], key
@@ -121,14 +137,37 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
 
 
 def _direct(store, *args):
-    cmd = [sys.executable, "-m", "entrypoints.train", "--epochs", "20", "--batch_size", "32", "--num_workers",
-           "0", "--max_train_samples", "128", "--max_test_samples", "32", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=store.env(), start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "entrypoints.train",
+        "--epochs",
+        "20",
+        "--batch_size",
+        "32",
+        "--num_workers",
+        "0",
+        "--max_train_samples",
+        "128",
+        "--max_test_samples",
+        "32",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=store.env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-@pytest.mark.parametrize("sig, status_reason, code", [
-    (signal.SIGTERM, "terminated by SIGTERM", 143), (signal.SIGINT, "interrupted (Ctrl-C)", 130)])
+@pytest.mark.parametrize(
+    "sig, status_reason, code",
+    [(signal.SIGTERM, "terminated by SIGTERM", 143), (signal.SIGINT, "interrupted (Ctrl-C)", 130)],
+)
 def test_sigterm_and_ctrl_c_end_the_run_killed_keeping_the_checkpoint(store, cifar_root, sig, status_reason, code):
     client = MlflowClient(store.uri)
     proc = _direct(store, "--data_dir", str(cifar_root), "--registered_model_name", f"killed-{sig.name}")
@@ -144,7 +183,7 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_keeping_the_checkpoint(store, cif
     assert err.strip().splitlines()[-1].startswith("error: ") and "the run is KILLED" in err
     run = client.get_run(holder[0])
     assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == status_reason
-    state = tracking.load_latest_checkpoint(run.info.run_id)          # valid, and loads safely
+    state = tracking.load_latest_checkpoint(run.info.run_id)  # valid, and loads safely
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test/accuracy")}
     assert state["epoch"] == max(logged) and logged[state["epoch"]] == state["history"][-1]["test/accuracy"]
     assert not client.search_model_versions(f"name='killed-{sig.name}'")
@@ -154,8 +193,19 @@ def test_nan_loss_fails_the_run_tagged_with_the_step(store, cifar_root):
     client = MlflowClient(store.uri)
     exp = client.get_experiment_by_name("tests").experiment_id
     before = {r.info.run_id for r in client.search_runs([exp])}
-    proc = _direct(store, "--data_dir", str(cifar_root), "--lr", "1e6", "--scheduler", "none", "--momentum", "0",
-                   "--registered_model_name", "nan-model")
+    proc = _direct(
+        store,
+        "--data_dir",
+        str(cifar_root),
+        "--lr",
+        "1e6",
+        "--scheduler",
+        "none",
+        "--momentum",
+        "0",
+        "--registered_model_name",
+        "nan-model",
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
     (line,) = err.strip().splitlines()[-1:]
@@ -178,13 +228,17 @@ def test_pickle_planted_as_the_checkpoint_is_refused_not_executed(store, tmp_pat
     evil = tmp_path / "checkpoint.pt"
     torch.save({"format": 1, "model": _Payload()}, evil)
     client.log_artifact(run_id, str(evil), "checkpoints/slot-a")
-    client.log_dict(run_id, {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt",
-                             "sha256": tracking._sha256(evil)}, "checkpoints/latest.json")
+    client.log_dict(
+        run_id,
+        {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt", "sha256": tracking._sha256(evil)},
+        "checkpoints/latest.json",
+    )
     with pytest.raises(ModelError, match="not a loadable checkpoint"):
         tracking.load_latest_checkpoint(run_id)
     assert not (tmp_path / "PWNED").exists()
     # and a manifest that does not match the file is refused too
-    client.log_dict(run_id, {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt", "sha256": "0" * 64},
-                    "checkpoints/latest.json")
+    client.log_dict(
+        run_id, {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt", "sha256": "0" * 64}, "checkpoints/latest.json"
+    )
     with pytest.raises(ModelError, match="does not match the SHA-256"):
         tracking.load_latest_checkpoint(run_id)

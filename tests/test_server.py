@@ -1,6 +1,7 @@
 """Against a real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by the server): a server that is
 down fails in seconds, a server restarted mid-run loses nothing, two runs at once both register and `champion`
 ends on the better one, and basic-auth works with credentials and fails clearly without."""
+
 import os
 import subprocess
 import sys
@@ -16,15 +17,21 @@ TINY = ["--batch_size", "32", "--num_workers", "0", "--max_test_samples", "64"]
 
 def _env(uri, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_DISABLE_TELEMETRY="true", NO_ALBUMENTATIONS_UPDATE="1",
-               PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}", **extra)
+    env.update(
+        MLFLOW_TRACKING_URI=uri,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        NO_ALBUMENTATIONS_UPDATE="1",
+        PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    )
     return env
 
 
 def _train(uri, cifar_root, *args, **env):
     cmd = [sys.executable, "-m", "entrypoints.train", "--data_dir", str(cifar_root), *TINY, *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(uri, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(uri, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +47,30 @@ def test_unreachable_server_fails_within_seconds(cifar_root):
     proc = _train(uri, cifar_root, "--epochs", "20")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and time.time() - start < 20
-    assert err.strip().splitlines()[-1] == (f"error: tracking server {uri} is unreachable (connection refused); "
-                                            "start it, or point MLFLOW_TRACKING_URI at one that is up")
+    assert err.strip().splitlines()[-1] == (
+        f"error: tracking server {uri} is unreachable (connection refused); "
+        "start it, or point MLFLOW_TRACKING_URI at one that is up"
+    )
 
 
 def test_server_restarted_mid_run_loses_nothing(server, cifar_root):
     client = MlflowClient(server.uri)
     # MLflow retries failed requests with exponential backoff (factor 2 by default: minutes of patience); a
     # smaller factor only makes the retries, and so the test, quicker once the server is back.
-    proc = _train(server.uri, cifar_root, "--epochs", "4", "--max_train_samples", "160",
-                  "--registered_model_name", "restart-test", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    proc = _train(
+        server.uri,
+        cifar_root,
+        "--epochs",
+        "4",
+        "--max_train_samples",
+        "160",
+        "--registered_model_name",
+        "restart-test",
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+    )
     try:
         deadline = time.time() + 180
-        while time.time() < deadline:      # wait for epoch 1 to be reported, then pull the server away
+        while time.time() < deadline:  # wait for epoch 1 to be reported, then pull the server away
             runs = client.search_runs(["0"], "attributes.status = 'RUNNING'")
             if runs and client.get_metric_history(runs[0].info.run_id, "test/accuracy"):
                 break
@@ -60,7 +78,7 @@ def test_server_restarted_mid_run_loses_nothing(server, cifar_root):
             time.sleep(0.2)
         run_id = runs[0].info.run_id
         server.stop()
-        time.sleep(3)                      # training goes on meanwhile; reports wait and retry
+        time.sleep(3)  # training goes on meanwhile; reports wait and retry
         server.start()
         _, err = proc.communicate(timeout=300)
     finally:
@@ -76,9 +94,21 @@ def test_server_restarted_mid_run_loses_nothing(server, cifar_root):
 
 def test_two_runs_at_once_register_distinct_versions_and_champion_is_the_better(server, cifar_root):
     client = MlflowClient(server.uri)
-    procs = [_train(server.uri, cifar_root, "--epochs", "2", "--max_train_samples", "96", "--lr", lr,
-                    "--registered_model_name", "race")
-             for lr in ("0.2", "0.00001")]
+    procs = [
+        _train(
+            server.uri,
+            cifar_root,
+            "--epochs",
+            "2",
+            "--max_train_samples",
+            "96",
+            "--lr",
+            lr,
+            "--registered_model_name",
+            "race",
+        )
+        for lr in ("0.2", "0.00001")
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -91,9 +121,11 @@ def test_two_runs_at_once_register_distinct_versions_and_champion_is_the_better(
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("auth"), app_name="basic-auth",
-                       env={"MLFLOW_AUTH_ADMIN_PASSWORD": "Adm1n-pass-word!",
-                            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret"}).start()
+    srv = MlflowServer(
+        tmp_path_factory.mktemp("auth"),
+        app_name="basic-auth",
+        env={"MLFLOW_AUTH_ADMIN_PASSWORD": "Adm1n-pass-word!", "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret"},
+    ).start()
     yield srv
     srv.stop()
 
@@ -104,10 +136,19 @@ def test_basic_auth_works_with_credentials_and_fails_clearly_without(auth_server
     assert proc.returncode == 1
     assert err.strip().splitlines()[-1] == (
         f"error: tracking server {auth_server.uri} requires authentication (HTTP 401); set "
-        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    )
 
-    proc = _train(auth_server.uri, cifar_root, "--epochs", "1", "--max_train_samples", "64",
-                  MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="wrong")
+    proc = _train(
+        auth_server.uri,
+        cifar_root,
+        "--epochs",
+        "1",
+        "--max_train_samples",
+        "64",
+        MLFLOW_TRACKING_USERNAME="admin",
+        MLFLOW_TRACKING_PASSWORD="wrong",
+    )
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "refused the credentials of user 'admin' (HTTP 401)" in err
 

@@ -1,6 +1,7 @@
 """Ctrl-C and SIGTERM stop training between two steps (cifar_mlflow.stop), in a real process sent real signals:
 a first signal raises at the next check, never inside a step (where a lock may be held: CI once saw a Ctrl-C'd run
 that never exited); a second raises at once; outside `deferred()` a signal raises at once, as Python's does."""
+
 import os
 import signal
 import subprocess
@@ -38,8 +39,13 @@ except (KeyboardInterrupt, Terminated) as exc:
 
 
 def _signalled(mode: str, *signals: int) -> str:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, mode],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.3)
     for sig in signals:

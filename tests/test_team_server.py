@@ -2,6 +2,7 @@
 (a throwaway cluster of Debian's postgresql on 127.0.0.1) with artifacts served by the server, and the whole flow
 a team member runs against it: `mlflow run -e main` trains and registers, `mlflow run -e analyze` analyses the
 @champion. Then the rows are read back from PostgreSQL itself and the files from the server's artifact folder."""
+
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -15,13 +16,18 @@ from tests.postgres import Postgres
 
 MODEL = "cifar10-resnet18"
 DB, ROLE, PASSWORD = "mlflow", "mlflow", "team-pass"
-TEAM_HOST = "mlflow.team.test"          # the name team members would use for the server machine
+TEAM_HOST = "mlflow.team.test"  # the name team members would use for the server machine
 PNG = b"\x89PNG\r\n\x1a\n"
 METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec")
 # conftest.TINY with half the images: this module starts PostgreSQL and a server besides two `mlflow run`s
 RUN = {**TINY, "max_train_samples": 128, "max_test_samples": 64}
-ANALYSIS_ARTIFACTS = ("gradcam/layer3.png", "gradcam/layer4.png", "confusion_matrix.png",
-                      "per_class_accuracy.png", "misclassified/gallery.png")
+ANALYSIS_ARTIFACTS = (
+    "gradcam/layer3.png",
+    "gradcam/layer4.png",
+    "confusion_matrix.png",
+    "per_class_accuracy.png",
+    "misclassified/gallery.png",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +43,13 @@ def postgres(tmp_path_factory):
 def team_server(postgres, tmp_path_factory):
     """The README's server command, on 127.0.0.1 (and one worker) instead of 0.0.0.0."""
     uri = postgres.create_database(DB, owner=ROLE, password=PASSWORD)
-    srv = MlflowServer(tmp_path_factory.mktemp("team-server"), backend_store_uri=uri,
-                       args=("--allowed-hosts", f"{TEAM_HOST}:*,127.0.0.1:*",
-                             "--cors-allowed-origins", f"http://{TEAM_HOST}:*"))
+    srv = MlflowServer(
+        tmp_path_factory.mktemp("team-server"),
+        backend_store_uri=uri,
+        args=("--allowed-hosts", f"{TEAM_HOST}:*,127.0.0.1:*", "--cors-allowed-origins", f"http://{TEAM_HOST}:*"),
+    )
     try:
-        yield srv.start(timeout=120)    # the first start creates MLflow's tables in PostgreSQL
+        yield srv.start(timeout=120)  # the first start creates MLflow's tables in PostgreSQL
     finally:
         srv.stop()
 
@@ -59,14 +67,24 @@ def flow(team_server, cifar_root, tmp_path_factory):
         member = Store(work, team_server.uri, "team")
         train = mlflow_run(member, {**RUN, "dataset": "cifar10", "data_dir": cifar_root})
         assert train.returncode == 0, train.stderr[-3000:]
-        analyze = mlflow_run(member, {"model_uri": f"models:/{MODEL}@champion", "max_test_samples": 64,
-                                      "num_images": 4, "data_dir": cifar_root}, entry="analyze")
+        analyze = mlflow_run(
+            member,
+            {"model_uri": f"models:/{MODEL}@champion", "max_test_samples": 64, "num_images": 4, "data_dir": cifar_root},
+            entry="analyze",
+        )
         assert analyze.returncode == 0, analyze.stderr[-3000:]
-    runs = {("analysis" if "training_run_id" in r.data.tags else "training"): r
-            for r in client.search_runs([experiment_id])}
+    runs = {
+        ("analysis" if "training_run_id" in r.data.tags else "training"): r for r in client.search_runs([experiment_id])
+    }
     assert sorted(runs) == ["analysis", "training"]
-    return SimpleNamespace(client=client, experiment_id=experiment_id, work=work, train=train,
-                           training=runs["training"], analysis=runs["analysis"])
+    return SimpleNamespace(
+        client=client,
+        experiment_id=experiment_id,
+        work=work,
+        train=train,
+        training=runs["training"],
+        analysis=runs["analysis"],
+    )
 
 
 def test_training_run_is_tracked_and_registered_on_the_server(flow):
@@ -101,14 +119,19 @@ def test_analysis_of_champion_runs_and_its_artifacts_come_through_the_server(flo
 def test_runs_and_registry_are_rows_in_postgresql(flow, postgres):
     training, analysis = flow.training.info.run_id, flow.analysis.info.run_id
     with postgres.connect(DB, user=ROLE, password=PASSWORD) as conn, conn.cursor() as cur:
-        cur.execute("SELECT run_uuid, status, artifact_uri FROM runs WHERE experiment_id = %s",
-                    [int(flow.experiment_id)])
+        cur.execute(
+            "SELECT run_uuid, status, artifact_uri FROM runs WHERE experiment_id = %s", [int(flow.experiment_id)]
+        )
         assert sorted(cur.fetchall()) == sorted(
-            (r.info.run_id, "FINISHED", r.info.artifact_uri) for r in (flow.training, flow.analysis))
-        cur.execute("SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'test/accuracy' ORDER BY step",
-                    [training])
-        assert cur.fetchall() == [(m.step, m.value) for m in sorted(
-            flow.client.get_metric_history(training, "test/accuracy"), key=lambda m: m.step)]
+            (r.info.run_id, "FINISHED", r.info.artifact_uri) for r in (flow.training, flow.analysis)
+        )
+        cur.execute(
+            "SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'test/accuracy' ORDER BY step", [training]
+        )
+        assert cur.fetchall() == [
+            (m.step, m.value)
+            for m in sorted(flow.client.get_metric_history(training, "test/accuracy"), key=lambda m: m.step)
+        ]
         cur.execute("SELECT name, version, run_id FROM model_versions")
         assert cur.fetchall() == [(MODEL, 1, training)]
         cur.execute("SELECT name, alias, version FROM registered_model_aliases")
@@ -136,8 +159,12 @@ def test_artifacts_are_files_in_the_servers_artifacts_destination(flow, team_ser
 
 
 def _status(url, **headers):
-    request = urllib.request.Request(url, headers=headers, method="POST" if "Origin" in headers else "GET",
-                                     data=b'{"max_results": 1}' if "Origin" in headers else None)
+    request = urllib.request.Request(
+        url,
+        headers=headers,
+        method="POST" if "Origin" in headers else "GET",
+        data=b'{"max_results": 1}' if "Origin" in headers else None,
+    )
     if "Origin" in headers:
         request.add_header("Content-Type", "application/json")
     try:
@@ -154,6 +181,6 @@ def test_server_answers_the_team_host_name_and_refuses_others(team_server):
     port = team_server.port
     assert _status(search, Host=f"{TEAM_HOST}:{port}") == 200
     assert _status(search, Host=f"evil.test:{port}") == 403
-    post = f"{team_server.uri}/api/2.0/mlflow/experiments/search"     # a POST, as the UI in a browser sends
+    post = f"{team_server.uri}/api/2.0/mlflow/experiments/search"  # a POST, as the UI in a browser sends
     assert _status(post, Host=f"{TEAM_HOST}:{port}", Origin=f"http://{TEAM_HOST}:{port}") == 200
     assert _status(post, Host=f"{TEAM_HOST}:{port}", Origin="http://evil.test") == 403

@@ -1,5 +1,6 @@
 """tracking.py against a real sqlite MLflow store: params that `mlflow run` already logged, the registry and the
 champion alias, and loading models back both ways."""
+
 import os
 import subprocess
 import sys
@@ -18,14 +19,18 @@ SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5,
 
 def test_log_params_skips_values_already_logged_in_another_spelling(store):
     with mlflow.start_run() as run:
-        mlflow.log_params({"lr": "2e-1", "epochs": "3", "weight_decay": "5e-4"})   # as `mlflow run -P` logs them
-        tracking.log_params({"lr": 0.2, "epochs": 3, "weight_decay": 0.0005, "data/mean": (0.5, 0.25, 0.125),
-                             "optimizer": "sgd"})
+        mlflow.log_params({"lr": "2e-1", "epochs": "3", "weight_decay": "5e-4"})  # as `mlflow run -P` logs them
+        tracking.log_params(
+            {"lr": 0.2, "epochs": 3, "weight_decay": 0.0005, "data/mean": (0.5, 0.25, 0.125), "optimizer": "sgd"}
+        )
         params = MlflowClient().get_run(run.info.run_id).data.params
         assert params["lr"] == "2e-1" and params["data/mean"] == "0.5,0.25,0.125" and params["optimizer"] == "sgd"
-        tracking.log_params({"data/mean": (0.5, 0.25, 0.125), "lr": 0.2})     # a resume logs them again: fine
-        with pytest.raises(ConfigError, match=r"other parameters: lr \(run: '2e-1', now: 0.3\); optimizer \(run: "
-                                              r"'sgd', now: 'adam'\); resume it with the same parameters"):
+        tracking.log_params({"data/mean": (0.5, 0.25, 0.125), "lr": 0.2})  # a resume logs them again: fine
+        with pytest.raises(
+            ConfigError,
+            match=r"other parameters: lr \(run: '2e-1', now: 0.3\); optimizer \(run: "
+            r"'sgd', now: 'adam'\); resume it with the same parameters",
+        ):
             tracking.log_params({"lr": 0.3, "epochs": 3, "optimizer": "adam"})
 
 
@@ -116,8 +121,15 @@ def test_served_model_needs_only_its_pinned_requirements(store, net):
         "    sys.modules[m] = None\n"
         "import mlflow, numpy as np\n"
         "m = mlflow.pyfunc.load_model('models:/deps-test/1')\n"
-        "print(m.predict(np.zeros((2, 3, 32, 32), np.float32)).shape)\n")
-    out = subprocess.run([sys.executable, "-c", script], cwd=store.root, env=dict(os.environ), capture_output=True,
-                         text=True, timeout=300)
+        "print(m.predict(np.zeros((2, 3, 32, 32), np.float32)).shape)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=store.root,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "(2, 10)"

@@ -2,6 +2,7 @@
 format, and the MLflow UI in a real browser (Debian's Chromium driven by Playwright) showing the runs, the
 test/accuracy chart, the GradCAM artifacts and the `champion` alias. One store serves every test: a tiny
 training run (3 epochs) and its analysis run, both through the real `mlflow run`."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,17 @@ CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium's own connections (updates, sync) are refused on a closed
 # network and slow every page down. --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers often have
 # a tiny /dev/shm.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
-UI_TIMEOUT_MS = 45_000      # generous: the CI machine may be busy; every wait is explicit and ends early
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+UI_TIMEOUT_MS = 45_000  # generous: the CI machine may be busy; every wait is explicit and ends early
 
 
 @dataclass
@@ -52,11 +60,23 @@ def trained(tmp_path_factory, cifar_root) -> Trained:
     analysis run of models:/cifar10-resnet18@champion, both made by `mlflow run` exactly as a user types it."""
     with pytest.MonkeyPatch.context() as mp:
         for store in make_store(tmp_path_factory.mktemp("user_facing"), mp):
-            proc = mlflow_run(store, {**TINY, "epochs": EPOCHS, "max_train_samples": 64, "max_test_samples": 32,
-                                      "dataset": "cifar10", "data_dir": cifar_root})
+            proc = mlflow_run(
+                store,
+                {
+                    **TINY,
+                    "epochs": EPOCHS,
+                    "max_train_samples": 64,
+                    "max_test_samples": 32,
+                    "dataset": "cifar10",
+                    "data_dir": cifar_root,
+                },
+            )
             assert proc.returncode == 0, proc.stderr[-3000:]
-            proc = mlflow_run(store, {"model_uri": CHAMPION_URI, "data_dir": cifar_root, "max_test_samples": 32,
-                                      "num_images": 4}, entry="analyze")
+            proc = mlflow_run(
+                store,
+                {"model_uri": CHAMPION_URI, "data_dir": cifar_root, "max_test_samples": 32, "num_images": 4},
+                entry="analyze",
+            )
             assert proc.returncode == 0, proc.stderr[-3000:]
             client = MlflowClient(store.uri)
             exp_id = client.get_experiment_by_name(store.experiment).experiment_id
@@ -66,12 +86,20 @@ def trained(tmp_path_factory, cifar_root) -> Trained:
             assert analysis.data.tags["training_run_id"] == train.info.run_id
             champion = client.get_model_version_by_alias(MODEL, "champion")
             assert champion.run_id == train.info.run_id
-            yield Trained(store, exp_id, train.info.run_id, train.info.run_name, analysis.info.run_id,
-                          analysis.info.run_name, str(champion.version))
+            yield Trained(
+                store,
+                exp_id,
+                train.info.run_id,
+                train.info.run_name,
+                analysis.info.run_id,
+                analysis.info.run_name,
+                str(champion.version),
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Serving: `mlflow models serve -m models:/cifar10-resnet18@champion --env-manager local`
+
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
     deadline = time.time() + timeout
@@ -81,8 +109,9 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: 
             return
         except OSError:
             if proc.poll() is not None:
-                pytest.fail(f"{what} exited with code {proc.returncode} before answering {url}:\n"
-                            f"{log.read_text()[-3000:]}")
+                pytest.fail(
+                    f"{what} exited with code {proc.returncode} before answering {url}:\n{log.read_text()[-3000:]}"
+                )
             time.sleep(0.25)
     pytest.fail(f"{what} did not answer {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
@@ -104,13 +133,29 @@ def served_model(trained, tmp_path_factory):
     port = free_port()
     tmp_path = tmp_path_factory.mktemp("serve")
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION_URI, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        CHAMPION_URI,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log, "wb") as fh:
         # store.env(): MLFLOW_TRACKING_URI = the store, and this environment's bin/ first on PATH (the CLI execs
         # `uvicorn` from PATH)
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=trained.store.env(), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=trained.store.env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         _wait_http(f"http://127.0.0.1:{port}/ping", proc, log, "mlflow models serve", timeout=90)
         yield f"http://127.0.0.1:{port}"
@@ -139,8 +184,9 @@ def test_served_champion_answers_like_the_model_in_process(trained, served_model
     for i, img in enumerate(test.images):
         paths.append(tmp_path / f"image{i}.png")
         Image.fromarray(img).save(paths[-1])
-    x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32)), dtype=np.float32) / 255
-                  for p in paths]).transpose(0, 3, 1, 2)
+    x = np.stack(
+        [np.asarray(Image.open(p).convert("RGB").resize((32, 32)), dtype=np.float32) / 255 for p in paths]
+    ).transpose(0, 3, 1, 2)
     assert x.shape == (4, 3, 32, 32) and x.dtype == np.float32
     np.testing.assert_array_equal(x, (test.images.transpose(0, 3, 1, 2) / np.float32(255)).astype(np.float32))
 
@@ -152,16 +198,18 @@ def test_served_champion_answers_like_the_model_in_process(trained, served_model
 
     model = mlflow.pyfunc.load_model(CHAMPION_URI)
     expected = model.predict(x)
-    np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0,
-                               err_msg="served probabilities differ from the in-process pyfunc's")
+    np.testing.assert_allclose(
+        served, expected, atol=1e-5, rtol=0, err_msg="served probabilities differ from the in-process pyfunc's"
+    )
     assert len(model.metadata.metadata["class_names"]) == served.shape[1]
 
     # a wrongly shaped batch (16 rows instead of 32) is refused with the reason, not answered
     status, body = _post(f"{served_model}/invocations", json.dumps({"inputs": x[:, :, :16].tolist()}).encode())
     assert status == 400, (status, body)
     assert body["error_code"] == "INVALID_PARAMETER_VALUE", body
-    assert body["message"].endswith(f"input of shape (4, 3, 16, 32) is not allowed: {EXPECTED_INPUT}"), \
-        body["message"][-500:]
+    assert body["message"].endswith(f"input of shape (4, 3, 16, 32) is not allowed: {EXPECTED_INPUT}"), body["message"][
+        -500:
+    ]
 
 
 EXPECTED_INPUT = "expected float32 images (N, 3, 32, 32) with values in [0, 1] (pixel / 255)"
@@ -174,17 +222,25 @@ def _image_with(value) -> list:
     return image
 
 
-@pytest.mark.parametrize("body, reason", [
-    ('{"inputs": %s}' % json.dumps(_image_with(0.5)).replace("0.5", "NaN", 1),
-     "input holds 1 NaN or infinite values"),
-    ('{"inputs": %s}' % json.dumps(_image_with(0.5)).replace("0.5", "Infinity", 1),
-     "input holds 1 NaN or infinite values"),
-    (json.dumps({"inputs": _image_with(None)}), "input holds nulls, which are not pixel values"),
-    (json.dumps({"inputs": _image_with(True)}), "input holds booleans, which are not pixel values"),
-    (json.dumps({"inputs": _image_with("0.5")}), "input holds strings, which are not pixel values"),
-    (json.dumps({"inputs": _image_with(255)}), "input holds 1 values outside [0, 1], e.g. 255"),
-    (json.dumps({"inputs": _image_with(-0.1)}), "input holds 1 values outside [0, 1], e.g. -0.1"),
-], ids=["nan", "infinity", "null", "bool", "string", "int-255", "negative"])
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (
+            '{{"inputs": {}}}'.format(json.dumps(_image_with(0.5)).replace("0.5", "NaN", 1)),
+            "input holds 1 NaN or infinite values",
+        ),
+        (
+            '{{"inputs": {}}}'.format(json.dumps(_image_with(0.5)).replace("0.5", "Infinity", 1)),
+            "input holds 1 NaN or infinite values",
+        ),
+        (json.dumps({"inputs": _image_with(None)}), "input holds nulls, which are not pixel values"),
+        (json.dumps({"inputs": _image_with(True)}), "input holds booleans, which are not pixel values"),
+        (json.dumps({"inputs": _image_with("0.5")}), "input holds strings, which are not pixel values"),
+        (json.dumps({"inputs": _image_with(255)}), "input holds 1 values outside [0, 1], e.g. 255"),
+        (json.dumps({"inputs": _image_with(-0.1)}), "input holds 1 values outside [0, 1], e.g. -0.1"),
+    ],
+    ids=["nan", "infinity", "null", "bool", "string", "int-255", "negative"],
+)
 def test_served_model_refuses_values_that_are_not_pixels(served_model, body, reason):
     """Issue 15: NaN/Inf/null used to answer 200 with NaN rows (not even valid JSON); out-of-range values, ints,
     bools and "0.5" were accepted silently. Each is now HTTP 400 with the reason (integers 0 and 1 are fine:
@@ -206,8 +262,10 @@ def test_served_model_refuses_an_oversized_request_before_computing(served_model
     start = time.time()
     status, answer = _post(f"{served_model}/invocations", body)
     assert status == 400, (status, str(answer)[:500])
-    assert answer["message"].endswith(f"a request of {n} images is too large: at most {MAX_REQUEST_IMAGES} per "
-                                      "request (send several, or predict in-process with mlflow.pyfunc.load_model)")
+    assert answer["message"].endswith(
+        f"a request of {n} images is too large: at most {MAX_REQUEST_IMAGES} per "
+        "request (send several, or predict in-process with mlflow.pyfunc.load_model)"
+    )
     assert time.time() - start < 30
     ok, answer = _post(f"{served_model}/invocations", json.dumps({"inputs": _image_with(0)}).encode())
     assert ok == 200 and len(answer["predictions"]) == 1, "the server is still answering"
@@ -215,6 +273,7 @@ def test_served_model_refuses_an_oversized_request_before_computing(served_model
 
 # ---------------------------------------------------------------------------------------------------------------
 # The MLflow UI in a real browser
+
 
 @pytest.fixture(scope="module")
 def ui(trained, tmp_path_factory):
@@ -261,23 +320,36 @@ def _shown(page, tmp_path: Path, locator, what: str, seen_js: str) -> None:
     except PlaywrightTimeout:
         page.screenshot(path=tmp_path / "failure.png")
         seen = page.evaluate(seen_js)
-        pytest.fail(f"expected {what} on {page.url} within {UI_TIMEOUT_MS / 1000:.0f} s; the page shows {seen!r} "
-                    f"(screenshot: {tmp_path / 'failure.png'})")
+        pytest.fail(
+            f"expected {what} on {page.url} within {UI_TIMEOUT_MS / 1000:.0f} s; the page shows {seen!r} "
+            f"(screenshot: {tmp_path / 'failure.png'})"
+        )
 
 
 RUN_LINKS_JS = "() => [...document.querySelectorAll('a[href*=\"/runs/\"]')].map(a => a.textContent.trim())"
-ARTIFACTS_JS = ("() => [...document.querySelectorAll('[data-testid=\"artifact-tree-node\"]')]"
-                ".map(n => n.getAttribute('artifact-name'))")
-ALIASES_JS = ("() => [...document.querySelectorAll('[data-testid=\"descriptions-item\"]')]"
-              ".map(n => n.innerText.replace(/\\s+/g, ' ').trim())")
+ARTIFACTS_JS = (
+    "() => [...document.querySelectorAll('[data-testid=\"artifact-tree-node\"]')]"
+    ".map(n => n.getAttribute('artifact-name'))"
+)
+ALIASES_JS = (
+    "() => [...document.querySelectorAll('[data-testid=\"descriptions-item\"]')]"
+    ".map(n => n.innerText.replace(/\\s+/g, ' ').trim())"
+)
 
 
 def test_ui_experiment_lists_training_and_analysis_runs(trained, ui, page, tmp_path):
     page.goto(f"{ui.uri}/#/experiments/{trained.experiment_id}/runs")
-    for run_id, name, what in ((trained.train_run_id, trained.train_run_name, "training"),
-                               (trained.analysis_run_id, trained.analysis_run_name, "analysis")):
-        _shown(page, tmp_path, page.locator(f'a[href$="/runs/{run_id}"]', has_text=name),
-               f"the {what} run {name!r} ({run_id}) in the runs table", RUN_LINKS_JS)
+    for run_id, name, what in (
+        (trained.train_run_id, trained.train_run_name, "training"),
+        (trained.analysis_run_id, trained.analysis_run_name, "analysis"),
+    ):
+        _shown(
+            page,
+            tmp_path,
+            page.locator(f'a[href$="/runs/{run_id}"]', has_text=name),
+            f"the {what} run {name!r} ({run_id}) in the runs table",
+            RUN_LINKS_JS,
+        )
     count = page.locator("span").filter(has_text=re.compile(r"^\d+ matching runs?$"))
     _expect(count, "the runs table's run count").to_have_text("2 matching runs")
     page.screenshot(path=tmp_path / "experiment_runs.png")
@@ -288,10 +360,16 @@ def test_ui_run_page_charts_test_accuracy_one_point_per_epoch(trained, ui, page,
     _expect(page.get_by_test_id("runs-header"), "the run page's title").to_have_text(trained.train_run_name)
     page.get_by_role("tab", name="Model metrics").click()
     card = page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(
-        has=page.locator('h4[title="test/accuracy"]'))
-    _shown(page, tmp_path, card, "a chart card titled test/accuracy on the Model metrics tab",
-           "() => [...document.querySelectorAll('h4[title]')].map(h => h.title)")
-    card.scroll_into_view_if_needed()     # charts render once they are in view
+        has=page.locator('h4[title="test/accuracy"]')
+    )
+    _shown(
+        page,
+        tmp_path,
+        card,
+        "a chart card titled test/accuracy on the Model metrics tab",
+        "() => [...document.querySelectorAll('h4[title]')].map(h => h.title)",
+    )
+    card.scroll_into_view_if_needed()  # charts render once they are in view
     # Plotly draws each data point of a lines+markers trace as one <path class="point">
     markers = card.locator("g.scatterlayer path.point")
     _expect(markers, f"the test/accuracy chart should draw one marker per epoch ({EPOCHS})").to_have_count(EPOCHS)
@@ -299,13 +377,16 @@ def test_ui_run_page_charts_test_accuracy_one_point_per_epoch(trained, ui, page,
     page.screenshot(path=tmp_path / "run_model_metrics.png")
     # what the chart plots (plotly keeps its data on the chart's element): steps 1..3 with the logged values
     plotted = card.locator(".js-plotly-plot").evaluate(
-        "gd => gd.data.filter(t => (t.mode || '').includes('markers')).map(t => ({x: t.x, y: t.y}))")
-    history = sorted(MlflowClient(trained.store.uri).get_metric_history(trained.train_run_id, "test/accuracy"),
-                     key=lambda m: m.step)
+        "gd => gd.data.filter(t => (t.mode || '').includes('markers')).map(t => ({x: t.x, y: t.y}))"
+    )
+    history = sorted(
+        MlflowClient(trained.store.uri).get_metric_history(trained.train_run_id, "test/accuracy"), key=lambda m: m.step
+    )
     assert len(plotted) == 1, f"expected one trace with markers (the run), saw {plotted}"
     assert plotted[0]["x"] == [1, 2, 3], f"expected steps [1, 2, 3] on the x axis, saw {plotted[0]['x']}"
-    assert plotted[0]["y"] == pytest.approx([m.value for m in history]), \
+    assert plotted[0]["y"] == pytest.approx([m.value for m in history]), (
         f"expected the logged values {[m.value for m in history]}, saw {plotted[0]['y']}"
+    )
 
 
 def test_ui_analysis_artifacts_list_gradcam_images(trained, ui, page, tmp_path):
@@ -314,17 +395,22 @@ def test_ui_analysis_artifacts_list_gradcam_images(trained, ui, page, tmp_path):
     _shown(page, tmp_path, page.locator(node("gradcam")), "a 'gradcam' folder in the artifact tree", ARTIFACTS_JS)
     page.locator(node("gradcam")).click()
     for name in ("layer3.png", "layer4.png"):
-        _shown(page, tmp_path, page.locator(node(name)), f"gradcam/{name} in the opened gradcam folder",
-               ARTIFACTS_JS)
+        _shown(page, tmp_path, page.locator(node(name)), f"gradcam/{name} in the opened gradcam folder", ARTIFACTS_JS)
     shown = page.evaluate(ARTIFACTS_JS)
-    assert shown[:3] == ["gradcam", "layer3.png", "layer4.png"], \
+    assert shown[:3] == ["gradcam", "layer3.png", "layer4.png"], (
         f"expected gradcam/ holding exactly layer3.png and layer4.png first in the tree, saw {shown}"
+    )
     page.screenshot(path=tmp_path / "analysis_artifacts.png")
     # opening one shows the image itself (fetched from the server and decoded by the browser)
     page.locator(node("layer4.png")).click()
     preview = page.locator('img[alt="gradcam/layer4.png"]')
-    _shown(page, tmp_path, preview, "the preview image of gradcam/layer4.png",
-           "() => [...document.querySelectorAll('img')].map(i => i.alt)")
+    _shown(
+        page,
+        tmp_path,
+        preview,
+        "the preview image of gradcam/layer4.png",
+        "() => [...document.querySelectorAll('img')].map(i => i.alt)",
+    )
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=preview.element_handle())
     width = preview.evaluate("img => img.naturalWidth")
     assert width > 100, f"expected the GradCAM figure in the preview, saw an image {width} px wide"
@@ -333,14 +419,21 @@ def test_ui_analysis_artifacts_list_gradcam_images(trained, ui, page, tmp_path):
 
 def test_ui_model_version_page_shows_champion_alias(trained, ui, page, tmp_path):
     page.goto(f"{ui.uri}/#/models/{MODEL}/versions/{trained.version}")
-    _expect(page.get_by_role("heading", name=f"Version {trained.version}"), "the model version page's title") \
-        .to_be_visible()
+    _expect(
+        page.get_by_role("heading", name=f"Version {trained.version}"), "the model version page's title"
+    ).to_be_visible()
     aliases = page.locator('[data-testid="descriptions-item"]').filter(
-        has=page.locator('[data-testid="descriptions-item-label"]', has_text="Aliases"))
+        has=page.locator('[data-testid="descriptions-item-label"]', has_text="Aliases")
+    )
     _shown(page, tmp_path, aliases.locator('[title="champion"]'), "the alias 'champion' under Aliases", ALIASES_JS)
     source = page.locator('[data-testid="descriptions-item"]').filter(has_text="Source Run")
-    _shown(page, tmp_path, source.get_by_role("link", name=trained.train_run_name),
-           f"the source run {trained.train_run_name!r} linked", ALIASES_JS)
+    _shown(
+        page,
+        tmp_path,
+        source.get_by_role("link", name=trained.train_run_name),
+        f"the source run {trained.train_run_name!r} linked",
+        ALIASES_JS,
+    )
     page.screenshot(path=tmp_path / "model_version.png")
 
 
@@ -351,18 +444,28 @@ def test_ui_run_page_steps_through_the_gradcam_panels(trained, ui, page, tmp_pat
     page.get_by_role("tab", name="Model metrics").click()
     page.get_by_placeholder("Search metric charts").fill("gradcam_panel")
     card = page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(has_text="gradcam_panel")
-    _shown(page, tmp_path, card, "an image card titled gradcam_panel on the Model metrics tab",
-           "() => [...document.querySelectorAll('[data-testid=\"experiment-view-compare-runs-card\"]')]"
-           ".map(c => c.innerText.slice(0, 40))")
+    _shown(
+        page,
+        tmp_path,
+        card,
+        "an image card titled gradcam_panel on the Model metrics tab",
+        "() => [...document.querySelectorAll('[data-testid=\"experiment-view-compare-runs-card\"]')]"
+        ".map(c => c.innerText.slice(0, 40))",
+    )
     card.scroll_into_view_if_needed()
-    card.locator("button").first.click()          # the card's expand button: a dialog with a large preview
+    card.locator("button").first.click()  # the card's expand button: a dialog with a large preview
     dialog = page.get_by_role("dialog")
     slider = dialog.get_by_role("slider").first
-    for step in range(1, EPOCHS + 1):              # the slider starts at step 0; each arrow goes to the next epoch
+    for step in range(1, EPOCHS + 1):  # the slider starts at step 0; each arrow goes to the next epoch
         slider.focus()
         slider.press("ArrowRight")
         image = dialog.locator(f'img[src*="gradcam_panel%2Bstep%2B{step}%2B"]')
-        _shown(page, tmp_path, image, f"the panel image of epoch {step} on the slider",
-               "() => [...document.querySelectorAll('img')].map(i => decodeURIComponent(i.src).slice(-90))")
+        _shown(
+            page,
+            tmp_path,
+            image,
+            f"the panel image of epoch {step} on the slider",
+            "() => [...document.querySelectorAll('img')].map(i => decodeURIComponent(i.src).slice(-90))",
+        )
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.first.element_handle())
         dialog.screenshot(path=tmp_path / f"gradcam_panel_epoch{step}.png")
