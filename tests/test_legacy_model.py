@@ -1,0 +1,52 @@
+"""A model registered before the tracking package existed still loads: its MLmodel names the loader module
+`cifar_mlflow.tracking` by path (tests/fixtures/model-9a1ef61/README.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from cifar_mlflow import cli, tracking
+from entrypoints.analyze import analyze
+from tests.conftest import cli_args
+
+FIXTURE = Path(__file__).parent / "fixtures" / "model-9a1ef61"
+
+
+def test_its_mlmodel_names_the_old_loader_module():
+    assert "loader_module: cifar_mlflow.tracking\n" in (FIXTURE / "model" / "MLmodel").read_text()
+
+
+def test_pyfunc_load_model_predicts_what_it_predicted_when_logged():
+    model = mlflow.pyfunc.load_model(str(FIXTURE / "model"))
+    proba = model.predict(np.load(FIXTURE / "inputs.npy"))
+    np.testing.assert_allclose(proba, np.load(FIXTURE / "expected_proba.npy"), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def legacy_version(store) -> str:
+    """The fixture's folder registered as version 1 of `legacy` in a fresh store, from a run that trained on the
+    synthetic set (as the analysis reads the dataset and batch size from the training run's params)."""
+    client = mlflow.MlflowClient()
+    with mlflow.start_run() as run:
+        mlflow.log_params({"dataset": "synthetic", "batch_size": 64})
+        mlflow.log_artifacts(str(FIXTURE / "model"), "model")
+    client.create_registered_model("legacy")
+    mv = client.create_model_version("legacy", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return f"models:/legacy/{mv.version}"
+
+
+def test_the_analysis_entry_point_analyzes_it(store, legacy_version):
+    model, spec = tracking.load_torch_model(legacy_version)
+    assert spec.arch == "resnet18" and len(spec.class_names) == 10
+    code, message = cli.invoke(
+        analyze, cli_args({"model_uri": legacy_version, "max_test_samples": 32, "num_images": 4})
+    )
+    assert (code, message) == (0, "")
+    runs = mlflow.search_runs(filter_string="tags.model_version = '1'", output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
+    assert "confusion_matrix.png" in artifacts, artifacts
