@@ -22,11 +22,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The tracking store first, one process at a time (cifar_mlflow.tracking.check_tracking_server locks a new sqlite
+# The tracking store first, one process at a time (cifar_mlflow.tracking.store.check_tracking_server locks a new sqlite
 # file while MLflow creates it): two `mlflow run`s started at once into an empty folder would both run MLflow's
 # table creation, and one would die.
 train: $(STAMP)
-	$(BIN)/python -c 'from cifar_mlflow.tracking import check_tracking_server; check_tracking_server()'
+	$(BIN)/python -c 'from cifar_mlflow.tracking.store import check_tracking_server; check_tracking_server()'
 	$(BIN)/mlflow run . --env-manager local $(foreach p,$(P),-P $(p))
 
 # Debian's chromium and postgresql, which the UI and team-server tests drive (installed only if missing).

@@ -20,8 +20,10 @@ import torch
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import analysis, analyze_job, data, engine, models, tracking
+from cifar_mlflow import analysis, analyze_job, data, engine, models
 from cifar_mlflow.config import AnalyzeConfig, TrainConfig
+from cifar_mlflow.tracking import lineage, registry, runs, serving
+from cifar_mlflow.tracking.logger import RunLogger
 
 
 def per_image(model, layer, x, classes, batch: int = 1) -> np.ndarray:
@@ -53,8 +55,8 @@ def _trained_model(uri: str) -> str:
     model = models.build_model(spec).to(memory_format=torch.channels_last)
     cfg = TrainConfig(epochs=2, batch_size=64, dataset="synthetic")
     cpu = engine.resolve_device()
-    with tracking.open_run():
-        tracking.log_params({**cfg.to_params(), "env/precision": engine.resolve_precision("auto", cpu)})
+    with runs.open_run() as log:
+        log.log_params({**cfg.to_params(), "env/precision": engine.resolve_precision("auto", cpu)})
         result = engine.fit(
             model,
             data.make_loader(split, batch_size=64, train=True),
@@ -65,8 +67,8 @@ def _trained_model(uri: str) -> str:
             log=lambda s: None,
         )
         example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
-        return tracking.log_and_register_model(
-            model, spec, example, "bench-gradcam", result.final["test/accuracy"], 2
+        return registry.log_and_register_model(
+            log, model, spec, example, "bench-gradcam", result.final["test/accuracy"], 2
         ).model_uri
 
 
@@ -75,14 +77,14 @@ def _profile_analysis(model_uri: str, test_images: int) -> tuple[float, dict[str
     spent: dict[str, float] = defaultdict(float)
     stages = {
         (data, "load_dataset"): "read/generate test data",
-        (tracking, "resolve_model"): "registry lookups",
-        (tracking, "load_torch_model"): "download + load model",
+        (lineage, "resolve_model"): "registry lookups",
+        (serving, "load_torch_model"): "download + load model",
         (analysis, "predict"): "evaluate test set",
         (analysis, "gradcam_pairs"): "GradCAM (2 layers x 25 images x 2 classes)",
-        (tracking, "log_figure"): "render + log figures",
-        (tracking, "log_table"): "log table",
-        (tracking, "log_dataset"): "log dataset input",
-        (tracking, "log_metrics"): "log metrics",
+        (RunLogger, "log_figure"): "render + log figures",
+        (RunLogger, "log_table"): "log table",
+        (RunLogger, "log_dataset"): "log dataset input",
+        (RunLogger, "log_metrics"): "log metrics",
     }
     originals = {}
     for (module, name), label in stages.items():
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tmp = tempfile.mkdtemp(prefix="bench-gradcam-")
     os.chdir(tmp)  # the sqlite store's artifacts go to ./mlruns: keep them out of the checkout
     model_uri = _trained_model(f"sqlite:///{tmp}/mlflow.db")
-    model, _ = tracking.load_torch_model(model_uri)
+    model, _ = serving.load_torch_model(model_uri)
     images = data.make_synthetic(args.images, seed=7).images
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
     classes = models.predict_proba(model, x).argmax(1).tolist()

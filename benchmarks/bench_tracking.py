@@ -20,8 +20,10 @@ import torch
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import augment, data, engine, models, plots, tracking, watch
+from cifar_mlflow import augment, data, engine, models, plots, watch
 from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.tracking import registry
+from cifar_mlflow.tracking.reporter import EpochReporter
 from cifar_mlflow.train_job import with_panels
 
 
@@ -74,11 +76,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def on() -> float:
         model = fresh()
         start = time.perf_counter()
-        with tracking.open_run() as run:
-            tracking.log_params({**cfg.to_params(), "data/mean": mean, "data/std": std})
-            tracking.log_dataset(ds, split, "training")
-            tracking.log_dataset(ds, test, "evaluation")
-            reporter = tracking.EpochReporter(run.info.run_id)
+        with runs.open_run() as log:
+            log.log_params({**cfg.to_params(), "data/mean": mean, "data/std": std})
+            log.log_dataset(ds, split, "training")
+            log.log_dataset(ds, test, "evaluation")
+            reporter = EpochReporter(log)
             hook = with_panels(reporter, cfg, model, ds)
 
             def on_epoch_end(*args) -> None:  # timed: the part of tracking that runs on the training thread
@@ -97,13 +99,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 reporter.close()
             profile["waiting at the end for the last epoch's report"].append(time.perf_counter() - t)
             profile["reporting thread CPU (checkpoints, metrics, panels)"].append(reporter.cpu_seconds)
-            tracking.log_figure(plots.training_curves(result.history), "curves.png")
+            log.log_figure(plots.training_curves(result.history), "curves.png")
             elapsed = time.perf_counter() - start
             if not registration:
                 t = time.perf_counter()
                 example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
-                tracking.log_and_register_model(
-                    model, spec, example, "bench", result.final["test/accuracy"], args.epochs
+                registry.log_and_register_model(
+                    log, model, spec, example, "bench", result.final["test/accuracy"], args.epochs
                 )
                 registration.append(time.perf_counter() - t)
         return elapsed

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cifar_mlflow import analysis, data, engine, plots, tracking
+from cifar_mlflow import analysis, data, engine, plots
 from cifar_mlflow.config import AnalyzeConfig
 from cifar_mlflow.errors import DataError
+from cifar_mlflow.tracking import lineage, runs, serving, store
 
 DEFAULT_BATCH = 256  # when the training run's batch size is unknown (runs logged elsewhere)
 CONFUSED_PAIRS = 10
@@ -25,16 +26,16 @@ class AnalyzeOutcome:
 
 def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     # Resolve, load and check everything before the run is opened: bad input leaves nothing half-written.
-    tracking.check_tracking_server()
-    ref = tracking.resolve_model(cfg.model_uri)
-    trained_with = tracking.run_params(ref.run_id)
+    store.check_tracking_server()
+    ref = lineage.resolve_model(cfg.model_uri)
+    trained_with = lineage.run_params(ref.run_id)
     device = engine.resolve_device()
     # The training run's precision and batch size, so that the accuracy reproduces the training run's exactly.
     precision = trained_with.get("env/precision") or engine.resolve_precision("auto", device)
     batch_size = cfg.batch_size or int(trained_with.get("batch_size", DEFAULT_BATCH))
     dataset_name = trained_with.get("dataset", "cifar10") if cfg.dataset == "auto" else cfg.dataset
     dataset = data.load_dataset(dataset_name, cfg.data_dir, max_test=cfg.max_test_samples, test_only=True)
-    model, spec = tracking.load_torch_model(ref.uri, device=str(device))
+    model, spec = serving.load_torch_model(ref.uri, device=str(device))
     if tuple(spec.class_names) != tuple(dataset.class_names):
         raise DataError(
             f"dataset={dataset_name}: its classes {list(dataset.class_names)} are not the model's "
@@ -44,8 +45,8 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     model = model.to(memory_format=torch.channels_last)  # the layout training evaluated in
     loader = data.make_loader(dataset.test, batch_size=batch_size, train=False)
 
-    with tracking.analysis_run(ref) as run:
-        tracking.log_params(
+    with lineage.analysis_run(ref) as log:
+        log.log_params(
             {
                 **cfg.to_params(),
                 "env/precision": precision,
@@ -55,12 +56,12 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
                 "eval_batch_size": batch_size,
             }
         )
-        tracking.log_dataset(dataset, dataset.test, "evaluation")
+        log.log_dataset(dataset, dataset.test, "evaluation")
         pred = analysis.predict(model, loader, device, precision)
         cm = analysis.confusion_matrix(pred.labels, pred.predicted, spec.num_classes)
         stats = analysis.per_class_stats(cm)
         names = list(spec.class_names)
-        tracking.log_metrics(
+        log.log_metrics(
             {
                 "test/accuracy": pred.accuracy,
                 "test/loss": pred.loss,
@@ -73,7 +74,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
         )
 
         wrong = analysis.misclassified(pred)
-        tracking.log_table(
+        log.log_table(
             {
                 "index": wrong.tolist(),
                 "true": [names[i] for i in pred.labels[wrong]],
@@ -82,18 +83,18 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
             },
             "misclassified.json",
         )
-        tracking.log_figure(plots.confusion_matrix_figure(cm, names), "confusion_matrix.png")
-        tracking.log_figure(
+        log.log_figure(plots.confusion_matrix_figure(cm, names), "confusion_matrix.png")
+        log.log_figure(
             plots.per_class_accuracy_figure(stats["accuracy"], names, pred.accuracy), "per_class_accuracy.png"
         )
-        tracking.log_text(_confused_pairs_markdown(cm, names, pred.accuracy, len(wrong)), "confused_pairs.md")
+        log.log_text(_confused_pairs_markdown(cm, names, pred.accuracy, len(wrong)), "confused_pairs.md")
 
         shown = wrong[: cfg.num_images]
         if len(shown):
             images = dataset.test.images[shown]
             true_names = [names[i] for i in pred.labels[shown]]
             pred_names = [names[i] for i in pred.predicted[shown]]
-            tracking.log_figure(
+            log.log_figure(
                 plots.misclassified_gallery(images, true_names, pred_names, pred.confidence[shown]),
                 "misclassified/gallery.png",
             )
@@ -102,7 +103,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
                 pred_maps, true_maps = analysis.gradcam_pairs(
                     model, layer, x, pred.predicted[shown], pred.labels[shown], batch_size=batch_size
                 )
-                tracking.log_figure(
+                log.log_figure(
                     plots.gradcam_figure(
                         images, pred_maps, true_maps, true_names, pred_names, pred.confidence[shown], layer_name
                     ),
@@ -110,9 +111,9 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
                 )
         print(
             f"\nanalysis of {ref.uri}: test accuracy {pred.accuracy:.4f}, {len(wrong)} misclassified\n"
-            f"  view: {tracking.run_url(run)}\n"
+            f"  view: {runs.run_url(log)}\n"
         )
-        return AnalyzeOutcome(run.info.run_id, pred.accuracy, len(wrong))
+        return AnalyzeOutcome(log.run_id, pred.accuracy, len(wrong))
 
 
 def _confused_pairs_markdown(cm: np.ndarray, names: list[str], accuracy: float, wrong: int) -> str:

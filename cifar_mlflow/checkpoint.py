@@ -34,7 +34,6 @@ def capture(
         "epoch": epoch,
         "history": [dict(h) for h in history],
         "lr_steps": list(lr_steps),
-        "best_test_accuracy": max((h["test/accuracy"] for h in history), default=0.0),
         # copies, not references: the state may be written out in the background while training goes on
         "model": _cpu_copy(model.state_dict()),
         "optimizer": _cpu_copy(optimizer.state_dict()),

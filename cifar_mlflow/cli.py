@@ -69,14 +69,18 @@ def config_options(config_cls: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
+# Only training writes checkpoints; an interrupted analysis or range test has nothing to keep.
+_KEPT = {"train": " and its last checkpoint kept"}
+
+
 def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, str]:
     """Run a click command in this process: (0, "") on success, else (exit code, one-line message)."""
     try:
         command.main(args=args, standalone_mode=False)
     except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
-        return 130, "interrupted (Ctrl-C); the run is KILLED and its last checkpoint kept"
+        return 130, f"interrupted (Ctrl-C); the run is KILLED{_KEPT.get(command.name, '')}"
     except Terminated:
-        return 143, "terminated (SIGTERM); the run is KILLED and its last checkpoint kept"
+        return 143, f"terminated (SIGTERM); the run is KILLED{_KEPT.get(command.name, '')}"
     except click.ClickException as exc:
         return exc.exit_code, exc.format_message()
     except CifarMlflowError as exc:
@@ -99,7 +103,7 @@ def run_cli(command: click.Command) -> None:
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
     if code not in _RUN_LEFT_ALONE and os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` made a run: FAILED + reason
-        from cifar_mlflow import tracking  # imported only here: --help and option errors stay fast
+        from cifar_mlflow.tracking import runs  # imported only here: --help and option errors stay fast
 
-        tracking.fail_run_from_env(message)
+        runs.fail_run_from_env(message)
     sys.exit(code)

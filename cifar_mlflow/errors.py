@@ -45,4 +45,5 @@ class StorageError(CifarMlflowError):
 
 
 class Terminated(BaseException):
-    """SIGTERM, turned into an exception so that the run is ended KILLED and the last checkpoint kept."""
+    """SIGTERM, turned into an exception so that the run is ended KILLED (a training run keeps its last
+    checkpoint)."""

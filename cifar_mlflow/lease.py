@@ -1,6 +1,6 @@
 """Who may train a run: a lease taken before any work and renewed while training runs, so that two processes
 resuming one run (`mlflow run --run-id R`, twice at once) cannot both train it. Knows nothing of MLflow:
-tracking.py keeps a lease in the run as params and a tag.
+tracking.run_lease keeps a lease in the run as params and a tag.
 
 Taking a lease is an insert-once write: claim n is the run param `lease/<n>`, and a tracking store refuses to
 change a param, so of two processes writing the same n exactly one succeeds. The claim names its holder (a random

@@ -3,9 +3,11 @@ curve, its series and the suggested learning rate."""
 
 from __future__ import annotations
 
-from cifar_mlflow import data, engine, lr_finder, plots, tracking
+from cifar_mlflow import data, engine, lr_finder, plots
 from cifar_mlflow.config import LRFindConfig
 from cifar_mlflow.prepare import Prepared, prepare
+from cifar_mlflow.tracking import runs, store
+from cifar_mlflow.tracking.logger import RunLogger
 
 
 def range_test(p: Prepared, cfg: LRFindConfig) -> lr_finder.RangeTestResult:
@@ -25,26 +27,24 @@ def range_test(p: Prepared, cfg: LRFindConfig) -> lr_finder.RangeTestResult:
     )
 
 
-def log_range_test(result: lr_finder.RangeTestResult) -> None:
-    """To the active run: lr_find/curve.png, the series as the table lr_find/curve.json, lr_find/suggested_lr."""
-    tracking.log_figure(
+def log_range_test(log: RunLogger, result: lr_finder.RangeTestResult) -> None:
+    """lr_find/curve.png, the series as the table lr_find/curve.json, and the metric lr_find/suggested_lr."""
+    log.log_figure(
         plots.lr_finder_figure(result.lrs, result.losses, result.smoothed, result.suggested_lr), "lr_find/curve.png"
     )
-    tracking.log_table(
-        {"lr": result.lrs, "loss": result.losses, "smoothed_loss": result.smoothed}, "lr_find/curve.json"
-    )
-    tracking.log_metrics({"lr_find/suggested_lr": result.suggested_lr})
+    log.log_table({"lr": result.lrs, "loss": result.losses, "smoothed_loss": result.smoothed}, "lr_find/curve.json")
+    log.log_metrics({"lr_find/suggested_lr": result.suggested_lr})
 
 
 def run_lr_find(cfg: LRFindConfig) -> float:
-    tracking.check_tracking_server()
+    store.check_tracking_server()
     p = prepare(cfg, max_test=1)
-    with tracking.open_run():
-        tracking.log_params({**cfg.to_params(), **p.derived_params()})
-        tracking.log_dataset(p.dataset, p.dataset.train, "training")
+    with runs.open_run() as log:
+        log.log_params({**cfg.to_params(), **p.derived_params()})
+        log.log_dataset(p.dataset, p.dataset.train, "training")
         result = range_test(p, cfg)
         data.shutdown_workers(p.train_loader)
-        log_range_test(result)
+        log_range_test(log, result)
         stop = "stopped when the loss diverged" if result.diverged else "no divergence within the sweep"
         print(
             f"\nLR range test: {len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g} ({stop})"

@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_mlflow import analysis, lr_finder, models, tracking
+from cifar_mlflow import analysis, lr_finder, models
 from cifar_mlflow.config import PipelineConfig
+from cifar_mlflow.errors import ConfigError
+from cifar_mlflow.tracking import runs, store
+from cifar_mlflow.tracking.logger import RunLogger
+from cifar_mlflow.tracking.params import same
 
 SUGGESTED = "lr_find/suggested_lr"
 VERSION_TAG = "registered_model_version"
@@ -27,28 +31,28 @@ class PipelineOutcome:
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
-    tracking.check_tracking_server()
+    store.check_tracking_server()
     # Steps run in the project's folder: a relative data_dir must mean the same folder as for this process.
     absolute = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
     sweep, train, analyze = absolute.steps()  # every step's parameters validated before anything runs
     # the analysis step's layers too, on the network training will build (not after an hour of training)
     blank = models.ModelSpec(train.arch, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, train.norm)
     analysis.resolve_layers(models.build_model(blank), analyze.target_layers)
-    tracking.project_dir()
-    with tracking.open_run() as parent:
-        tracking.log_params(cfg.to_params())
-        runs: dict[str, Any] = {}
+    project = project_dir()
+    with runs.open_run() as parent:
+        parent.log_params(cfg.to_params())
+        steps: dict[str, Any] = {}
         reused: dict[str, bool] = {}
 
         def step(entry: str, params: dict[str, Any], needs: Callable[[Any], bool]) -> Any:
-            found = tracking.finished_step(entry, params, needs) if cfg.reuse == "true" else None
+            found = finished_step(parent, entry, params, needs) if cfg.reuse else None
             reused[entry] = found is not None
             print(f"pipeline: {entry}: " + (f"reusing finished run {found.info.run_id}" if found else "running"))
-            runs[entry] = found or tracking.run_step(entry, params)
-            tracking.set_tags(
-                {f"step/{entry}/run_id": runs[entry].info.run_id, f"step/{entry}/reused": str(reused[entry]).lower()}
+            steps[entry] = found or runs.run_entry_point(project, entry, params, parent)
+            parent.set_tags(
+                {f"step/{entry}/run_id": steps[entry].info.run_id, f"step/{entry}/reused": str(reused[entry]).lower()}
             )
-            return runs[entry]
+            return steps[entry]
 
         found = step("lr_find", sweep.to_params(), lambda r: SUGGESTED in r.data.metrics)
         suggested = found.data.metrics[SUGGESTED]
@@ -66,10 +70,31 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
                 if k in ("test/accuracy", "test/loss", "test/accuracy_tta")
             },
         }
-        tracking.log_metrics(summary)
-        tracking.set_tags({"model_uri": model_uri})
-        _print_summary(runs, reused, suggested, lr, model_uri, analysed, tracking.run_url(parent))
-        return PipelineOutcome(parent.info.run_id, {k: r.info.run_id for k, r in runs.items()}, reused, lr, model_uri)
+        parent.log_metrics(summary)
+        parent.set_tags({"model_uri": model_uri})
+        _print_summary(steps, reused, suggested, lr, model_uri, analysed, runs.run_url(parent))
+        return PipelineOutcome(parent.run_id, {k: r.info.run_id for k, r in steps.items()}, reused, lr, model_uri)
+
+
+def project_dir() -> Path:
+    """The MLflow Project this package belongs to (the folder holding MLproject)."""
+    root = runs.PACKAGE_DIR.parent
+    if not (root / "MLproject").is_file():
+        raise ConfigError(
+            f"the pipeline runs the MLflow Project's entry points, but {root} holds no MLproject "
+            "file; run it from a checkout of cifar-mlflow"
+        )
+    return root
+
+
+def finished_step(parent: RunLogger, entry_point: str, params: dict[str, Any], needs: Callable[[Any], bool]) -> Any:
+    """The newest FINISHED run of the parent's experiment made by `entry_point` of this project with the same
+    code version and the same value for every one of `params`, for which needs(run) holds; else None."""
+    for run in runs.finished_runs(parent.experiment_id, entry_point):
+        logged = run.data.params
+        if all(k in logged and same(logged[k], v) for k, v in params.items()) and needs(run):
+            return run
+    return None
 
 
 def _print_summary(runs, reused, suggested, lr, model_uri, analysed, url) -> None:

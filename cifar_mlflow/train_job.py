@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -10,10 +11,17 @@ from typing import Any
 
 import torch
 
-from cifar_mlflow import augment, data, distributed, engine, lr_finder, plots, tracking, watch
+from cifar_mlflow import augment, data, distributed, engine, lr_finder, plots, watch
 from cifar_mlflow.config import LRFindConfig, TrainConfig
 from cifar_mlflow.lr_finder_job import log_range_test, range_test
+from cifar_mlflow.prepare import Prepared as TrainingSetup
 from cifar_mlflow.prepare import prepare
+from cifar_mlflow.tracking import checkpoints, registry, runs, store
+from cifar_mlflow.tracking.logger import Logger, NullLogger, RunLogger
+from cifar_mlflow.tracking.registry import RegisteredVersion
+from cifar_mlflow.tracking.reporter import EpochReporter
+from cifar_mlflow.tracking.run_lease import RunLease
+from cifar_mlflow.tracking.store import versions
 
 SAMPLE_GRID = 32  # augmented training images shown in augmented_samples.png
 
@@ -22,106 +30,96 @@ SAMPLE_GRID = 32  # augmented training images shown in augmented_samples.png
 class TrainOutcome:
     run_id: str
     metrics: dict[str, float]
-    version: tracking.RegisteredVersion
+    version: RegisteredVersion
+
+
+@dataclass(frozen=True)
+class Start:
+    """What rank 0 decides as the run opens, and every rank follows."""
+
+    done: bool  # the run finished and registered its version already: nothing to train
+    resume: dict | None = None  # the checkpoint to resume from
+    lr: float | str = "auto"  # the peak LR to train with (lr=auto resolved by a range test)
 
 
 def run_training(cfg: TrainConfig) -> TrainOutcome | None:
-    """One process, or one of torchrun's: rank 0 does all the MLflow work (one run, one registered version),
-    the other ranks train their shards and follow rank 0's decisions (resume state, learning rate)."""
+    """One process, or one of torchrun's. Every process runs the same lines (nanoGPT's pattern): rank 0 holds
+    the run's lease and a RunLogger (one run, one registered version), the others no lease and a NullLogger;
+    what rank 0 decides reaches them through `_decided`, the only place a decision is shared."""
     distributed.check_batch_size(cfg.batch_size)
     ctx = distributed.setup()
+    main = ctx is None or ctx.is_main
     try:
-        if ctx is not None and not ctx.is_main:
-            return _follow(cfg, ctx)
-        return _lead(cfg, ctx)
+        if main:
+            store.check_tracking_server()  # seconds, not a wasted run, if the server is down
+        # A run `mlflow run` named is leased to this process before any work: a second process resuming the same
+        # run stops here, without touching it.
+        with RunLease() if main else contextlib.nullcontext() as held:
+            p = prepare(cfg, cfg.max_test_samples, ctx)  # everything that can fail on bad input, before the run opens
+            shards = distributed.gather_objects(_epoch1_indices(p.train_loader), ctx.world) if ctx else None
+            with runs.open_run(held) if main else contextlib.nullcontext(NullLogger()) as log:
+                start = _decided(ctx, lambda: _start(cfg, p, log, shards))
+                if start.done:
+                    return None
+                return _fit_and_register(dataclasses.replace(cfg, lr=start.lr), ctx, p, log, held, start.resume)
     finally:
         distributed.teardown(ctx)
 
 
-def _share(ctx: distributed.Context | None, value: Any = None) -> Any:
-    """Rank 0's value on every process (a no-op for a single process)."""
-    return distributed.broadcast_object(value) if ctx is not None else value
+def _decided(ctx: distributed.Context | None, decide: Callable[[], Any]) -> Any:
+    """decide() on rank 0, its result on every process (a single process just decides)."""
+    if ctx is None:
+        return decide()
+    return distributed.broadcast_object(decide() if ctx.is_main else None)
 
 
-def _follow(cfg: TrainConfig, ctx: distributed.Context) -> None:
-    """A rank > 0: the same collectives as _lead, in the same order, and no MLflow."""
-    p = prepare(cfg, cfg.max_test_samples, ctx)
-    distributed.gather_objects(_epoch1_indices(p.train_loader), ctx.world)
-    start = _share(ctx)
-    if start["done"]:
-        return None
-    cfg = dataclasses.replace(cfg, lr=_share(ctx))
-    engine.fit(
-        p.model,
-        p.train_loader,
-        p.test_loader,
-        cfg,
-        p.device,
-        p.precision,
-        log=lambda _: None,
-        resume=start["resume"],
-        ctx=ctx,
-    )
-    data.shutdown_workers(p.train_loader)
-    engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
-    return None
-
-
-def _lead(cfg: TrainConfig, ctx: distributed.Context | None) -> TrainOutcome | None:
-    tracking.check_tracking_server()  # seconds, not a wasted run, if the server is down
-    # A run `mlflow run` named is leased to this process before any work: a second process resuming the same
-    # run stops here, without touching it.
-    with tracking.RunLease() as held:
-        p = prepare(cfg, cfg.max_test_samples, ctx)  # everything that can fail on bad input, before the run opens
-        shards = distributed.gather_objects(_epoch1_indices(p.train_loader), ctx.world) if ctx else None
-        with tracking.open_run(held) as run:
-            return _train_in_run(cfg, ctx, p, shards, run, held)
-
-
-def _train_in_run(
-    cfg: TrainConfig, ctx: distributed.Context | None, p, shards, run, held: tracking.RunLease
-) -> TrainOutcome | None:
-    run_id = run.info.run_id
-    # On a resumed run (mlflow run --run-id) this also refuses parameters that differ from the logged ones.
-    tracking.log_params(
-        {**cfg.to_params(), **p.derived_params(), **{f"env/{k}_version": v for k, v in tracking.versions().items()}}
-    )
-    resume = tracking.load_latest_checkpoint(run_id)
+def _start(cfg: TrainConfig, p: TrainingSetup, log: Logger, shards: list[list[int]] | None) -> Start:
+    """Rank 0, in the open run: log the params (on a resumed run this also refuses parameters that differ from
+    the logged ones), find the checkpoint to resume from, and resolve lr=auto."""
+    assert isinstance(log, RunLogger), "only rank 0 decides"
+    log.log_params({**cfg.to_params(), **p.derived_params(), **{f"env/{k}_version": v for k, v in versions().items()}})
+    resume = checkpoints.load_latest_checkpoint(log.run_id)
+    run = log.run()
     tagged = run.data.tags.get("registered_model_version")
     # Killed after registering but before tagging the run: the version exists, and is the run's result.
     registered = (
         not tagged
         and resume is not None
         and resume["epoch"] >= cfg.epochs
-        and tracking.version_of_run(cfg.registered_model_name, run_id)
+        and registry.version_of_run(cfg.registered_model_name, log.run_id)
     )
     if resume is None:
-        _log_run_inputs(p, shards)
+        _log_run_inputs(log, p, shards)
     elif tagged or registered:
-        version = tagged or tracking.finish_registration(cfg.registered_model_name, run_id).version
+        version = tagged or registry.finish_registration(cfg.registered_model_name, log.run_id).version
         print(
-            f"run {run_id} already finished all {resume['epoch']} epochs and registered version {version}; "
+            f"run {log.run_id} already finished all {resume['epoch']} epochs and registered version {version}; "
             "nothing to resume"
         )
-        _share(ctx, {"done": True})
-        return None
+        return Start(done=True)
     else:
-        tracking.backfill_epochs(run_id, resume["history"])
-        tracking.set_tags({"resumed_from_epoch": str(resume["epoch"])})
-        print(f"resuming run {run_id} after epoch {resume['epoch']} of {cfg.epochs}")
-    _share(ctx, {"done": False, "resume": resume})
-    if cfg.lr == "auto":
-        cfg = _resolve_auto_lr(cfg, p, run.data.params.get("lr/resolved"))
-    _share(ctx, cfg.lr)
-    return _fit_and_register(cfg, ctx, p, run, held, resume)
+        checkpoints.backfill_epochs(log.run_id, resume["history"])
+        log.set_tags({"resumed_from_epoch": str(resume["epoch"])})
+        print(f"resuming run {log.run_id} after epoch {resume['epoch']} of {cfg.epochs}")
+    lr = _resolve_auto_lr(cfg, p, log, run.data.params.get("lr/resolved")) if cfg.lr == "auto" else cfg.lr
+    return Start(done=False, resume=resume, lr=lr)
 
 
 def _fit_and_register(
-    cfg: TrainConfig, ctx: distributed.Context | None, p, run, held: tracking.RunLease, resume: dict | None
-) -> TrainOutcome:
-    run_id = run.info.run_id
+    cfg: TrainConfig,
+    ctx: distributed.Context | None,
+    p: TrainingSetup,
+    log: Logger,
+    held: RunLease | None,
+    resume: dict | None,
+) -> TrainOutcome | None:
+    main = isinstance(log, RunLogger)
     # epochs whose metrics the run holds (a resume from the other slot trains one of them again): logged once
-    reporter = tracking.EpochReporter(run_id, held, tracking.logged_through(run_id) if resume else 0)
+    reporter = (
+        EpochReporter(log, held, checkpoints.logged_through(log.run_id) if resume else 0)
+        if isinstance(log, RunLogger)
+        else None
+    )
     try:
         result = engine.fit(
             p.model,
@@ -130,7 +128,8 @@ def _fit_and_register(
             cfg,
             p.device,
             p.precision,
-            on_epoch_end=with_panels(reporter, cfg, p.model, p.dataset),
+            on_epoch_end=with_panels(reporter, cfg, p.model, p.dataset) if reporter else None,
+            log=print if main else lambda _: None,
             resume=resume,
             ctx=ctx,
         )
@@ -139,26 +138,30 @@ def _fit_and_register(
         # while the last epoch is still being reported
         tta = engine.evaluate_flip_tta(p.model, p.test_loader, p.device, p.precision, ctx=ctx)
     finally:
-        reporter.close()  # the last finished epoch's checkpoint lands even if training was interrupted
+        if reporter is not None:
+            reporter.close()  # the last finished epoch's checkpoint lands even if training was interrupted
+    if not isinstance(log, RunLogger):  # ranks > 0: rank 0 logs and registers
+        return None
+    last = result.history[-1]
     final = {"test/accuracy_tta": tta}
     if result.first_step_at is not None:  # from process start: imports, data, model, run set-up
         final["perf/seconds_to_first_step"] = result.first_step_at - _process_start()
-    tracking.log_epoch(cfg.epochs, final, once=resume is not None)
-    tracking.log_figure(plots.training_curves(result.history), "curves.png")
-    tracking.log_figure(plots.lr_schedule_figure(result.lr_steps, len(p.train_loader)), "lr_schedule.png")
+    log.log_metrics(final, step=cfg.epochs, once=resume is not None)
+    log.log_figure(plots.training_curves(result.history), "curves.png")
+    log.log_figure(plots.lr_schedule_figure(result.lr_steps, len(p.train_loader)), "lr_schedule.png")
 
-    example = p.dataset.test.images[:2].transpose(0, 3, 1, 2).astype("float32") / 255.0
-    version = tracking.log_and_register_model(
-        p.model, p.spec, example, cfg.registered_model_name, result.final["test/accuracy"], cfg.epochs
+    example = engine.to_device_images(torch.from_numpy(p.dataset.test.images[:2]), torch.device("cpu"))
+    version = registry.log_and_register_model(
+        log, p.model, p.spec, example.contiguous().numpy(), cfg.registered_model_name, last["test/accuracy"], cfg.epochs
     )
     # what a user waits for after the last epoch: TTA, figures, model logging and registration
-    tracking.log_metrics({"perf/seconds_after_last_epoch": time.time() - trained_at})
-    _print_summary({**result.final, "test/accuracy_tta": tta}, version, tracking.run_url(run))
-    return TrainOutcome(run_id, result.final, version)
+    log.log_metrics({"perf/seconds_after_last_epoch": time.time() - trained_at})
+    _print_summary({**last, "test/accuracy_tta": tta}, version, runs.run_url(log))
+    return TrainOutcome(log.run_id, last, version)
 
 
 def with_panels(
-    reporter: tracking.EpochReporter, cfg: TrainConfig, model: torch.nn.Module, dataset: data.Dataset
+    reporter: EpochReporter, cfg: TrainConfig, model: torch.nn.Module, dataset: data.Dataset
 ) -> Callable[..., None]:
     """on_epoch_end that also hands the reporter a GradCAM panel of fixed test images on the chosen epochs. The
     panel is computed here, on the training thread between epochs (the model must not change meanwhile), and
@@ -189,11 +192,11 @@ def _epoch1_indices(loader) -> list[int]:
     return [k - sampler.n for k in sampler]
 
 
-def _log_run_inputs(p, shards: list[list[int]] | None = None) -> None:
+def _log_run_inputs(log: RunLogger, p: TrainingSetup, shards: list[list[int]] | None = None) -> None:
     """What a fresh run records once: datasets, model summary, augmentations and a sample grid; data-parallel,
     also the processes and the training indices each drew in epoch 1 (disjoint shards, checkable)."""
-    if shards is not None:
-        tracking.log_dict(
+    if shards is not None and p.ctx is not None:
+        log.log_dict(
             {
                 "world_size": p.ctx.world,
                 "backend": p.ctx.backend,
@@ -202,11 +205,11 @@ def _log_run_inputs(p, shards: list[list[int]] | None = None) -> None:
             },
             "distributed/shards.json",
         )
-    tracking.log_dataset(p.dataset, p.dataset.train, "training")
-    tracking.log_dataset(p.dataset, p.dataset.test, "evaluation")
-    tracking.log_text(p.summary, "model_summary.txt")
-    tracking.log_text(augment.describe(p.transform), "augmentations.txt")
-    tracking.log_figure(_augmented_grid(p.train_loader, p.dataset.class_names), "augmented_samples.png")
+    log.log_dataset(p.dataset, p.dataset.train, "training")
+    log.log_dataset(p.dataset, p.dataset.test, "evaluation")
+    log.log_text(p.summary, "model_summary.txt")
+    log.log_text(augment.describe(p.transform), "augmentations.txt")
+    log.log_figure(_augmented_grid(p.train_loader, p.dataset.class_names), "augmented_samples.png")
 
 
 # At least 40 steps: the suggestion fits lines over half a decade, and with fewer points over the sweep's 6
@@ -214,21 +217,21 @@ def _log_run_inputs(p, shards: list[list[int]] | None = None) -> None:
 AUTO_LR_MIN_STEPS, AUTO_LR_MAX_STEPS = 40, 100
 
 
-def _resolve_auto_lr(cfg: TrainConfig, p, already: str | None) -> TrainConfig:
+def _resolve_auto_lr(cfg: TrainConfig, p: TrainingSetup, log: RunLogger, already: str | None) -> float:
     """lr=auto: range test with the run's optimiser settings and lr_find's sweep bounds, clamped to the
     optimiser's safe range. The sweep takes about one epoch of steps (40 to 100): a few percent of a run on CIFAR-10.
     A resumed run reuses the LR it resolved before (`already`)."""
     if already is not None:
-        return dataclasses.replace(cfg, lr=float(already))
+        return float(already)
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LRFindConfig) if hasattr(cfg, f.name)}
     steps = max(AUTO_LR_MIN_STEPS, min(AUTO_LR_MAX_STEPS, len(p.train_loader)))
     sweep = LRFindConfig(**shared, num_iter=steps)
     result = range_test(p, sweep)
-    log_range_test(result)
+    log_range_test(log, result)
     lr = lr_finder.clamp_lr(result.suggested_lr, cfg.optimizer)
-    tracking.log_params({"lr/resolved": lr})
+    log.log_params({"lr/resolved": lr})
     print(f"lr=auto: range test suggests {result.suggested_lr:.4g}; training with peak lr {lr:.4g}")
-    return dataclasses.replace(cfg, lr=lr)
+    return lr
 
 
 def _augmented_grid(loader, class_names):
@@ -242,7 +245,7 @@ def _augmented_grid(loader, class_names):
     )
 
 
-def _print_summary(final: dict[str, float], version: tracking.RegisteredVersion, url: str) -> None:
+def _print_summary(final: dict[str, float], version: RegisteredVersion, url: str) -> None:
     print(
         "\n".join(
             [

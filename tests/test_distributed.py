@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from cifar_mlflow import data, engine
-from cifar_mlflow.tracking import load_torch_model
+from cifar_mlflow.tracking.serving import load_torch_model
 from tests.conftest import TINY, mlflow_run_cmd
 
 DDP = {**TINY, "nproc_per_node": 2, "max_test_samples": 100}

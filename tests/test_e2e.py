@@ -82,7 +82,7 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     script = textwrap.dedent(f"""
         import json, numpy as np, mlflow, torch
         from cifar_mlflow import data, models
-        from cifar_mlflow.tracking import load_torch_model
+        from cifar_mlflow.tracking.serving import load_torch_model
         uri = "models:/cifar10-resnet18@champion"
         test = data.read_cifar10({str(cifar_root)!r}, max_test=128).test
         x = (test.images.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)

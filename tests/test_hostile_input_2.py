@@ -20,9 +20,13 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow import data, models, tracking
+from cifar_mlflow import data, models
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ConfigError, TrackingError
+from cifar_mlflow.tracking import registry, runs, serving
+from cifar_mlflow.tracking.checkpoints import load_latest_checkpoint
+from cifar_mlflow.tracking.run_lease import RunLease
+from cifar_mlflow.tracking.store import check_tracking_server
 from entrypoints.analyze import analyze
 from entrypoints.train import train
 from tests.conftest import REPO, TINY, cli_args, make_store, mlflow_run_cmd
@@ -579,8 +583,8 @@ def registered(store):
     torch.manual_seed(0)
     net = models.build_model(SPEC).eval()
     example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
-    with tracking.open_run():
-        version = tracking.log_and_register_model(net, SPEC, example, "tamper-me", 0.5, epochs=1)
+    with runs.open_run() as log:
+        version = registry.log_and_register_model(log, net, SPEC, example, "tamper-me", 0.5, epochs=1)
     source = MlflowClient().get_model_version("tamper-me", version.version).source  # models:/m-<id>
     folder = Path(mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
     assert (folder / "MLmodel").is_file()
@@ -616,7 +620,7 @@ def test_registered_model_ships_no_code_so_code_planted_in_the_store_never_runs(
     import yaml
 
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    assert mlmodel["flavors"]["python_function"]["loader_module"] == "cifar_mlflow.tracking"
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "cifar_mlflow.tracking.serving"
     marker = tmp_path / "PWNED"
     package = model_dir / "code" / "cifar_mlflow"
     package.mkdir(parents=True, exist_ok=True)
@@ -626,7 +630,7 @@ def test_registered_model_ships_no_code_so_code_planted_in_the_store_never_runs(
     proc = _load_pyfunc_in_a_fresh_process(store, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "(2, 10)"
-    net, spec = tracking.load_torch_model("models:/tamper-me/1")
+    net, spec = serving.load_torch_model("models:/tamper-me/1")
     assert spec == SPEC and not marker.exists(), "code from the artifact store ran"
     assert not mlmodel["flavors"]["python_function"].get("code")
 
@@ -646,7 +650,7 @@ def test_mlmodel_naming_planted_code_runs_as_pyfunc_but_never_in_load_torch_mode
     mlmodel["flavors"]["python_function"].update(loader_module="planted_loader", code="code")
     (model_dir / "MLmodel").write_text(yaml.safe_dump(mlmodel))
 
-    tracking.load_torch_model("models:/tamper-me/1")
+    serving.load_torch_model("models:/tamper-me/1")
     assert not marker.exists()
     proc = _load_pyfunc_in_a_fresh_process(store, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -747,8 +751,8 @@ def test_search_filters_quote_names_holding_a_quote(store, registered):
     client = MlflowClient(store.uri)
     client.create_registered_model("it's")
     client.create_model_version("it's", "models:/tamper-me/1", tags={"run_id": "r1", "test_accuracy": "0.5"})
-    assert str(tracking.version_of_run("it's", "r1").version) == "1"
-    assert tracking.settle_champion("it's") == "1"
+    assert str(registry.version_of_run("it's", "r1").version) == "1"
+    assert registry.settle_champion("it's") == "1"
 
 
 def test_value_that_needs_shell_quoting_works_in_a_fresh_mlflow_run(store, tmp_path):
@@ -775,14 +779,13 @@ def test_value_that_needs_shell_quoting_works_in_a_fresh_mlflow_run(store, tmp_p
 def test_parameters_mlflow_run_logged_differently_are_not_called_a_resume(store, monkeypatch):
     """If what `mlflow run` logged still differs from what the entry point received, the message does not tell
     the user to resume a run they just started."""
-    import mlflow
 
     client = MlflowClient(store.uri)
     run_id = client.create_run(client.get_experiment_by_name(store.experiment).experiment_id).info.run_id
     client.log_param(run_id, "epochs", "3")  # as `mlflow run -P epochs=3` logs it
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
-    with pytest.raises(ConfigError) as err, mlflow.start_run():
-        tracking.log_params({"epochs": 4, "data_dir": "/tmp/my data"})
+    with pytest.raises(ConfigError) as err, runs.open_run() as log:
+        log.log_params({"epochs": 4, "data_dir": "/tmp/my data"})
     assert str(err.value) == (
         f"run {run_id}: `mlflow run` logged parameters that differ from those this process "
         "received: epochs (run: '3', now: 4)"
@@ -858,11 +861,11 @@ def test_unknown_tracking_uri_is_one_line_before_any_work(tracking_uri):
 _OPEN_STORE_AT = """
 import sys, time
 import mlflow
-from cifar_mlflow import tracking
+from cifar_mlflow.tracking import store
 start = float(sys.argv[1])
 while time.time() < start:
     time.sleep(0.001)
-tracking.check_tracking_server()              # what each entry point does first
+store.check_tracking_server()                 # what each entry point does first
 mlflow.MlflowClient().search_experiments()    # then its run
 print("ok")
 """
@@ -984,10 +987,10 @@ def test_server_check_uses_mlflows_own_client_settings(auth_server, tracking_uri
     for key, value in env.items():
         monkeypatch.setenv(key, value.format(cert=cert))
     if message is None:
-        tracking.check_tracking_server()
+        check_tracking_server()
     else:
         with pytest.raises(TrackingError) as err:
-            tracking.check_tracking_server()
+            check_tracking_server()
         assert str(err.value) == message.format(uri=uris[scheme])
 
 
@@ -1031,7 +1034,7 @@ def _load_latest(run_id: str) -> str:
     from cifar_mlflow.errors import ModelError
 
     with pytest.raises(ModelError) as err:
-        tracking.load_latest_checkpoint(run_id)
+        load_latest_checkpoint(run_id)
     assert "\n" not in str(err.value)
     return str(err.value)
 
@@ -1069,7 +1072,7 @@ def test_truncated_latest_slot_falls_back_to_the_other_slot(checkpoints, capsys)
     run_id, folder = checkpoints
     latest = folder / "slot-b" / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[:4096])
-    state = tracking.load_latest_checkpoint(run_id)
+    state = load_latest_checkpoint(run_id)
     assert state["epoch"] == 1 and len(state["history"]) == 1
     assert capsys.readouterr().out.strip() == (
         f"run {run_id}: checkpoints/slot-b/checkpoint.pt does not match the SHA-256 in checkpoints/latest.json; "
@@ -1143,10 +1146,10 @@ def test_a_run_leased_to_a_live_process_is_refused_untouched(store, monkeypatch)
     client = MlflowClient(store.uri)
     run_id = _new_run(store)
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
-    with tracking.RunLease():
+    with RunLease():
         before = client.get_run(run_id)
         with pytest.raises(RunBusy) as err:
-            tracking.RunLease().__enter__()
+            RunLease().__enter__()
         assert re.fullmatch(_busy_line(run_id, str(os.getpid()), re.escape(socket.gethostname())), str(err.value))
         after = client.get_run(run_id)
         assert (after.info.status, after.data.params, after.data.tags) == (
@@ -1154,7 +1157,7 @@ def test_a_run_leased_to_a_live_process_is_refused_untouched(store, monkeypatch)
             before.data.params,
             before.data.tags,
         )
-    with tracking.RunLease() as again:  # released on exit: the next claim is immediate
+    with RunLease() as again:  # released on exit: the next claim is immediate
         assert again.holder is not None and again.run_id == run_id
     assert sorted(client.get_run(run_id).data.params) == ["lease/1", "lease/2"]
 
@@ -1184,9 +1187,9 @@ def test_a_lease_lapses_when_its_holder_is_gone_or_expired(store, monkeypatch):
         monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
         if refused:
             with pytest.raises(RunBusy):
-                tracking.RunLease().__enter__()
+                RunLease().__enter__()
         else:
-            with tracking.RunLease() as held:
+            with RunLease() as held:
                 assert held.run_id == run_id
             assert "lease/2" in client.get_run(run_id).data.params
 
@@ -1200,7 +1203,7 @@ def test_of_threads_claiming_one_run_at_once_exactly_one_wins(store):
     barrier, results = threading.Barrier(4), []
 
     def claim():
-        held = tracking.RunLease()
+        held = RunLease()
         barrier.wait()
         try:
             held.claim(run_id)
@@ -1291,7 +1294,7 @@ def test_two_resumes_of_one_crashed_run_at_once_train_it_once(store):
     assert version.run_id == run_id and run.data.tags["registered_model_version"] == "1"
     assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
     assert run.data.tags["resumed_from_epoch"] == "1"
-    assert tracking.load_latest_checkpoint(run_id)["epoch"] == 3
+    assert load_latest_checkpoint(run_id)["epoch"] == 3
 
 
 def test_disk_full_mid_run_is_one_line_and_fails_the_run(store):

@@ -9,7 +9,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from cifar_mlflow import cli, tracking
+from cifar_mlflow import cli
+from cifar_mlflow.tracking import serving
 from entrypoints.analyze import analyze
 from tests.conftest import cli_args
 
@@ -40,7 +41,7 @@ def legacy_version(store) -> str:
 
 
 def test_the_analysis_entry_point_analyzes_it(store, legacy_version):
-    model, spec = tracking.load_torch_model(legacy_version)
+    model, spec = serving.load_torch_model(legacy_version)
     assert spec.arch == "resnet18" and len(spec.class_names) == 10
     code, message = cli.invoke(
         analyze, cli_args({"model_uri": legacy_version, "max_test_samples": 32, "num_images": 4})

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from cifar_mlflow import lr_finder
 from cifar_mlflow.cli import invoke
-from cifar_mlflow.tracking import load_torch_model
+from cifar_mlflow.tracking.serving import load_torch_model
 from entrypoints.lr_find import lr_find
 from entrypoints.train import train
 from tests.conftest import cli_args, make_store

@@ -1,12 +1,13 @@
 """The `pipeline` entry point, as a user runs it (`mlflow run . -e pipeline`): three child runs the first time,
 all three reused the second time; and the reuse rule itself on hand-made runs."""
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow import lr_finder, tracking
+from cifar_mlflow import lr_finder
 from cifar_mlflow.cli import invoke
+from cifar_mlflow.pipeline_job import finished_step
+from cifar_mlflow.tracking.runs import code_version, open_run
 from entrypoints.pipeline import pipeline
 from tests.conftest import cli_args, mlflow_run
 
@@ -39,7 +40,7 @@ def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, cap
     for entry, run in children.items():
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, entry
         assert run.data.tags["mlflow.runName"] == entry
-        assert run.data.tags["code_version"] == parent.data.tags["code_version"] == tracking.code_version()
+        assert run.data.tags["code_version"] == parent.data.tags["code_version"] == code_version()
         assert parent.data.tags[f"step/{entry}/run_id"] == run.info.run_id
         assert parent.data.tags[f"step/{entry}/reused"] == "false"
 
@@ -80,9 +81,7 @@ def test_reuse_needs_same_entry_point_params_code_and_a_finished_run(store):
     exp = client.get_experiment_by_name(store.experiment).experiment_id
 
     def make(entry="main", lr="0.1", code=None, status="FINISHED"):
-        run = client.create_run(
-            exp, tags={"mlflow.project.entryPoint": entry, "code_version": code or tracking.code_version()}
-        )
+        run = client.create_run(exp, tags={"mlflow.project.entryPoint": entry, "code_version": code or code_version()})
         client.log_param(run.info.run_id, "lr", lr)
         client.log_param(run.info.run_id, "epochs", "2")
         client.set_terminated(run.info.run_id, status)
@@ -92,8 +91,11 @@ def test_reuse_needs_same_entry_point_params_code_and_a_finished_run(store):
     make(lr="0.2")
     make(code="0123456789abcdef")
     make(status="FAILED")
-    with mlflow.start_run():
-        find = tracking.finished_step
+    with open_run() as parent:
+
+        def find(entry, params, needs):
+            return finished_step(parent, entry, params, needs)
+
         assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: True) is None
         good = make(lr="1e-1")  # `mlflow run` keeps the -P spelling: 1e-1 is the same value as 0.1
         assert find("main", {"lr": 0.1, "epochs": 2}, lambda r: True).info.run_id == good

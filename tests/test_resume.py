@@ -12,9 +12,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifar_mlflow import lease, tracking
+from cifar_mlflow import lease
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ModelError
+from cifar_mlflow.tracking import checkpoints, serving
 from entrypoints.train import train
 from tests.conftest import REPO, cli_args, make_store, mlflow_run_cmd
 
@@ -61,7 +62,7 @@ def _wait_until_its_trainer_is_gone(client, run_id, timeout=60):
 
 
 def _weights(version):
-    net, _ = tracking.load_torch_model(f"models:/cifar10-resnet18/{version}")
+    net, _ = serving.load_torch_model(f"models:/cifar10-resnet18/{version}")
     return net.state_dict()
 
 
@@ -183,7 +184,7 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_keeping_the_checkpoint(store, cif
     assert err.strip().splitlines()[-1].startswith("error: ") and "the run is KILLED" in err
     run = client.get_run(holder[0])
     assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == status_reason
-    state = tracking.load_latest_checkpoint(run.info.run_id)  # valid, and loads safely
+    state = checkpoints.load_latest_checkpoint(run.info.run_id)  # valid, and loads safely
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test/accuracy")}
     assert state["epoch"] == max(logged) and logged[state["epoch"]] == state["history"][-1]["test/accuracy"]
     assert not client.search_model_versions(f"name='killed-{sig.name}'")
@@ -230,15 +231,15 @@ def test_pickle_planted_as_the_checkpoint_is_refused_not_executed(store, tmp_pat
     client.log_artifact(run_id, str(evil), "checkpoints/slot-a")
     client.log_dict(
         run_id,
-        {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt", "sha256": tracking._sha256(evil)},
+        {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt", "sha256": checkpoints._sha256(evil)},
         "checkpoints/latest.json",
     )
     with pytest.raises(ModelError, match="not a loadable checkpoint"):
-        tracking.load_latest_checkpoint(run_id)
+        checkpoints.load_latest_checkpoint(run_id)
     assert not (tmp_path / "PWNED").exists()
     # and a manifest that does not match the file is refused too
     client.log_dict(
         run_id, {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt", "sha256": "0" * 64}, "checkpoints/latest.json"
     )
     with pytest.raises(ModelError, match="does not match the SHA-256"):
-        tracking.load_latest_checkpoint(run_id)
+        checkpoints.load_latest_checkpoint(run_id)

@@ -11,43 +11,45 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifar_mlflow import models, tracking
+from cifar_mlflow import models
 from cifar_mlflow.errors import ConfigError, ModelError
+from cifar_mlflow.tracking import registry, runs, serving
 
 SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5,) * 3, (0.25,) * 3)
 
 
 def test_log_params_skips_values_already_logged_in_another_spelling(store):
-    with mlflow.start_run() as run:
+    with runs.open_run() as log:
+        run = log.run()
         mlflow.log_params({"lr": "2e-1", "epochs": "3", "weight_decay": "5e-4"})  # as `mlflow run -P` logs them
-        tracking.log_params(
+        log.log_params(
             {"lr": 0.2, "epochs": 3, "weight_decay": 0.0005, "data/mean": (0.5, 0.25, 0.125), "optimizer": "sgd"}
         )
         params = MlflowClient().get_run(run.info.run_id).data.params
         assert params["lr"] == "2e-1" and params["data/mean"] == "0.5,0.25,0.125" and params["optimizer"] == "sgd"
-        tracking.log_params({"data/mean": (0.5, 0.25, 0.125), "lr": 0.2})  # a resume logs them again: fine
+        log.log_params({"data/mean": (0.5, 0.25, 0.125), "lr": 0.2})  # a resume logs them again: fine
         with pytest.raises(
             ConfigError,
             match=r"other parameters: lr \(run: '2e-1', now: 0.3\); optimizer \(run: "
             r"'sgd', now: 'adam'\); resume it with the same parameters",
         ):
-            tracking.log_params({"lr": 0.3, "epochs": 3, "optimizer": "adam"})
+            log.log_params({"lr": 0.3, "epochs": 3, "optimizer": "adam"})
 
 
 def test_failed_run_is_tagged_with_the_reason(store):
     with pytest.raises(RuntimeError):
-        with tracking.open_run() as run:
+        with runs.open_run() as log:
             raise RuntimeError("disk on fire")
-    got = MlflowClient().get_run(run.info.run_id)
-    assert got.info.status == "FAILED" and got.data.tags[tracking.FAILURE_TAG] == "RuntimeError: disk on fire"
+    got = MlflowClient().get_run(log.run_id)
+    assert got.info.status == "FAILED" and got.data.tags[runs.FAILURE_TAG] == "RuntimeError: disk on fire"
 
 
 def test_fail_run_from_env_ends_a_run_created_by_mlflow_run(store, monkeypatch):
     run_id = MlflowClient().create_run(mlflow.get_experiment_by_name("tests").experiment_id).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
-    tracking.fail_run_from_env("epochs=0 is not allowed")
+    runs.fail_run_from_env("epochs=0 is not allowed")
     got = MlflowClient().get_run(run_id)
-    assert got.info.status == "FAILED" and got.data.tags[tracking.FAILURE_TAG] == "epochs=0 is not allowed"
+    assert got.info.status == "FAILED" and got.data.tags[runs.FAILURE_TAG] == "epochs=0 is not allowed"
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +60,9 @@ def net():
 
 def _register(net, accuracy, name="reg-test"):
     example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
-    with tracking.open_run() as run:
-        version = tracking.log_and_register_model(net, SPEC, example, name, accuracy, epochs=2)
-    return run.info.run_id, version
+    with runs.open_run() as log:
+        version = registry.log_and_register_model(log, net, SPEC, example, name, accuracy, epochs=2)
+    return log.run_id, version
 
 
 def test_registry_versions_tags_and_champion_alias(store, net):
@@ -90,7 +92,7 @@ def test_registered_model_loads_both_ways(store, net):
     assert pyfunc.metadata.metadata["class_names"] == list(SPEC.class_names)
     assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 3, 32, 32)
 
-    module, spec = tracking.load_torch_model("models:/load-test/1")
+    module, spec = serving.load_torch_model("models:/load-test/1")
     assert isinstance(module, models.CifarResNet) and spec == SPEC
     np.testing.assert_allclose(models.predict_proba(module, torch.from_numpy(x)).numpy(), expected, atol=1e-5)
 
@@ -104,7 +106,7 @@ def test_pyfunc_rejects_wrong_input_shape(store, net):
 
 def test_unknown_model_is_a_one_line_error(store):
     with pytest.raises(ModelError) as err:
-        tracking.load_torch_model("models:/no-such-model/1")
+        serving.load_torch_model("models:/no-such-model/1")
     assert "models:/no-such-model/1" in str(err.value) and "\n" not in str(err.value)
 
 

@@ -1,0 +1,27 @@
+"""The one package that talks to MLflow; each module has one job:
+
+- store: check the tracking store before any work (and create a new sqlite one safely);
+- runs: open a run (or the one `mlflow run` made) as a RunLogger, end it FAILED/KILLED with the reason; child runs;
+- run_lease: this process's lease on the run it trains, so two processes never train one run;
+- logger: RunLogger, one object bound to a run id (params, metrics, tags, datasets, artifacts); NullLogger;
+- params: how a value is written as a param, and whether a logged param is the same value;
+- checkpoints: two checkpoint slots and a verified manifest in the run's artifacts; resume state;
+- reporter: EpochReporter, each finished epoch's checkpoint and metrics written from a background thread;
+- registry: log and register a model version, keep the `champion` alias on the best;
+- serving: the pyfunc model (its loader, its input checks) and loading a model back as a torch module;
+- lineage: from a model URI to its version and training run; the analysis run linked both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    # Models registered before this package existed name `cifar_mlflow.tracking` as their pyfunc loader module
+    # (tests/fixtures/model-9a1ef61): MLflow calls cifar_mlflow.tracking._load_pyfunc on them.
+    if name == "_load_pyfunc":
+        from cifar_mlflow.tracking.serving import _load_pyfunc
+
+        return _load_pyfunc
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

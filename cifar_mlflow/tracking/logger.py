@@ -1,0 +1,164 @@
+"""One object per run: `RunLogger` writes params, metrics, tags, datasets and artifacts to the run it is bound to
+(through MlflowClient, never MLflow's global "active run"); `NullLogger` has the same methods and writes nothing,
+for the processes that must not log (torchrun ranks > 0)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from cifar_mlflow import lease
+from cifar_mlflow.errors import ConfigError
+from cifar_mlflow.tracking.params import as_param, same
+
+if TYPE_CHECKING:  # a served model needs no matplotlib
+    from matplotlib.figure import Figure
+
+    from cifar_mlflow import data
+
+
+PARAMS_PER_BATCH = 100  # the most params MLflow's log_batch takes in one call
+
+
+class RunLogger:
+    """Bound to one run id; every call goes to that run, whatever run another thread or library has active."""
+
+    def __init__(self, run_id: str, experiment_id: str, client: MlflowClient | None = None) -> None:
+        self.run_id, self.experiment_id = run_id, experiment_id
+        self.client = client or MlflowClient()
+
+    def run(self) -> Any:
+        """The run as the store holds it now (params, tags, status)."""
+        return self.client.get_run(self.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params, skipping those the run already holds with the same value (as `mlflow run` logs its -P
+        values first, in its own spelling); a different value is an error naming the key."""
+        existing = self.run().data.params
+        new: dict[str, str] = {}
+        differ = []
+        for key, value in params.items():
+            if key in existing:
+                if not same(existing[key], value):
+                    differ.append(f"{key} (run: {existing[key]!r}, now: {value!r})")
+                continue
+            new[key] = as_param(value)
+        if differ:
+            # Derived params (data/..., env/..., model/...) exist only once a process of ours ran in this run.
+            resumed = any("/" in k and not k.startswith(lease.PARAM_PREFIX) for k in existing)
+            if resumed:
+                raise ConfigError(
+                    f"run {self.run_id} was logged with other parameters: {'; '.join(differ)}; resume it "
+                    "with the same parameters, or start a new run"
+                )
+            raise ConfigError(
+                f"run {self.run_id}: `mlflow run` logged parameters that differ from those this process "
+                f"received: {'; '.join(differ)}"
+            )
+        items = [Param(k, v) for k, v in new.items()]
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, once: bool = False) -> None:
+        """once (a resumed run): skip the metrics the run holds at this step already (logged before it was
+        killed)."""
+        if once:
+            metrics = {
+                k: v
+                for k, v in metrics.items()
+                if all(m.step != step for m in self.client.get_metric_history(self.run_id, k))
+            }
+        now = int(time.time() * 1000)
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dataset(self, dataset: data.Dataset, split: data.Split, context: str) -> None:
+        """Record a split as a run input (name, content digest, context) without uploading the data."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.numpy_dataset import from_numpy
+
+        from cifar_mlflow import data as data_mod
+
+        if dataset.name == "synthetic":
+            source: Any = CodeDatasetSource({"generator": "cifar_mlflow.data.make_synthetic"})
+        else:
+            source = str(Path(dataset.source).resolve())
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that a path "can be interpreted in multiple
+            # ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource" -- the same class; nothing to act on.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            ds = from_numpy(
+                split.images,
+                targets=split.labels,
+                name=dataset.name,
+                digest=data_mod.array_digest(split),
+                source=source,
+            )
+        entry = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=[entry])
+                return
+            except MlflowException as exc:
+                # Two runs logging the same dataset at once race inside the server's check-then-insert
+                # ("UNIQUE constraint failed: datasets..."); a moment later the dataset exists and is simply linked.
+                if attempt == 2 or "UNIQUE constraint" not in str(exc):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+    def log_figure(self, fig: Figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, fig, artifact_file)
+
+    def log_image(self, build: Callable[[], Figure], key: str, step: int) -> None:
+        """A figure as a step of an image series (the UI's slider over epochs)."""
+        self.client.log_image(self.run_id, figure_rgb(build()), key=key, step=step)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: dict[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_table(self, columns: dict[str, list[Any]], artifact_file: str) -> None:
+        """A table the MLflow UI can sort and filter (Artifacts view / evaluation tables)."""
+        self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+
+
+class NullLogger:
+    """RunLogger's methods, writing nothing: what a process that must not log (a torchrun rank > 0) holds, so
+    that it runs the same lines as rank 0."""
+
+    run_id = None
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if not hasattr(RunLogger, name):
+            raise AttributeError(name)
+        return _nothing
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+Logger = RunLogger | NullLogger  # what a process that may or may not log holds
+
+
+def figure_rgb(fig: Figure) -> np.ndarray:
+    """A figure as the uint8 RGB array that MLflow's log_image takes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -1,0 +1,38 @@
+"""How a config value is written as an MLflow param, and whether a logged param string is the same value."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+_TRUE, _FALSE = ("1", "true", "t", "yes", "y", "on"), ("0", "false", "f", "no", "n", "off")
+
+
+def as_param(value: Any) -> str:
+    """How a value is logged: tuples (mean, std) as comma-separated numbers, booleans as MLproject passes them
+    ("true"/"false"), everything else as str()."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def same(logged: str, value: Any) -> bool:
+    """Is an already-logged string the same value? `mlflow run` logs -P values as typed ("1e-3"), we as parsed,
+    and it logs a value that needs shell quoting quoted ("'/tmp/my data'"), as it puts it into the command."""
+    if isinstance(value, bool):  # click.BOOL's spellings, as `-P compile=True` reaches MLflow unchanged
+        word = _unquoted(logged).lower()
+        return word in _TRUE + _FALSE and (word in _TRUE) == value
+    if isinstance(value, (int, float)):
+        try:
+            return float(logged) == float(value)
+        except ValueError:
+            return False
+    return as_param(value) in (logged, _unquoted(logged))
+
+
+def _unquoted(logged: str) -> str:
+    try:
+        words = shlex.split(logged)
+    except ValueError:  # unbalanced quotes: not something shlex.quote wrote
+        return logged
+    return words[0] if len(words) == 1 else logged

@@ -1,0 +1,151 @@
+"""The model registry: log a trained model and register it as a version tagged with its test accuracy, and keep
+the `champion` alias on the best version, race-safe."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
+
+from cifar_mlflow import models
+from cifar_mlflow.errors import ModelError
+from cifar_mlflow.tracking import serving
+from cifar_mlflow.tracking.logger import RunLogger
+
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    model_uri: str
+    is_champion: bool
+
+
+def log_and_register_model(
+    log: RunLogger,
+    model: Any,
+    spec: models.ModelSpec,
+    input_example: np.ndarray,
+    registered_name: str,
+    test_accuracy: float,
+    epochs: int,
+) -> RegisteredVersion:
+    """Log the model to the run, register it as a new version tagged with its test accuracy, and move the
+    `champion` alias to it if it beats the current champion (or there is none). A run that registered a version
+    already (killed right after registering, then resumed) keeps that version: none is added.
+    The run must be the active one (tracking.runs.open_run): MLflow's log_model takes no run id."""
+    mv = version_of_run(registered_name, log.run_id)
+    if mv is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = Path(tmp) / "model_files"
+            models.save_model_files(model, spec, files)
+            # No code_paths: the loader module is imported from the environment, never from the artifact store.
+            info = mlflow.pyfunc.log_model(
+                name=serving.MODEL_NAME_IN_RUN,
+                loader_module=serving.__name__,
+                data_path=str(files),
+                signature=serving.signature(spec.num_classes),
+                input_example=input_example,
+                pip_requirements=[f"{p}=={metadata.version(p)}" for p in serving.SERVING_PACKAGES],
+                metadata={
+                    "class_names": list(spec.class_names),
+                    "arch": spec.arch,
+                    "input": "float32 (N, 3, 32, 32) in [0, 1]",
+                    "output": "class probabilities (N, C)",
+                },
+            )
+        tags = {"test_accuracy": f"{test_accuracy:.6f}", "epochs": str(epochs), "run_id": log.run_id}
+        mv = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+    return _settle_and_tag(registered_name, str(mv.version), log.run_id)
+
+
+def finish_registration(registered_name: str, run_id: str) -> RegisteredVersion:
+    """A run killed right after registering its version: settle `champion` and tag the run, registering
+    nothing new."""
+    return _settle_and_tag(registered_name, str(version_of_run(registered_name, run_id).version), run_id)
+
+
+def _settle_and_tag(registered_name: str, version: str, run_id: str) -> RegisteredVersion:
+    is_champion = settle_champion(registered_name) == version
+    MlflowClient().log_batch(
+        run_id,
+        tags=[
+            RunTag(k, v)
+            for k, v in {
+                "registered_model_name": registered_name,
+                "registered_model_version": version,
+                "champion": str(is_champion).lower(),
+            }.items()
+        ],
+    )
+    return RegisteredVersion(registered_name, version, f"models:/{registered_name}/{version}", is_champion)
+
+
+def _quoted(value: str) -> str:
+    """A string literal for MLflow's search filters, which have no escape: single quotes, or double quotes
+    around a value holding a single quote."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ModelError(f"{value!r} holds both quote characters, which MLflow's search filters cannot express")
+
+
+def versions_of(client: MlflowClient, name: str) -> list[Any]:
+    return client.search_model_versions(f"name={_quoted(name)}")
+
+
+def version_of_run(name: str, run_id: str) -> Any:
+    """The version of `name` registered from this run (tagged run_id), or None."""
+    try:
+        return next((v for v in versions_of(MlflowClient(), name) if v.tags.get("run_id") == run_id), None)
+    except MlflowException:
+        return None
+
+
+def _best_version(client: MlflowClient, name: str) -> str | None:
+    """The version with the highest test_accuracy tag; ties go to the earlier version (it got there first)."""
+    scored = [
+        (float(v.tags["test_accuracy"]), -int(v.version), str(v.version))
+        for v in versions_of(client, name)
+        if "test_accuracy" in v.tags
+    ]
+    return max(scored)[2] if scored else None
+
+
+def settle_champion(name: str, attempts: int = 10) -> str | None:
+    """Point `champion` at the best version, race-safe without a compare-and-set: write the best of a fresh
+    read, read again, and repeat until the alias and the best agree. Two runs registering at once both end
+    with the alias on the better one, whichever writes last."""
+    client = MlflowClient()
+    for _ in range(attempts):
+        best = _best_version(client, name)
+        if best is None:
+            return None
+        current = current_champion(name)
+        if current is None or str(current.version) != best:
+            client.set_registered_model_alias(name, CHAMPION, best)
+        time.sleep(0.05)
+        current = current_champion(name)
+        if current is not None and str(current.version) == _best_version(client, name):
+            return str(current.version)
+    return best
+
+
+def current_champion(name: str) -> Any:
+    """The model version holding the champion alias, or None (no such model, or no alias yet)."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None

@@ -1,0 +1,151 @@
+"""A run's life: open it (or the one `mlflow run` created) as a RunLogger, tag the code version, end it FAILED or
+KILLED with the reason; find finished runs of an entry point and launch one as a child run."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from cifar_mlflow.errors import Terminated, TrackingError
+from cifar_mlflow.tracking.logger import RunLogger
+from cifar_mlflow.tracking.params import as_param
+from cifar_mlflow.tracking.run_lease import RunLease
+
+FAILURE_TAG = "failure_reason"
+DIVERGED_TAG = "diverged_at_step"
+CODE_VERSION_TAG = "code_version"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # cifar_mlflow/
+
+
+@functools.cache  # the files a process runs do not change under it: hash them once (the pipeline asks 4 times)
+def code_version() -> str:
+    """A digest of the code a run executes (this package, the entry points, MLproject and the pins), tagged on
+    every run: the pipeline reuses a step only if it ran the same code. Unlike the git commit it also sees
+    uncommitted edits, and it exists where there is no git checkout."""
+    import hashlib
+
+    root = PACKAGE_DIR.parent
+    files = sorted([*PACKAGE_DIR.rglob("*.py"), *(root / "entrypoints").glob("*.py")])
+    files += [f for f in (root / "MLproject", root / "pyproject.toml") if f.is_file()]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def open_run(held: RunLease | None = None) -> Iterator[RunLogger]:
+    """Open the run: the one `mlflow run` created (MLFLOW_RUN_ID) or a new one, with system metrics sampled and
+    the code version tagged, as a RunLogger bound to it. An exception ends it FAILED, Ctrl-C or SIGTERM ends it
+    KILLED, each with a tag saying why; success removes a `failure_reason` left by an earlier attempt. held: the
+    run is leased to this process while it is open (a new run is claimed as it opens).
+
+    The one use of MLflow's global active run: MLflow's system-metrics sampler and `pyfunc.log_model` (which
+    has no run_id argument) attach to it."""
+    with mlflow.start_run(log_system_metrics=True) as run:
+        log = RunLogger(run.info.run_id, run.info.experiment_id)
+        try:
+            if held is not None:
+                held.claim(log.run_id)
+            log.set_tags({CODE_VERSION_TAG: code_version()})
+            yield log
+            _clear_failure(log)
+        except (KeyboardInterrupt, Terminated) as exc:
+            with contextlib.suppress(Exception):
+                why = "terminated by SIGTERM" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+                log.set_tags({FAILURE_TAG: why})
+                mlflow.end_run("KILLED")
+            raise
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                step = getattr(exc, "step", None)
+                log.set_tags(
+                    {
+                        FAILURE_TAG: f"{type(exc).__name__}: {exc}"[:5000],
+                        **({DIVERGED_TAG: str(step)} if step is not None else {}),
+                    }
+                )
+            raise
+        finally:
+            if held is not None:  # no renewal may race the run's end (it would set the status back)
+                held.stop()
+
+
+def _clear_failure(log: RunLogger) -> None:
+    """A run that failed before and now succeeded (resumed) is not failed: its old reason goes."""
+    tags = log.run().data.tags
+    for tag in (FAILURE_TAG, DIVERGED_TAG):
+        if tag in tags:
+            log.client.delete_tag(log.run_id, tag)
+
+
+def fail_run_from_env(reason: str) -> None:
+    """Bad input found before the run was opened: if `mlflow run` created one (MLFLOW_RUN_ID), end it FAILED
+    with the reason, so no run is left RUNNING whoever started the process."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    with contextlib.suppress(Exception):
+        client = MlflowClient()
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+        client.set_terminated(run_id, "FAILED")
+
+
+def run_url(log: RunLogger) -> str:
+    """Where to look at the run: the server's page, or the `mlflow ui` command for a local store."""
+    uri = mlflow.get_tracking_uri()
+    path = f"#/experiments/{log.experiment_id}/runs/{log.run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{path}"
+
+
+def finished_runs(experiment_id: str, entry_point: str) -> list:
+    """The FINISHED runs of this experiment that `entry_point` of this project ran with this code version,
+    newest first. (MLflow's multistep example compares the git commit; code_version also sees uncommitted edits.)"""
+    query = (
+        f"attributes.status = 'FINISHED' and tags.`mlflow.project.entryPoint` = '{entry_point}' "
+        f"and tags.{CODE_VERSION_TAG} = '{code_version()}'"
+    )
+    return MlflowClient().search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
+
+
+def run_entry_point(project: Path, entry_point: str, params: dict, parent: RunLogger):
+    """Run an entry point of the project as a child of `parent` (`mlflow run` semantics: a fresh process and a
+    run of its own, tagged with mlflow.parentRunId) and return the run as it ended. A step that failed is a
+    TrackingError naming the run and the reason it recorded."""
+    from mlflow.projects import run as run_project
+
+    try:
+        submitted = run_project(
+            str(project),
+            entry_point=entry_point,
+            env_manager="local",
+            parameters={k: as_param(v) for k, v in params.items()},
+            experiment_id=parent.experiment_id,
+            run_name=entry_point,
+            synchronous=False,
+        )
+    except MlflowException as exc:
+        raise TrackingError(f"pipeline step {entry_point!r} could not start: {exc.message.splitlines()[0]}") from None
+    try:
+        ok = submitted.wait()
+    except BaseException:  # Ctrl-C or SIGTERM of the pipeline: stop the step too (it ends KILLED)
+        submitted.cancel()
+        raise
+    client = MlflowClient()
+    run = client.get_run(submitted.run_id)
+    if run.info.status == "RUNNING":  # its process exited without closing its run: close it as the process ended
+        client.set_terminated(submitted.run_id, "FINISHED" if ok else "FAILED")
+        run = client.get_run(submitted.run_id)
+    if not ok or run.info.status != "FINISHED":
+        why = run.data.tags.get(FAILURE_TAG, "see its log above")
+        raise TrackingError(f"pipeline step {entry_point!r} (run {submitted.run_id}) ended {run.info.status}: {why}")
+    return run

@@ -1,0 +1,123 @@
+"""The tracking store: check, before any work, that MLflow can open it (and create a new sqlite one safely)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from cifar_mlflow.errors import TrackingError
+
+
+def versions() -> dict[str, str]:
+    """Library versions logged with every run."""
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "torchvision", "mlflow", "albumentations", "numpy"):
+        out[pkg] = metadata.version(pkg)
+    return out
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line (MLflow's messages run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_tracking_server(timeout: float = 5.0) -> None:
+    """Before any work, the tracking store must be one MLflow can open: an unknown URI is one line at once; a
+    server that is down or refuses our credentials fails in seconds with its URI named (instead of after MLflow's
+    minutes of retries, or after a whole training run that cannot log); a new sqlite store is created here, one
+    process at a time."""
+    uri = mlflow.get_tracking_uri()
+    try:
+        with _sqlite_lock(uri):
+            MlflowClient(uri)  # MLflow's own registry of store schemes; creates and migrates a new sqlite file
+    except (MlflowException, ImportError, OSError) as exc:
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={uri!r} is not a tracking store MLflow can open "
+            f"({_store_problem(exc)}); use sqlite:///<file>, postgresql://, mysql:// or "
+            "http(s)://<server>"
+        ) from None
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri, timeout)
+
+
+def _store_problem(exc: BaseException) -> str:
+    if "unsupported URI" in str(exc):
+        return "no store for its scheme"
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc))[:160]
+
+
+@contextlib.contextmanager
+def _sqlite_lock(uri: str) -> Iterator[None]:
+    """For a sqlite store, an exclusive lock on its file while MLflow opens it: two runs started at once into an
+    empty folder would otherwise both run MLflow's table creation, and one would die ("duplicate column name").
+    flock and sqlite's own (fcntl) locks do not interact."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would
+    with open(path, "ab") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _probe_server(uri: str, timeout: float) -> None:
+    """One request through MLflow's own HTTP client (so token, basic auth, TLS and auth-plugin settings apply, as
+    for every later call), without retries."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    try:
+        resp = http_request(
+            creds,
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            max_retries=0,
+            timeout=timeout,
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
+    except MlflowException as exc:
+        text = exc.message.lower()
+        reason = (
+            "connection refused"
+            if "refused" in text
+            else "its TLS certificate is not trusted: set MLFLOW_TRACKING_SERVER_CERT_PATH to its CA bundle, or "
+            "MLFLOW_TRACKING_INSECURE_TLS=true"
+            if "certificate" in text or "ssl" in text
+            else f"no answer within {timeout:g} s"
+            if "timeout" in text or "timed out" in text
+            else exc.message.splitlines()[0][:160]
+        )
+        raise TrackingError(
+            f"tracking server {uri} is unreachable ({reason}); start it, or point MLFLOW_TRACKING_URI at one that is up"
+        ) from None
+    if resp.status_code in (401, 403):
+        if creds.username:
+            raise TrackingError(
+                f"tracking server {uri} refused the credentials of user {creds.username!r} "
+                f"(HTTP {resp.status_code}); check MLFLOW_TRACKING_USERNAME/PASSWORD"
+            )
+        if creds.token:
+            raise TrackingError(
+                f"tracking server {uri} refused the token in MLFLOW_TRACKING_TOKEN (HTTP {resp.status_code})"
+            )
+        raise TrackingError(
+            f"tracking server {uri} requires authentication (HTTP {resp.status_code}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if resp.status_code >= 400:
+        raise TrackingError(
+            f"tracking server {uri} answered HTTP {resp.status_code} to a simple query; is it an MLflow server?"
+        )
