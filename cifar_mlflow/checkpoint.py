@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_mlflow.errors import ModelError
+from cifar_mlflow.errors import ModelError, first_line
 
 FORMAT = 1
 
@@ -63,26 +63,16 @@ def restore(
     """Put a captured state back into freshly built objects (the same architecture and optimiser). A state that
     does not fit them is a one-line ModelError."""
     try:
-        _restore(state, model, optimizer, scheduler, scaler)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"the checkpoint of epoch {state.get('epoch')} does not fit this run's model and optimiser ({first[:300]})"
+            f"the checkpoint of epoch {state.get('epoch')} does not fit this run's model and optimiser "
+            f"({first_line(exc)})"
         ) from None
-
-
-def _restore(
-    state: dict[str, Any],
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler | None,
-) -> None:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
@@ -115,8 +105,7 @@ def load(path: Path, name: str | None = None) -> dict[str, Any]:
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{name}: not a loadable checkpoint ({first[:300]})") from None
+        raise ModelError(f"{name}: not a loadable checkpoint ({first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ModelError(f"{name}: not a cifar-mlflow checkpoint (format {FORMAT})")
     problem = _problem(state)

@@ -2,6 +2,12 @@
 the command-line layer prints it without a traceback and exits non-zero."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: the messages of torch, MLflow and the pickle module run to pages."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class CifarMlflowError(Exception):
     """Base class: a problem with the user's input, data or environment, not a bug."""
 

@@ -17,8 +17,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from cifar_mlflow import checkpoint, data
-from cifar_mlflow.errors import ModelError, StorageError
-from cifar_mlflow.tracking.store import first_line
+from cifar_mlflow.errors import ModelError, StorageError, first_line
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = f"{CHECKPOINTS}/latest.json"

@@ -14,8 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cifar_mlflow import lease
-from cifar_mlflow.errors import RunBusy, TrackingError
-from cifar_mlflow.tracking.store import first_line
+from cifar_mlflow.errors import RunBusy, TrackingError, first_line
 
 
 class RunLease:

@@ -12,7 +12,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from cifar_mlflow.errors import TrackingError
+from cifar_mlflow.errors import TrackingError, first_line
 
 
 def versions() -> dict[str, str]:
@@ -21,12 +21,6 @@ def versions() -> dict[str, str]:
     for pkg in ("torch", "torchvision", "mlflow", "albumentations", "numpy"):
         out[pkg] = metadata.version(pkg)
     return out
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one short line (MLflow's messages run to pages)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def check_tracking_server(timeout: float = 5.0) -> None:
