@@ -16,7 +16,7 @@ import torch
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import machine, table
-from cifar_mlflow import augment, data, engine, models
+from cifar_mlflow import augment, data, engine, hardware, models
 from cifar_mlflow.config import TrainConfig
 
 
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda)
     args = parser.parse_args(argv)
 
-    device = engine.resolve_device()
-    precision = engine.resolve_precision("auto", device)
+    device = hardware.resolve_device()
+    precision = hardware.resolve_precision("auto", device)
     start = time.perf_counter()
     split, test = data.make_synthetic(args.images, seed=1), data.make_synthetic(args.test_images, seed=2)
     data_s = time.perf_counter() - start

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cifar_mlflow import analysis, data, engine, plots, tracking
+from cifar_mlflow import analysis, data, hardware, plots, tracking
 from cifar_mlflow.config import AnalyzeConfig
 from cifar_mlflow.errors import DataError
 
@@ -28,9 +28,9 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     tracking.check_tracking_server()
     ref = tracking.resolve_model(cfg.model_uri)
     trained_with = tracking.run_params(ref.run_id)
-    device = engine.resolve_device()
+    device = hardware.resolve_device()
     # The training run's precision and batch size, so that the accuracy reproduces the training run's exactly.
-    precision = trained_with.get("env/precision") or engine.resolve_precision("auto", device)
+    precision = trained_with.get("env/precision") or hardware.resolve_precision("auto", device)
     batch_size = cfg.batch_size or int(trained_with.get("batch_size", DEFAULT_BATCH))
     dataset_name = trained_with.get("dataset", "cifar10") if cfg.dataset == "auto" else cfg.dataset
     dataset = data.load_dataset(dataset_name, cfg.data_dir, max_test=cfg.max_test_samples, test_only=True)

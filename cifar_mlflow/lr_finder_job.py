@@ -3,14 +3,14 @@ curve, its series and the suggested learning rate."""
 
 from __future__ import annotations
 
-from cifar_mlflow import data, engine, lr_finder, plots, tracking
+from cifar_mlflow import data, lr_finder, optim, plots, tracking
 from cifar_mlflow.config import LRFindConfig
 from cifar_mlflow.prepare import Prepared, prepare
 
 
 def range_test(p: Prepared, cfg: LRFindConfig) -> lr_finder.RangeTestResult:
     """Range test on the prepared model with cfg's optimiser; the model comes back exactly as it was."""
-    optimizer = engine.build_optimizer(cfg, p.model.parameters(), lr=cfg.start_lr)
+    optimizer = optim.build_optimizer(cfg, p.model.parameters(), lr=cfg.start_lr)
     return lr_finder.range_test(
         p.model,
         p.train_loader,
