@@ -66,7 +66,7 @@ def _trained_model(uri: str) -> str:
         )
         example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
         return tracking.log_and_register_model(
-            model, spec, example, "bench-gradcam", result.final["test/accuracy"], 2
+            model, spec, example, "bench-gradcam", result.history[-1]["test/accuracy"], 2
         ).model_uri
 
 

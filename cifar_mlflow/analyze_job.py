@@ -97,7 +97,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
                 plots.misclassified_gallery(images, true_names, pred_names, pred.confidence[shown]),
                 "misclassified/gallery.png",
             )
-            x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+            x = hardware.to_device_images(torch.from_numpy(images), torch.device("cpu"))
             for layer_name, layer in layers:
                 pred_maps, true_maps = analysis.gradcam_pairs(
                     model, layer, x, pred.predicted[shown], pred.labels[shown], batch_size=batch_size

@@ -2,8 +2,8 @@
 inference.py (device and precision: hardware.py; optimiser and schedule: optim.py).
 
 Knows nothing of MLflow: fit() returns the per-epoch metrics and calls an optional `on_epoch_end` callback.
-The hot loop never syncs with the host: losses and correct counts accumulate in device tensors and are read
-once per epoch.
+The hot loop reads the device only every NAN_CHECK_EVERY steps (one small read, for the NaN check) and at the end
+of the epoch: losses and correct counts accumulate in device tensors in between. Evaluation reads once per pass.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def train_one_epoch(
         seen += len(labels)
         if (i + 1) % NAN_CHECK_EVERY == 0:
             _raise_if_diverged(int(bad_step.item()), epoch)
-    # the epoch's one host sync: all values in one transfer (one collective too, when data-parallel)
+    # the epoch's closing host read: all values in one transfer (one collective too, when data-parallel)
     local = torch.stack(
         [loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device), bad_step.double()]
     )
@@ -183,9 +183,13 @@ def evaluate_flip_tta(
 @dataclass
 class FitResult:
     history: list[Metrics]  # one dict per epoch, epoch 1 first
-    final: Metrics  # the last epoch's metrics
     lr_steps: list[float]  # the LR of every optimiser step, in order
     first_step_at: float | None = None  # time.time() when this process finished its first optimiser step
+
+    @property
+    def final(self) -> Metrics:
+        """The last epoch's metrics, history[-1]. Kept only for train_job's uses (to be replaced there)."""
+        return self.history[-1]
 
 
 @stop.deferred()  # Ctrl-C/SIGTERM stop it between two batches, where no lock is held
@@ -264,4 +268,4 @@ def fit(
                 metrics,
                 lambda e=epoch: checkpoint.capture(model, optimizer, schedule.scheduler, scaler, e, history, lr_steps),
             )
-    return FitResult(history, history[-1], lr_steps, first_step[0] if first_step else None)
+    return FitResult(history, lr_steps, first_step[0] if first_step else None)
