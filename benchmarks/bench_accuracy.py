@@ -83,7 +83,7 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
     import albumentations as A
     import torch
 
-    from cifar_mlflow import augment, engine
+    from cifar_mlflow import augment, engine, optim
     from cifar_mlflow.config import TrainConfig
     from cifar_mlflow.prepare import prepare
 
@@ -121,10 +121,10 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
         }.get(variant.cutout or "", augment._cutout(mean))
         p.train_loader.dataset.transform = A.Compose(keep + ([hole] if hole is not None else []))
     if variant.schedule == "torch":
-        engine.build_optimizer = lambda c, params, lr=None: torch.optim.SGD(
+        optim.build_optimizer = lambda c, params, lr=None: torch.optim.SGD(
             params, lr=c.lr if lr is None else lr, momentum=c.momentum, weight_decay=c.weight_decay
         )
-        engine.build_scheduler = lambda c, opt, steps_per_epoch: engine.Schedule(
+        optim.build_scheduler = lambda c, opt, steps_per_epoch: optim.Schedule(
             torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, epochs=c.epochs, steps_per_epoch=steps_per_epoch),
             per_step=True,
         )

@@ -20,7 +20,7 @@ import torch
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import analysis, analyze_job, data, engine, models
+from cifar_mlflow import analysis, analyze_job, data, engine, hardware, models
 from cifar_mlflow.config import AnalyzeConfig, TrainConfig
 from cifar_mlflow.tracking import lineage, registry, runs, serving
 from cifar_mlflow.tracking.logger import RunLogger
@@ -54,21 +54,21 @@ def _trained_model(uri: str) -> str:
     torch.manual_seed(0)
     model = models.build_model(spec).to(memory_format=torch.channels_last)
     cfg = TrainConfig(epochs=2, batch_size=64, dataset="synthetic")
-    cpu = engine.resolve_device()
+    cpu = hardware.resolve_device()
     with runs.open_run() as log:
-        log.log_params({**cfg.to_params(), "env/precision": engine.resolve_precision("auto", cpu)})
+        log.log_params({**cfg.to_params(), "env/precision": hardware.resolve_precision("auto", cpu)})
         result = engine.fit(
             model,
             data.make_loader(split, batch_size=64, train=True),
             data.make_loader(test, batch_size=64, train=False),
             cfg,
             cpu,
-            engine.resolve_precision("auto", cpu),
+            hardware.resolve_precision("auto", cpu),
             log=lambda s: None,
         )
         example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
         return registry.log_and_register_model(
-            log, model, spec, example, "bench-gradcam", result.final["test/accuracy"], 2
+            log, model, spec, example, "bench-gradcam", result.history[-1]["test/accuracy"], 2
         ).model_uri
 
 

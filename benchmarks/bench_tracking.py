@@ -20,7 +20,7 @@ import torch
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import augment, data, engine, models, plots, watch
+from cifar_mlflow import augment, data, engine, hardware, models, plots, watch
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.tracking import registry
 from cifar_mlflow.tracking.reporter import EpochReporter
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = str(args.system_metrics_interval)
 
-    device = engine.resolve_device()
-    precision = engine.resolve_precision("auto", device)
+    device = hardware.resolve_device()
+    precision = hardware.resolve_precision("auto", device)
     split, test = data.make_synthetic(args.images, seed=1), data.make_synthetic(256, seed=2)
     ds = data.Dataset("synthetic", split, test, data.SYNTHETIC_CLASSES, "synthetic")
     mean, std = data.channel_stats(split.images)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 t = time.perf_counter()
                 example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
                 registry.log_and_register_model(
-                    log, model, spec, example, "bench", result.final["test/accuracy"], args.epochs
+                    log, model, spec, example, "bench", result.history[-1]["test/accuracy"], args.epochs
                 )
                 registration.append(time.perf_counter() - t)
         return elapsed

@@ -22,7 +22,7 @@ from albumentations.pytorch import ToTensorV2
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import augment, data, engine, models
+from cifar_mlflow import augment, data, engine, hardware, models, optim
 from cifar_mlflow.config import TrainConfig
 
 
@@ -66,7 +66,7 @@ def limit_rate(model, batches, optimizer, device, precision) -> float:
     _sync(device)
     start = time.perf_counter()
     for x, y in batches:
-        with engine.autocast(device, precision):
+        with hardware.autocast(device, precision):
             loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,7 +79,7 @@ def inference_rate(model, batches, device, precision) -> float:
     model.eval()
     _sync(device)
     start = time.perf_counter()
-    with torch.inference_mode(), engine.autocast(device, precision):
+    with torch.inference_mode(), hardware.autocast(device, precision):
         for x, _ in batches:
             model(x)
     _sync(device)
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    device = engine.resolve_device()
-    precision = engine.resolve_precision("auto", device)
+    device = hardware.resolve_device()
+    precision = hardware.resolve_precision("auto", device)
     split = data.make_synthetic(args.images, seed=1)
     mean, std = data.channel_stats(split.images)
     spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std)
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pin_memory=device.type == "cuda",
     )
     test_loader = data.make_loader(split, batch_size=args.batch_size, train=False, pin_memory=device.type == "cuda")
-    optimizer = engine.build_optimizer(cfg, model.parameters())
-    schedule = engine.build_scheduler(cfg, optimizer, len(loader))
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    schedule = optim.build_scheduler(cfg, optimizer, len(loader))
     batches = [
         (torch.rand(len(y), 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last), y.to(device))
         for _, y in loader

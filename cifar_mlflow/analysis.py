@@ -40,8 +40,8 @@ class Predictions:
 
 
 def predict(model: nn.Module, loader: Any, device: torch.device, precision: str) -> Predictions:
-    """Run the test split through engine.eval_logits (the path training's test metrics took), keeping every
-    sample's probabilities. The loss is summed per batch in float64, exactly as engine.evaluate does."""
+    """Run the test split through engine.eval_logits (the one inference loop, as training's test metrics were),
+    keeping every sample's probabilities. The loss is summed per batch in float64, exactly as engine.evaluate does."""
     probs, labels = [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for logits, y in engine.eval_logits(model, loader, device, precision, desc="analysis"):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cifar_mlflow import analysis, data, engine, plots
+from cifar_mlflow import analysis, data, hardware, plots
 from cifar_mlflow.config import AnalyzeConfig
 from cifar_mlflow.errors import DataError
 from cifar_mlflow.tracking import lineage, runs, serving, store
@@ -29,9 +29,9 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     store.check_tracking_server()
     ref = lineage.resolve_model(cfg.model_uri)
     trained_with = lineage.run_params(ref.run_id)
-    device = engine.resolve_device()
+    device = hardware.resolve_device()
     # The training run's precision and batch size, so that the accuracy reproduces the training run's exactly.
-    precision = trained_with.get("env/precision") or engine.resolve_precision("auto", device)
+    precision = trained_with.get("env/precision") or hardware.resolve_precision("auto", device)
     batch_size = cfg.batch_size or int(trained_with.get("batch_size", DEFAULT_BATCH))
     dataset_name = trained_with.get("dataset", "cifar10") if cfg.dataset == "auto" else cfg.dataset
     dataset = data.load_dataset(dataset_name, cfg.data_dir, max_test=cfg.max_test_samples, test_only=True)
@@ -98,7 +98,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
                 plots.misclassified_gallery(images, true_names, pred_names, pred.confidence[shown]),
                 "misclassified/gallery.png",
             )
-            x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+            x = hardware.to_device_images(torch.from_numpy(images), torch.device("cpu"))
             for layer_name, layer in layers:
                 pred_maps, true_maps = analysis.gradcam_pairs(
                     model, layer, x, pred.predicted[shown], pred.labels[shown], batch_size=batch_size

@@ -78,9 +78,9 @@ def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, 
     try:
         command.main(args=args, standalone_mode=False)
     except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
-        return 130, f"interrupted (Ctrl-C); the run is KILLED{_KEPT.get(command.name, '')}"
+        return 130, f"interrupted (Ctrl-C); the run is KILLED{_KEPT.get(command.name or '', '')}"
     except Terminated:
-        return 143, f"terminated (SIGTERM); the run is KILLED{_KEPT.get(command.name, '')}"
+        return 143, f"terminated (SIGTERM); the run is KILLED{_KEPT.get(command.name or '', '')}"
     except click.ClickException as exc:
         return exc.exit_code, exc.format_message()
     except CifarMlflowError as exc:

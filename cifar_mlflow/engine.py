@@ -1,19 +1,18 @@
-"""Training engine: device and precision choice, optimiser and schedule, train_one_epoch / evaluate / fit.
+"""Training engine: train_one_epoch / evaluate / flip TTA / fit, over the step of train_step.py and the loop of
+inference.py (device and precision: hardware.py; optimiser and schedule: optim.py).
 
 Knows nothing of MLflow: fit() returns the per-epoch metrics and calls an optional `on_epoch_end` callback.
-The hot loop never syncs with the host: losses and correct counts accumulate in device tensors and are read
-once per epoch.
+The hot loop reads the device only every NAN_CHECK_EVERY steps (one small read, for the NaN check) and at the end
+of the epoch: losses and correct counts accumulate in device tensors in between. Evaluation reads once per pass.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,155 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_mlflow import checkpoint, distributed, stop
+from cifar_mlflow import checkpoint, distributed, hardware, inference, optim, stop, train_step
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import TrainingDiverged
-
-# One-cycle shape: linear warm-up over the first 20% of steps, then linear decay to ~0 (Smith 2018; the
-# DAWNBench ResNet recipes peak at epoch ~5 of 24). Start at peak/25 and end at peak/25/1e4 ~ 0.
-ONECYCLE_PCT_START = 0.2
-ONECYCLE_DIV_FACTOR = 25.0
-ONECYCLE_FINAL_DIV_FACTOR = 1e4
 
 Metrics = dict[str, float]
 
 
 def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (every device's), for a reproducible model and run."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(ctx: distributed.Context | None = None) -> torch.device:
-    """The GPU if there is one (under torchrun: this process's own), else the CPU."""
-    if ctx is not None:
-        return ctx.device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU features that make bf16 autocast faster than fp32 (~2x here)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 where the device runs it natively, else fp32. Explicit choices are kept."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def precision_is_emulated(precision: str, device: torch.device) -> bool:
-    """bf16 or fp16 autocast on a CPU without native bf16: emulated, 10x or more slower than fp32 (measured on an
-    AVX2-only EPYC; fp16 autocast on a CPU is emulated everywhere)."""
-    return device.type == "cpu" and (precision == "fp16" or (precision == "bf16" and not cpu_has_native_bf16()))
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def build_optimizer(cfg: Any, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
-    """cfg: any config with optimizer, momentum and weight_decay; lr defaults to cfg.lr."""
-    lr = cfg.lr if lr is None else lr
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
-        )
-    betas = (cfg.momentum, 0.999)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
-
-
-# plateau: x0.1 after 2 epochs without a lower test loss -- in a 20-epoch budget a longer patience (the notebooks
-# use 4) would leave time for at most a couple of reductions.
-PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.1, 2
-# cyclic: triangular2 between lr/10 and lr with 2-epoch half cycles (Smith 2017 suggests 2-10 epochs); the
-# amplitude halves every cycle, so the LR settles low by the end as one-cycle's does.
-CYCLIC_BASE_DIV, CYCLIC_HALF_EPOCHS = 10.0, 2
-
-
-@dataclass
-class Schedule:
-    """A learning-rate scheduler and when to step it: after every optimiser step, or once per epoch on the
-    test loss (ReduceLROnPlateau)."""
-
-    scheduler: Any
-    per_step: bool
-
-    def after_step(self) -> None:
-        if self.per_step:
-            self.scheduler.step()
-
-    def after_epoch(self, test_loss: float) -> None:
-        if not self.per_step:
-            self.scheduler.step(test_loss)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
-    sched = torch.optim.lr_scheduler
-    total = cfg.epochs * steps_per_epoch
-    if cfg.scheduler == "onecycle":
-        return Schedule(
-            sched.OneCycleLR(
-                optimizer,
-                max_lr=cfg.lr,
-                total_steps=total,
-                pct_start=ONECYCLE_PCT_START,
-                anneal_strategy="linear",
-                div_factor=ONECYCLE_DIV_FACTOR,
-                final_div_factor=ONECYCLE_FINAL_DIV_FACTOR,
-                cycle_momentum=False,
-            ),
-            per_step=True,
-        )  # keep the `momentum` parameter as given instead of cycling it
-    if cfg.scheduler == "cosine":
-        return Schedule(sched.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0), per_step=True)
-    if cfg.scheduler == "cyclic":
-        return Schedule(
-            sched.CyclicLR(
-                optimizer,
-                base_lr=cfg.lr / CYCLIC_BASE_DIV,
-                max_lr=cfg.lr,
-                step_size_up=max(1, CYCLIC_HALF_EPOCHS * steps_per_epoch),
-                mode="triangular2",
-                cycle_momentum=False,
-            ),
-            per_step=True,
-        )  # cycling momentum would fight Adam's betas
-    if cfg.scheduler == "plateau":
-        return Schedule(
-            sched.ReduceLROnPlateau(optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE),
-            per_step=False,
-        )
-    return Schedule(sched.LambdaLR(optimizer, lambda _: 1.0), per_step=True)
-
-
-def l1_weights(model: nn.Module) -> list[nn.Parameter]:
-    """Conv and linear weights: what an L1 penalty should shrink (not norm scales or biases)."""
-    return [p for p in model.parameters() if p.ndim > 1]
-
-
-def l1_penalty(weights: list[nn.Parameter]) -> torch.Tensor:
-    """Sum of absolute values of the given weights, on their device (no host sync)."""
-    return torch.stack([p.abs().sum() for p in weights]).sum()
-
-
-def to_device_images(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1]. The permuted view of an NHWC tensor already has the
-    channels_last layout, so no copy is needed for the model's memory format."""
-    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    return x.float().div_(255.0)
 
 
 def _progress(loader: Any, desc: str) -> Iterator[Any]:
@@ -191,7 +53,7 @@ def train_one_epoch(
     model: nn.Module,
     loader: Any,
     optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
+    schedule: optim.Schedule,
     device: torch.device,
     precision: str,
     label_smoothing: float,
@@ -211,28 +73,14 @@ def train_one_epoch(
     Data-parallel (ctx): the metrics cover every process's shard (sums gathered once per epoch), and
     `ranks/<r>/train/loss|accuracy|samples` report each process's own share."""
     model.train()
-    penalised = l1_weights(model) if l1 > 0 else []
+    step = train_step.TrainStep(model, optimizer, device, precision, label_smoothing, l1, scaler)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
     seen, lr = 0, float(optimizer.param_groups[0]["lr"])
     start = time.perf_counter()
     for i, (images, labels) in enumerate(_progress(loader, desc)):
-        x = to_device_images(images, device)
-        y = labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if penalised:
-            loss = loss + l1 * l1_penalty(penalised)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss, logits, y = step(images, labels)
         lr = optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float: no sync)
         if lr_log is not None:
             lr_log.append(float(lr))
@@ -247,7 +95,7 @@ def train_one_epoch(
         seen += len(labels)
         if (i + 1) % NAN_CHECK_EVERY == 0:
             _raise_if_diverged(int(bad_step.item()), epoch)
-    # the epoch's one host sync: all values in one transfer (one collective too, when data-parallel)
+    # the epoch's closing host read: all values in one transfer (one collective too, when data-parallel)
     local = torch.stack(
         [loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device), bad_step.double()]
     )
@@ -275,18 +123,12 @@ def train_one_epoch(
 
 
 def eval_logits(
-    model: nn.Module, loader: Any, device: torch.device, precision: str, desc: str = "test"
+    model: nn.Module, loader: Any, device: torch.device, precision: str, desc: str = "test", flip: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(fp32 logits, labels) per batch, on the device, in eval mode without gradients. The one evaluation path:
-    training's test metrics and the analysis entry point both go through it, so they agree exactly."""
-    model.eval()
-    with torch.inference_mode():
-        for images, labels in _progress(loader, desc):
-            x = to_device_images(images, device)
-            y = labels.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = model(x)
-            yield logits.float(), y
+    """(fp32 logits, labels) per batch of loader, on the device, through inference.logits (flip: logits
+    (2, B, C) of the images and their mirrors). Training's test metrics, flip TTA and the analysis entry point
+    all go through it, so they agree exactly."""
+    return inference.logits(model, _progress(loader, desc), device, precision, flip=flip)
 
 
 def evaluate(
@@ -328,18 +170,12 @@ def evaluate_flip_tta(
 ) -> float:
     """Accuracy of the mean softmax over each image and its horizontal mirror (flip test-time augmentation),
     over every process's shard with ctx."""
-    model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    with torch.inference_mode():
-        for images, labels in _progress(loader, "test (flip TTA)"):
-            x = to_device_images(images, device)
-            y = labels.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits, flipped = model(x), model(torch.flip(x, dims=[3]))
-            probs = torch.softmax(logits.float(), 1) + torch.softmax(flipped.float(), 1)
-            correct += (probs.argmax(dim=1) == y).sum()
-            seen += len(y)
+    for both, y in eval_logits(model, loader, device, precision, "test (flip TTA)", flip=True):
+        probs = torch.softmax(both[0], 1) + torch.softmax(both[1], 1)
+        correct += (probs.argmax(dim=1) == y).sum()
+        seen += len(y)
     total_correct, total_seen = _summed([correct, seen], device, ctx)
     return total_correct / max(total_seen, 1)
 
@@ -347,7 +183,6 @@ def evaluate_flip_tta(
 @dataclass
 class FitResult:
     history: list[Metrics]  # one dict per epoch, epoch 1 first
-    final: Metrics  # the last epoch's metrics
     lr_steps: list[float]  # the LR of every optimiser step, in order
     first_step_at: float | None = None  # time.time() when this process finished its first optimiser step
 
@@ -370,9 +205,9 @@ def fit(
     from (the next epoch after it); the result then covers every epoch, the resumed ones included.
     ctx (torchrun): training through DistributedDataParallel on each process's shard; evaluation on each
     process's shard of the test split with rank 0's BatchNorm statistics; metrics summed over processes."""
-    optimizer = build_optimizer(cfg, model.parameters())
-    schedule = build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    schedule = optim.build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
+    scaler = hardware.grad_scaler(device, precision)
     # The compiled/DDP modules share parameters with `model`; state_dicts, checkpoints and GradCAM use `model`.
     compiled = getattr(cfg, "compile", "false") == "true"
     eval_net = torch.compile(model) if compiled else model
@@ -428,4 +263,4 @@ def fit(
                 metrics,
                 lambda e=epoch: checkpoint.capture(model, optimizer, schedule.scheduler, scaler, e, history, lr_steps),
             )
-    return FitResult(history, history[-1], lr_steps, first_step[0] if first_step else None)
+    return FitResult(history, lr_steps, first_step[0] if first_step else None)

@@ -25,7 +25,9 @@ class ModelError(CifarMlflowError):
 
 
 class TrainingDiverged(CifarMlflowError, FloatingPointError):
-    """The loss became NaN or infinite; training stopped before anything was saved or registered."""
+    """The loss became NaN or infinite, in training or in an epoch's evaluation. Training stops within
+    engine.NAN_CHECK_EVERY steps of it, before that epoch is reported and before the model is registered; the
+    epochs finished earlier keep what was logged for them (metrics, checkpoint)."""
 
     def __init__(self, step: int, epoch: int, value: str = "nan") -> None:
         self.step, self.epoch = step, epoch

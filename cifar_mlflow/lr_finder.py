@@ -30,10 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cifar_mlflow import engine, stop
+from cifar_mlflow import hardware, stop, train_step
 from cifar_mlflow.errors import ConfigError
 
 SMOOTHING = 0.05  # EMA weight of each new loss for the stop rule (pytorch-lr-finder's smooth_f)
@@ -111,11 +110,14 @@ def range_test(
     l1: float = 0.0,
 ) -> RangeTestResult:
     """Exponential sweep from start_lr to end_lr over num_iter training steps (looping over the loader as needed).
-    Model and optimiser state (weights, BatchNorm statistics, momentum buffers, LR) are restored afterwards.
+    Each step is training's own (train_step.TrainStep: the same loss, and loss scaling under fp16 with a
+    GradScaler of its own, dropped afterwards). Model and optimiser state (weights, BatchNorm statistics,
+    momentum buffers, LR) are restored afterwards.
     Reads the loss on the host every step: that is the point of the test, and it is not the training loop."""
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(optimizer.state_dict())
-    penalised = engine.l1_weights(model) if l1 > 0 else []
+    scaler = hardware.grad_scaler(device, precision)
+    step = train_step.TrainStep(model, optimizer, device, precision, label_smoothing, l1, scaler)
     ratio = (end_lr / start_lr) ** (1.0 / max(num_iter - 1, 1))
     lrs: list[float] = []
     losses: list[float] = []
@@ -127,15 +129,7 @@ def range_test(
             lr = start_lr * ratio**i
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = engine.to_device_images(images, device)
-            y = labels.to(device, non_blocking=True)
-            with engine.autocast(device, precision):
-                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-            if penalised:
-                loss = loss + l1 * engine.l1_penalty(penalised)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, _, _ = step(images, labels)
             value = loss.item()
             avg = SMOOTHING * value + (1 - SMOOTHING) * avg
             smooth = avg / (1 - (1 - SMOOTHING) ** (i + 1))  # bias correction of the EMA

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from cifar_mlflow import inference
 from cifar_mlflow.config import NORMS
 from cifar_mlflow.errors import ModelError
 
@@ -274,12 +275,9 @@ def _json_numbers(value: list) -> np.ndarray:
 
 
 def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Class probabilities (N, C) in fp32 for float images in [0, 1] (N, 3, 32, 32), batched, no grad."""
+    """Class probabilities (N, C) in fp32 on the CPU for float images in [0, 1] (N, 3, 32, 32), batched, no grad,
+    on the model's device. The served model's call (tracking's pyfunc wrapper), through the one inference loop."""
     device = next(model.parameters()).device
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
-            out.append(torch.softmax(model(x).float(), dim=1).cpu())
+    batches = ((images[i : i + batch_size], None) for i in range(0, len(images), batch_size))
+    out = [torch.softmax(z, dim=1).cpu() for z, _ in inference.logits(model, batches, device, "fp32")]
     return torch.cat(out) if out else torch.empty(0, len(model.fc.bias))

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cifar_mlflow import augment, data, distributed, engine, models
+from cifar_mlflow import augment, data, distributed, engine, hardware, models
 
 
 @dataclass
@@ -49,16 +49,16 @@ class Prepared:
             "env/precision": self.precision,
             "env/num_workers": self.num_workers,
             "env/loader": self.loader,
-            **({"env/precision_emulated": True} if engine.precision_is_emulated(self.precision, self.device) else {}),
+            **({"env/precision_emulated": True} if hardware.precision_is_emulated(self.precision, self.device) else {}),
         }
 
 
 def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> Prepared:
     """cfg: a TrainConfig or LRFindConfig (the fields they share). ctx (torchrun): this process's shards of
     both splits, batch_size / world images per step, and this process's GPU."""
-    device = engine.resolve_device(ctx)
-    precision = engine.resolve_precision(cfg.precision, device)
-    if engine.precision_is_emulated(precision, device):
+    device = hardware.resolve_device(ctx)
+    precision = hardware.resolve_precision(cfg.precision, device)
+    if hardware.precision_is_emulated(precision, device):
         print(
             f"warning: precision={precision} on this CPU is emulated (no AVX512-BF16/AMX): expect training 10x "
             "or more slower than precision=fp32 (precision=auto picks fp32 here)",

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cifar_mlflow import augment, data, distributed, engine, lr_finder, plots, watch
+from cifar_mlflow import augment, data, distributed, engine, hardware, lr_finder, plots, watch
 from cifar_mlflow.config import LRFindConfig, TrainConfig
 from cifar_mlflow.lr_finder_job import log_range_test, range_test
 from cifar_mlflow.prepare import Prepared as TrainingSetup
@@ -150,7 +150,7 @@ def _fit_and_register(
     log.log_figure(plots.training_curves(result.history), "curves.png")
     log.log_figure(plots.lr_schedule_figure(result.lr_steps, len(p.train_loader)), "lr_schedule.png")
 
-    example = engine.to_device_images(torch.from_numpy(p.dataset.test.images[:2]), torch.device("cpu"))
+    example = hardware.to_device_images(torch.from_numpy(p.dataset.test.images[:2]), torch.device("cpu"))
     version = registry.log_and_register_model(
         log, p.model, p.spec, example.contiguous().numpy(), cfg.registered_model_name, last["test/accuracy"], cfg.epochs
     )

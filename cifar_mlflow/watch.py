@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar_mlflow import analysis, data, plots
+from cifar_mlflow import analysis, data, hardware, plots
 
 # layer3's 8x8 maps: on 32x32 images layer4's 4x4 maps are too coarse to show what the network looks at.
 PANEL_LAYER = "layer3"
@@ -61,7 +61,7 @@ def compute_panel(
     """Predictions and GradCAM for the panel images, on the eager (never compiled) model in fp32 eval mode.
     Called between epochs: the next epoch puts the model back in train mode and clears the gradients."""
     images = split.images[indices]
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    x = hardware.to_device_images(torch.from_numpy(images), torch.device("cpu"))
     layer = dict(analysis.resolve_layers(model, PANEL_LAYER))[PANEL_LAYER]
     maps, probs = analysis.gradcam_of_predictions(model, layer, x)
     predicted = probs.argmax(axis=1)

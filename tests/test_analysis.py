@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_mlflow import analysis, data, engine, models
+from cifar_mlflow import analysis, data, engine, hardware, models
 from cifar_mlflow.errors import ModelError
 
 
@@ -100,7 +100,7 @@ def test_predict_agrees_with_engine_evaluate(net):
     split = data.make_synthetic(50, seed=4)
     loader = data.make_loader(split, batch_size=16, train=False)
     cpu = torch.device("cpu")
-    precision = engine.resolve_precision("auto", cpu)  # never a forced bf16: emulated (10x slower) on some CPUs
+    precision = hardware.resolve_precision("auto", cpu)  # never a forced bf16: emulated (10x slower) on some CPUs
     model = net.to(memory_format=torch.channels_last)
     pred = analysis.predict(model, loader, cpu, precision)
     ev = engine.evaluate(model, loader, cpu, precision)

@@ -213,8 +213,8 @@ def test_training_through_prepare_on_the_device_loader():
 
 
 def test_emulated_precision_is_named():
-    from cifar_mlflow import engine
+    from cifar_mlflow import hardware
 
-    assert engine.precision_is_emulated("fp16", CPU) and not engine.precision_is_emulated("fp32", CPU)
-    assert engine.precision_is_emulated("bf16", CPU) == (not engine.cpu_has_native_bf16())
-    assert not engine.precision_is_emulated("bf16", torch.device("cuda"))
+    assert hardware.precision_is_emulated("fp16", CPU) and not hardware.precision_is_emulated("fp32", CPU)
+    assert hardware.precision_is_emulated("bf16", CPU) == (not hardware.cpu_has_native_bf16())
+    assert not hardware.precision_is_emulated("bf16", torch.device("cuda"))

@@ -1,5 +1,5 @@
-"""Engine: learns (overfits a tiny batch), is deterministic on CPU, schedules the LR as documented, and never
-syncs with the host inside the batch loop."""
+"""Engine: learns (overfits a tiny batch), is deterministic on CPU, schedules the LR as documented, and reads
+the device inside the batch loop only for the NaN check every NAN_CHECK_EVERY steps."""
 
 import sys
 
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_mlflow import augment, data, engine, models, watch
+from cifar_mlflow import augment, data, engine, hardware, inference, models, optim, train_step, watch
 from cifar_mlflow.config import TrainConfig
 
 CPU = torch.device("cpu")
 # What `precision=auto` picks here: bf16 only where the CPU runs it natively (AVX512-BF16/AMX); elsewhere bf16 is
 # emulated and 10x+ slower, so tests that only need "a mixed-precision-capable run" use this, never a forced bf16.
-AUTO = engine.resolve_precision("auto", CPU)
+AUTO = hardware.resolve_precision("auto", CPU)
 
 
 def _setup(n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standard", norm="batch", **cfg_kw):
@@ -42,8 +42,8 @@ def test_overfits_a_tiny_batch():
         weight_decay=0.0,
     )
     first = last = None
-    optimizer = engine.build_optimizer(cfg, model.parameters())
-    scheduler = engine.build_scheduler(cfg, optimizer, len(train_loader))
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    scheduler = optim.build_scheduler(cfg, optimizer, len(train_loader))
     for _epoch in range(cfg.epochs):
         m = engine.train_one_epoch(model, train_loader, optimizer, scheduler, CPU, AUTO, 0.0)
         first = first or m
@@ -78,7 +78,7 @@ def test_fit_reports_every_epoch_through_the_callback():
         model, tr, te, cfg, CPU, "fp32", on_epoch_end=lambda e, m, capture: seen.append((e, m)), log=lambda s: None
     )
     assert [e for e, _ in seen] == [1, 2] and [m for _, m in seen] == result.history
-    assert set(result.final) == {
+    assert set(result.history[-1]) == {
         "train/loss",
         "train/accuracy",
         "train/images_per_sec",
@@ -92,7 +92,7 @@ def test_fit_reports_every_epoch_through_the_callback():
 def _lr_curve(scheduler, epochs=5, steps_per_epoch=20, test_losses=None, lr=0.2):
     cfg = TrainConfig(epochs=epochs, lr=lr, scheduler=scheduler)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    schedule = engine.build_scheduler(cfg, opt, steps_per_epoch=steps_per_epoch)
+    schedule = optim.build_scheduler(cfg, opt, steps_per_epoch=steps_per_epoch)
     lrs = []
     for epoch in range(epochs):
         for _ in range(steps_per_epoch):
@@ -122,22 +122,22 @@ def test_every_precision_trains_on_cpu(precision):
     # fp16 autocast is emulated on CPU (~10x slower than bf16): keep the batch tiny.
     model, tr, te, cfg = _setup(n_train=8, n_test=8, batch_size=8, epochs=1)
     result = engine.fit(model, tr, te, cfg, CPU, precision, log=lambda s: None)
-    assert result.final["train/loss"] > 0
+    assert result.history[-1]["train/loss"] > 0
 
 
 def test_precision_resolution():
-    assert engine.resolve_precision("fp32", CPU) == "fp32"
-    assert engine.resolve_precision("fp16", CPU) == "fp16"
-    assert engine.resolve_precision("auto", CPU) == ("bf16" if engine.cpu_has_native_bf16() else "fp32")
+    assert hardware.resolve_precision("fp32", CPU) == "fp32"
+    assert hardware.resolve_precision("fp16", CPU) == "fp16"
+    assert hardware.resolve_precision("auto", CPU) == ("bf16" if hardware.cpu_has_native_bf16() else "fp32")
 
 
 def test_optimizers():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    sgd = engine.build_optimizer(TrainConfig(), params)
+    sgd = optim.build_optimizer(TrainConfig(), params)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["weight_decay"] == 5e-4
-    assert not engine.build_optimizer(TrainConfig(momentum=0.0), params).defaults["nesterov"]
-    assert isinstance(engine.build_optimizer(TrainConfig(optimizer="adamw"), params), torch.optim.AdamW)
-    assert isinstance(engine.build_optimizer(TrainConfig(optimizer="adam"), params), torch.optim.Adam)
+    assert not optim.build_optimizer(TrainConfig(momentum=0.0), params).defaults["nesterov"]
+    assert isinstance(optim.build_optimizer(TrainConfig(optimizer="adamw"), params), torch.optim.AdamW)
+    assert isinstance(optim.build_optimizer(TrainConfig(optimizer="adam"), params), torch.optim.Adam)
 
 
 @pytest.mark.parametrize("n_train", [32, 88], ids=["8-batches", "22-batches"])
@@ -146,18 +146,20 @@ def test_no_host_sync_inside_the_batch_loop(monkeypatch, n_train):
     per epoch (loss, correct count, samples and NaN step in one tolist) plus one NaN check every 10 steps;
     evaluation reads once per pass, however many batches there are."""
     model, tr, te, cfg = _setup(n_train=n_train, batch_size=4, epochs=1)
+    # the engine and the modules its loops run: the training step, the inference loop, device transfers
+    loop_files = {m.__file__ for m in (engine, train_step, inference, hardware)}
     calls = []
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
 
         def spy(self, *a, _name=name, _original=original, **k):
-            if sys._getframe(1).f_code.co_filename == engine.__file__:  # reads made by the engine itself
+            if sys._getframe(1).f_code.co_filename in loop_files:  # reads made by the engine itself
                 calls.append(_name)
             return _original(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    optimizer = engine.build_optimizer(cfg, model.parameters())
-    scheduler = engine.build_scheduler(cfg, optimizer, len(tr))
+    optimizer = optim.build_optimizer(cfg, model.parameters())
+    scheduler = optim.build_scheduler(cfg, optimizer, len(tr))
     tr.sampler.set_epoch(1)
     engine.train_one_epoch(model, tr, optimizer, scheduler, CPU, "fp32", 0.1)
     train_calls = list(calls)
@@ -195,12 +197,12 @@ def test_l1_penalty_shrinks_weights():
         model, tr, te, cfg = _setup(
             n_train=32, epochs=1, augment_preset="none", scheduler="none", lr=0.01, weight_decay=0.0, l1=l1
         )
-        optimizer = engine.build_optimizer(cfg, model.parameters())
+        optimizer = optim.build_optimizer(cfg, model.parameters())
         tr.sampler.set_epoch(1)
         engine.train_one_epoch(
-            model, tr, optimizer, engine.build_scheduler(cfg, optimizer, len(tr)), CPU, "fp32", 0.0, l1=cfg.l1
+            model, tr, optimizer, optim.build_scheduler(cfg, optimizer, len(tr)), CPU, "fp32", 0.0, l1=cfg.l1
         )
-        norms[l1] = sum(p.abs().sum().item() for p in engine.l1_weights(model))
+        norms[l1] = sum(p.abs().sum().item() for p in train_step.l1_weights(model))
     assert norms[1e-3] < norms[0.0]
 
 
@@ -220,7 +222,7 @@ def test_flip_tta_accuracy_is_a_fraction_and_sees_the_mirror():
 def test_norm_variants_train(norm):
     model, tr, te, cfg = _setup(n_train=16, n_test=8, batch_size=8, epochs=1, norm=norm)
     result = engine.fit(model, tr, te, cfg, CPU, AUTO, log=lambda s: None)
-    assert result.final["train/loss"] > 0
+    assert result.history[-1]["train/loss"] > 0
 
 
 def test_nan_loss_stops_training_at_once_naming_the_step():

@@ -180,3 +180,16 @@ def test_a_sweep_that_diverges_at_once_is_a_clear_error(convex_task):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="start_lr=1000.0 is not allowed: the loss diverged after"):
         lr_finder.range_test(model, loader, opt, CPU, "fp32", start_lr=1e3, end_lr=1e6, num_iter=50)
+
+
+def test_an_fp16_sweep_is_loss_scaled_as_training_is(convex_task, monkeypatch):
+    """The range test takes training's own step (train_step.TrainStep): under fp16 each step goes through a
+    GradScaler, which an unscaled backward (the range test's own copy of the step, before) never did."""
+    loader, _, _ = convex_task
+    scaled = []
+    original = torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, *a, **k: scaled.append(1) or original(self, *a, **k))
+    model = _linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_finder.range_test(model, loader, opt, CPU, "fp16", start_lr=1e-5, end_lr=1e-2, num_iter=10)
+    assert len(scaled) == len(result.lrs) == 10

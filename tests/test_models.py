@@ -101,6 +101,18 @@ def test_save_and_load_round_trip(net, tmp_path):
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
 
 
+def test_flip_tta_loop_gives_the_plain_and_the_mirrored_logits(net):
+    """inference.logits with flip: the images' logits exactly as without flip, and their mirrors' logits."""
+    from cifar_mlflow import inference
+
+    x, cpu = torch.rand(3, 3, 32, 32), torch.device("cpu")
+    ((plain, _),) = inference.logits(net, [(x, None)], cpu, "fp32")
+    ((both, _),) = inference.logits(net, [(x, None)], cpu, "fp32", flip=True)
+    ((mirrored, _),) = inference.logits(net, [(torch.flip(x, dims=[3]), None)], cpu, "fp32")
+    assert both.shape == (2, 3, 10) and torch.equal(both[0], plain)
+    torch.testing.assert_close(both[1], mirrored)
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
