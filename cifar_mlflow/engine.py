@@ -374,7 +374,7 @@ def fit(
     schedule = build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     # The compiled/DDP modules share parameters with `model`; state_dicts, checkpoints and GradCAM use `model`.
-    compiled = getattr(cfg, "compile", "false") == "true"
+    compiled = getattr(cfg, "compile", False)
     eval_net = torch.compile(model) if compiled else model
     train_net = eval_net
     if ctx is not None:

@@ -41,7 +41,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
         reused: dict[str, bool] = {}
 
         def step(entry: str, params: dict[str, Any], needs: Callable[[Any], bool]) -> Any:
-            found = tracking.finished_step(entry, params, needs) if cfg.reuse == "true" else None
+            found = tracking.finished_step(entry, params, needs) if cfg.reuse else None
             reused[entry] = found is not None
             print(f"pipeline: {entry}: " + (f"reusing finished run {found.info.run_id}" if found else "running"))
             runs[entry] = found or tracking.run_step(entry, params)
