@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclasses holding every parameter, its default, its reason and its allowed values.
 
-This is the one place defaults live. The MLproject file and the click options are checked against these
-dataclasses (tests/test_project_files.py); the click options are generated from them (cifar_mlflow/cli.py).
+This is the one place parameters are written. The click options are generated from these dataclasses
+(cifar_mlflow/cli.py), and so are the MLproject's parameters and commands and the README's parameter tables
+(cifar_mlflow/params_doc.py, `python scripts/gen_params.py`); tests/test_project_files.py checks they agree.
 """
 
 from __future__ import annotations

@@ -1,15 +1,20 @@
-"""The contract files agree: MLproject <-> configs <-> click options, pyproject pins <-> conda.yaml,
-README documents every parameter, and only tracking.py imports mlflow."""
+"""The contract files agree: MLproject and the README's parameter tables are what scripts/gen_params.py writes
+from the config dataclasses, MLproject <-> configs <-> click options, pyproject pins <-> conda.yaml, and only
+tracking.py imports mlflow."""
 
 import ast
 import dataclasses
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 
 import click
 import pytest
 import yaml
 
+from cifar_mlflow import params_doc
 from cifar_mlflow.cli import NumberOrWord, TrueFalse
 from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
 from cifar_mlflow.fields import as_param
@@ -34,6 +39,27 @@ YAML_TYPES = {"int": {"int"}, "float": {"float"}, "string": {"str", "float | str
 
 def _mlproject():
     return yaml.safe_load((REPO / "MLproject").read_text())
+
+
+def test_mlproject_and_readme_tables_are_generated_from_the_configs():
+    assert params_doc.stale() == [], "stale: run python scripts/gen_params.py"
+    assert set(params_doc.ENTRY_POINTS) == set(ENTRY_POINTS)
+
+
+def test_gen_params_check_names_the_stale_file_and_the_rewrite_fixes_it(tmp_path):
+    for name in ("MLproject", "README.md"):
+        shutil.copy(REPO / name, tmp_path / name)
+    text = (tmp_path / "MLproject").read_text()
+    (tmp_path / "MLproject").write_text(
+        text.replace("epochs: {type: int, default: 20}", "epochs: {type: int, default: 3}")
+    )
+    assert params_doc.stale(tmp_path) == ["MLproject"]
+    assert params_doc.stale(tmp_path, write=True) == ["MLproject"]
+    assert params_doc.stale(tmp_path) == [] and (tmp_path / "MLproject").read_text() == text
+    proc = subprocess.run(
+        [sys.executable, "scripts/gen_params.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_derived_configs_take_each_field_from_where_it_is_defined():
