@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pin_memory=cuda,
     )
     test_loader = data.make_loader(test, batch_size=args.batch_size, train=False, pin_memory=cuda)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, compile="true" if args.compile else "false")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, compile=args.compile)
     epoch_ends: list[float] = []
     start = time.perf_counter()
     result = engine.fit(

@@ -90,7 +90,7 @@ def restore(
 
 
 def save(state: dict[str, Any], path: Path) -> None:
-    """Write a checkpoint file. Crash safety comes from where it goes (tracking.log_checkpoint: two alternating
+    """Write a checkpoint file. Crash safety comes from where it goes (tracking.checkpoints.log_checkpoint: two alternating
     slots and a manifest written last), so this staging copy is not fsynced: forcing 90 MB to disk every epoch
     only to upload and delete the file would cost seconds on a slow volume."""
     path = Path(path)

@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from cifar_mlflow import stop
-from cifar_mlflow.config import allowed, field_type
 from cifar_mlflow.errors import CifarMlflowError, RunBusy, Terminated
+from cifar_mlflow.fields import allowed, as_param, field_type
 
 # Exits that leave the MLflow run as it is: Ctrl-C and SIGTERM end it KILLED themselves; a run another process
 # trains is not this process's to end.
@@ -35,9 +35,23 @@ class NumberOrWord(click.ParamType):
         return self.number.convert(value, param, ctx)
 
 
+class TrueFalse(click.types.BoolParamType):
+    """click.BOOL taking only the spellings the MLproject passes and `mlflow run` logs: true or false (a `yes`
+    would be logged by `mlflow run` as typed, and then differ from the `true` this process logs)."""
+
+    name = "true|false"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, bool) or value in ("true", "false"):
+            return super().convert(value, param, ctx)
+        self.fail(f"{value!r} is not one of 'true', 'false'.", param, ctx)
+
+
 def _click_type(f: dataclasses.Field) -> Any:
     m = f.metadata
     kind = field_type(f)
+    if kind is bool:
+        return TrueFalse()
     if m["choices"]:
         return click.Choice(m["choices"])
     if kind is int:
@@ -60,7 +74,7 @@ def config_options(config_cls: type) -> Callable[[Callable], Callable]:
                 f"--{f.name}",
                 f.name,
                 type=_click_type(f),
-                default=f.default,
+                default=as_param(f.default),  # booleans as `false`, as in MLproject and --help
                 show_default=True,
                 help=f"{f.metadata['help']} Allowed: {allowed(f)}.",
             )(fn)

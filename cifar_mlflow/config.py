@@ -1,18 +1,17 @@
 """Run configuration: frozen dataclasses holding every parameter, its default, its reason and its allowed values.
 
-This is the one place defaults live. The MLproject file and the click options are checked against these
-dataclasses (tests/test_project_files.py); the click options are generated from them (cifar_mlflow/cli.py).
+This is the one place parameters are written. The click options are generated from these dataclasses
+(cifar_mlflow/cli.py), and so are the MLproject's parameters and commands and the README's parameter tables
+(cifar_mlflow/params_doc.py, `python scripts/gen_params.py`); tests/test_project_files.py checks they agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from cifar_mlflow.errors import ConfigError
+from cifar_mlflow.fields import Composed, Validated, config, param
 
 ARCHS = ("resnet18", "resnet34")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -31,100 +30,12 @@ MODEL_NAME = (
     r"[A-Za-z0-9][A-Za-z0-9_.-]{0,255}",
     "letters, digits, '_', '-' and '.', starting with a letter or digit (at most 256 characters)",
 )
+MODEL_URI_FORMS = "models:/<name>/<version>, models:/<name>@<alias>, models:/<logged model id> or runs:/<run id>/<path>"
+DATA_FILES = "cifar-10-batches-py/ is read from or downloaded to (digits-batches-py/ built in)"
 
 
-def param(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple[str, ...] | None = None,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    pattern: tuple[str, str] | None = None,
-    also: tuple[str, ...] = (),
-) -> Any:
-    """A dataclass field that also carries the help text and the allowed values (used by validation and click).
-    pattern: (regular expression the whole string must match, how to describe it to a user).
-    also: words accepted besides the typed values (e.g. "auto" for the learning rate)."""
-    return field(
-        default=default,
-        metadata={
-            "help": help,
-            "choices": choices,
-            "low": low,
-            "high": high,
-            "low_open": low_open,
-            "high_open": high_open,
-            "pattern": pattern,
-            "also": also,
-        },
-    )
-
-
-def allowed(f: dataclasses.Field) -> str:
-    """Human description of what a field accepts, e.g. "one of sgd, adam" or "an integer >= 1"."""
-    m = f.metadata
-    if m["choices"]:
-        return "one of " + ", ".join(m["choices"])
-    if m["pattern"]:
-        return m["pattern"][1]
-    kind = {int: "an integer", float: "a number", str: "a non-empty string"}[field_type(f)]
-    bounds = []
-    if m["low"] is not None:
-        bounds.append(f"{'>' if m['low_open'] else '>='} {m['low']:g}")
-    if m["high"] is not None:
-        bounds.append(f"{'<' if m['high_open'] else '<='} {m['high']:g}")
-    also = "".join(f", or {word}" for word in m["also"])
-    return kind + (" " + " and ".join(bounds) if bounds else "") + also
-
-
-def field_type(f: dataclasses.Field) -> type:
-    """The field's value type (int, float or str); `float | str` fields take a number or one of their words."""
-    name = f.type if isinstance(f.type, str) else f.type.__name__
-    return {"int": int, "float": float, "str": str, "float | str": float}[name]
-
-
-def _check(f: dataclasses.Field, value: Any) -> Any:
-    """Return the value coerced to the field's type, or raise ConfigError naming the field and what is allowed."""
-    kind, m = field_type(f), f.metadata
-    bad = ConfigError(f"{f.name}={value!r} is not allowed: expected {allowed(f)}")
-    if isinstance(value, str) and value in m["also"]:
-        return value
-    if isinstance(value, bool):
-        raise bad
-    if kind is float and isinstance(value, int):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is float and not math.isfinite(value)):
-        raise bad
-    if kind is str and (
-        not value.strip()
-        or (m["choices"] and value not in m["choices"])
-        or (m["pattern"] and not re.fullmatch(m["pattern"][0], value))
-    ):
-        raise bad
-    if m["low"] is not None and (value < m["low"] or (m["low_open"] and value == m["low"])):
-        raise bad
-    if m["high"] is not None and (value > m["high"] or (m["high_open"] and value == m["high"])):
-        raise bad
-    return value
-
-
-class _Validated:
-    """Validates and type-coerces every field of a frozen dataclass on construction."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            object.__setattr__(self, f.name, _check(f, getattr(self, f.name)))
-
-    def to_params(self) -> dict[str, Any]:
-        """Every field as a flat dict: what gets logged as MLflow params (no hand-kept list)."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-
-@dataclass(frozen=True)
-class TrainConfig(_Validated):
+@config()
+class TrainConfig(Validated):
     """Parameters of the `main` entry point. Defaults follow the short-schedule ResNet18 recipe (SGD + Nesterov,
     batch 512, one-cycle peaking early, weight decay 5e-4, label smoothing, pad-crop + flip + cutout). For this
     network with SGD + one-cycle and crop + flip, the Lightning CIFAR-10 baseline tutorial reports 92-93% test
@@ -134,20 +45,22 @@ class TrainConfig(_Validated):
 
     epochs: int = param(
         20,
-        "Passes over the training set; 20 is what the course assignments ask for, where one-cycle "
-        "SGD reaches 92-93% with this network (Lightning's CIFAR-10 baseline).",
+        "Passes over the training set; 20 is what the course assignments ask for: with this network, SGD and "
+        "one-cycle, Lightning's CIFAR-10 baseline tutorial reports 92-93% in 20-30 epochs (93-94% in 40-50). This "
+        "exact recipe has not been run on CIFAR-10 here (no download on the build machines); on real digits see "
+        "the README's *Does it learn?*.",
         low=1,
     )
     batch_size: int = param(
         512,
-        "Images per step; 512 keeps a GPU busy and takes per-step overhead out of the epoch (Goyal et al. "
-        "2017 train ResNets at up to 8k with the LR scaled linearly).",
+        "Images per step; 512 keeps a GPU busy and takes per-step overhead out of the epoch; ResNets train well "
+        "far beyond it with the LR scaled linearly (Goyal et al. 2017).",
         low=1,
     )
     lr: float | str = param(
         0.2,
-        "Peak learning rate of the schedule; 0.2 = 0.1 per 256 images, He et al.'s 0.1 scaled linearly to "
-        "batch 512 (Goyal et al. 2017). "
+        "Peak learning rate of the schedule; 0.2 = He et al.'s 0.1 per 256 images, scaled linearly to batch 512 "
+        "(Goyal et al. 2017). For other batch sizes scale it (0.05 at 64 is what the digits figures use). "
         "auto = run the LR range test first and use its suggestion (clamped to a safe range).",
         low=0.0,
         low_open=True,
@@ -161,7 +74,7 @@ class TrainConfig(_Validated):
     )
     momentum: float = param(
         0.9,
-        "SGD momentum (Adam beta1); 0.9 as in He et al. 2016 and every recipe cited here.",
+        "SGD momentum (beta1 for Adam/AdamW); 0.9 as in He et al. 2016 and every recipe cited here.",
         low=0.0,
         high=1.0,
         high_open=True,
@@ -177,42 +90,51 @@ class TrainConfig(_Validated):
     )
     label_smoothing: float = param(
         0.1,
-        "Label smoothing of the training loss; 0.1 as in Szegedy et al. 2016 (airbench uses 0.2 for CIFAR-10); "
-        "train/loss and test/loss are reported without it.",
+        "Label smoothing of the training loss; 0.1 as in Szegedy et al. 2016 (airbench uses 0.2 for CIFAR-10); in "
+        "the digits ablation of the old recipe it made no difference (0.307 with, 0.300 without; "
+        "benchmarks/RESULTS.md); train/loss and test/loss are reported without it.",
         low=0.0,
         high=1.0,
         high_open=True,
     )
     scheduler: str = param(
         "onecycle",
-        "LR schedule; one-cycle (linear warm-up over the first 20%, then linear decay to ~0): fast "
-        "convergence in short budgets (Smith & Topin 2019), the shape of Page's 24-epoch CIFAR-10 runs (2018). cosine: per-step cosine decay to 0; plateau: x0.1 when "
-        "the test loss stalls for 2 epochs; cyclic: triangular2 between lr/10 and lr, 2-epoch half cycles.",
+        "LR schedule; one-cycle (linear warm-up over the first 20% of steps, then linear decay to ~0): fast "
+        "convergence in short budgets (Smith & Topin 2019), the shape of Page's 24-epoch CIFAR-10 runs (2018). "
+        "cosine: per-step cosine decay to 0; plateau: x0.1 when the test loss stalls for 2 epochs; cyclic: "
+        "triangular2 between lr/10 and lr, 2-epoch half cycles (README: *Schedules*).",
         choices=SCHEDULERS,
     )
     augment: str = param(
         "standard",
         "Augmentation preset; standard = reflect-pad 4 + random crop 32 and horizontal flip (He et al. "
         "2016), one 16x16 cutout centred anywhere (DeVries & Taylor 2017: the best size for CIFAR-10). See README "
-        "for flip-cutout, heavy, rotate.",
+        "*Augmentation presets* for flip-cutout, heavy, rotate.",
         choices=AUGMENT_PRESETS,
     )
     arch: str = param(
-        "resnet18", "Network: torchvision ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool).", choices=ARCHS
+        "resnet18",
+        "Network: torchvision ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool); 11,173,962 "
+        "(resnet34: 21,282,122) parameters.",
+        choices=ARCHS,
     )
     norm: str = param(
         "batch",
-        "Normalisation layers; batch (Ioffe & Szegedy 2015), as every recipe cited here; group (32 groups, "
-        "Wu & He 2018) and layer (GroupNorm with one group) do not depend on the batch size.",
+        "Normalisation layers; batch (Ioffe & Szegedy 2015), as every recipe cited here; group (GroupNorm with 32 "
+        "groups, Wu & He 2018) and layer (GroupNorm with one group) do not depend on the batch size.",
         choices=NORMS,
     )
     seed: int = param(0, "Seed for weights, shuffling and augmentation; same seed = same run on CPU.", low=0)
-    data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/ or digits-batches-py/.")
+    data_dir: str = param(
+        "data",
+        f"Folder where {DATA_FILES}; created if missing, and it must be writable if CIFAR-10 must be downloaded "
+        "or digits built into it.",
+    )
     dataset: str = param(
         "cifar10",
-        "cifar10 (read or downloaded); digits: scikit-learn's handwritten digits as 32x32 RGB in the "
-        "CIFAR-10 layout, real images that need no download; synthetic: a generated 10-class set for speed runs "
-        "(it proves plumbing, not learning).",
+        "cifar10 (read or downloaded); digits: scikit-learn's handwritten digits as 32x32 RGB in the CIFAR-10 "
+        "layout, real images built offline (README: *Data*); synthetic: a generated 10-class set for speed runs, "
+        "learnable by any recipe (it proves plumbing, not learning).",
         choices=DATASETS,
     )
     max_train_samples: int = param(0, "Use only the first N training images (0 = all); for quick runs.", low=0)
@@ -222,34 +144,37 @@ class TrainConfig(_Validated):
     )
     precision: str = param(
         "auto",
-        "Compute precision; auto = bf16 autocast where the device runs it natively (CUDA with bf16, "
-        "CPUs with AVX512-BF16/AMX), else fp32.",
+        "Compute precision; auto = bf16 autocast where the device runs it natively (CUDA with bf16, CPUs with "
+        "AVX512-BF16/AMX), else fp32. bf16 or fp16 on a CPU without AVX512-BF16 is emulated, 10x or more slower: "
+        "the run prints a warning and logs env/precision_emulated.",
         choices=PRECISIONS,
     )
     loader: str = param(
         "auto",
         "How training batches are made. device: the split lives on the training device as one uint8 "
-        "tensor and is cropped, flipped and cut out there by batched tensor ops (presets standard, flip-cutout, "
-        "none; no worker processes, no copy per batch); workers: albumentations in loader worker processes "
-        "(every preset); auto = device on a GPU for the presets it has, else workers (on a CPU the workers "
-        "augment beside the training threads).",
+        "tensor and is cropped, flipped and cut out there by batched tensor ops drawn from the same distributions "
+        "as the albumentations presets (standard, flip-cutout, none; no worker processes, no copy per batch); "
+        "workers: albumentations in loader worker processes (every preset); auto = device on a GPU for the "
+        "presets it has, else workers (on a CPU the workers augment beside the training threads).",
         choices=LOADERS,
     )
-    compile: str = param(
-        "false",
+    compile: bool = param(
+        False,
         "torch.compile the model for training and evaluation; pays off on a GPU over many epochs, costs "
         "a minute or more of compilation first. GradCAM and saved weights always use the uncompiled module.",
-        choices=("false", "true"),
     )
     log_images_every: int = param(
         -1,
-        "Log a panel of fixed test images with predictions and GradCAM (layer3) every N epochs and after the "
-        "last, as MLflow images (step = epoch), to watch attention form; -1 = auto (epoch 1, about 5 more, the "
-        "last), 0 = off.",
+        "Log a panel of fixed test images (one per class) with predictions and GradCAM (layer3) every N epochs and "
+        "after the last, as MLflow images (step = epoch), to watch attention form; -1 = auto (epoch 1, about 5 "
+        "more, the last), 0 = off.",
         low=-1,
     )
     registered_model_name: str = param(
-        "cifar10-resnet18", "Registered model that receives a new version.", pattern=MODEL_NAME
+        "cifar10-resnet18",
+        "Registered model that receives each new version; the name goes into model URIs and registry searches, "
+        "where /, @, quotes and spaces break.",
+        pattern=MODEL_NAME,
     )
 
     def __post_init__(self) -> None:
@@ -270,11 +195,8 @@ def check_loader(cfg: Any) -> None:
         )
 
 
-MODEL_URI_FORMS = "models:/<name>/<version>, models:/<name>@<alias>, models:/<logged model id> or runs:/<run id>/<path>"
-
-
-@dataclass(frozen=True)
-class AnalyzeConfig(_Validated):
+@config()
+class AnalyzeConfig(Validated):
     """Parameters of the `analyze` entry point."""
 
     model_uri: str = param(
@@ -287,17 +209,18 @@ class AnalyzeConfig(_Validated):
     )
     target_layers: str = param(
         "layer3,layer4",
-        "Comma-separated modules to explain with GradCAM; layer3 (8x8) and layer4 (4x4) are the "
-        "last two stages, coarse-to-fine as in the course notebooks.",
+        "Comma-separated modules to explain with GradCAM, each one whose output is a feature map (N, C, H, W) "
+        "with H, W > 1: conv1, bn1, relu, maxpool, layer1-layer4, or a dotted path inside one (layer4.1.conv2); "
+        "layer3 (8x8) and layer4 (4x4) are the last two stages, coarse-to-fine as in the course notebooks.",
         pattern=(r"[\w.]+(,[\w.]+)*", "comma-separated layer names"),
     )
-    data_dir: str = param("data", "Folder holding (or receiving) cifar-10-batches-py/ or digits-batches-py/.")
+    data_dir: str = param("data", f"Folder where the test split's {DATA_FILES}.")
     dataset: str = param(
         "auto",
         "Test data: auto = the dataset the model's training run used; or cifar10, digits, synthetic.",
         choices=ANALYZE_DATASETS,
     )
-    max_test_samples: int = param(0, "Use only the first N test images (0 = all); for quick runs.", low=0)
+    max_test_samples: int = param(0, "Analyse only the first N test images (0 = all); for quick runs.", low=0)
     batch_size: int = param(
         0,
         "Images per evaluation/GradCAM batch; 0 = the training run's batch size, so the accuracy reproduces "
@@ -306,44 +229,32 @@ class AnalyzeConfig(_Validated):
     )
 
 
-def inherit(config: type, name: str) -> Any:
-    """The same field (default, help, allowed values) as another config's: one place for each default."""
-    f = config.__dataclass_fields__[name]
-    return field(default=f.default, metadata=f.metadata)
+# What the range test shares with training: data, model and optimiser, not the schedule or the run's length.
+LR_FIND_SHARED = (
+    "batch_size optimizer momentum weight_decay l1 label_smoothing augment arch norm seed data_dir dataset "
+    "max_train_samples num_workers precision loader"
+).split()
 
 
 # The range test sweeps far enough on both sides to see the loss start falling and then blow up.
-@dataclass(frozen=True)
-class LRFindConfig(_Validated):
+@config((TrainConfig, LR_FIND_SHARED), own_first=True)
+class LRFindConfig(Composed):
     """Parameters of the `lr_find` entry point: the sweep, plus main's data, model and optimiser parameters."""
 
     start_lr: float = param(
         1e-5, "First learning rate of the exponential sweep (well below any useful LR).", low=0.0, low_open=True
     )
     end_lr: float = param(
-        10.0, "Last learning rate of the sweep (well above where training diverges).", low=0.0, low_open=True
+        10.0,
+        "Last learning rate of the sweep (well above where training diverges); it must exceed start_lr.",
+        low=0.0,
+        low_open=True,
     )
     num_iter: int = param(
         100,
         "Sweep steps; 100 points over 6 decades put ~8 in each half-decade the suggestion fits a line through.",
         low=20,
     )
-    batch_size: int = inherit(TrainConfig, "batch_size")
-    optimizer: str = inherit(TrainConfig, "optimizer")
-    momentum: float = inherit(TrainConfig, "momentum")
-    weight_decay: float = inherit(TrainConfig, "weight_decay")
-    l1: float = inherit(TrainConfig, "l1")
-    label_smoothing: float = inherit(TrainConfig, "label_smoothing")
-    augment: str = inherit(TrainConfig, "augment")
-    arch: str = inherit(TrainConfig, "arch")
-    norm: str = inherit(TrainConfig, "norm")
-    seed: int = inherit(TrainConfig, "seed")
-    data_dir: str = inherit(TrainConfig, "data_dir")
-    dataset: str = inherit(TrainConfig, "dataset")
-    max_train_samples: int = inherit(TrainConfig, "max_train_samples")
-    num_workers: int = inherit(TrainConfig, "num_workers")
-    precision: str = inherit(TrainConfig, "precision")
-    loader: str = inherit(TrainConfig, "loader")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -352,56 +263,28 @@ class LRFindConfig(_Validated):
             raise ConfigError(f"end_lr={self.end_lr!r} is not allowed: expected a number > start_lr={self.start_lr!r}")
 
 
-# The pipeline's own parameters, besides those it passes through to its steps.
-PIPELINE_STEPS = ("lr_find", "main", "analyze")
-
-
-@dataclass(frozen=True)
-class PipelineConfig(_Validated):
+@config(
+    (LRFindConfig, ["start_lr", "end_lr", "num_iter"]),
+    (TrainConfig, [name for name in TrainConfig.__dataclass_fields__ if name != "lr"]),
+    (AnalyzeConfig, ["num_images", "target_layers"]),
+)
+class PipelineConfig(Composed):
     """Parameters of the `pipeline` entry point: the range test's sweep, every training parameter but `lr`
     (the range test chooses it), the analysis' gallery and layers, and whether to reuse finished steps."""
 
-    start_lr: float = inherit(LRFindConfig, "start_lr")
-    end_lr: float = inherit(LRFindConfig, "end_lr")
-    num_iter: int = inherit(LRFindConfig, "num_iter")
-    epochs: int = inherit(TrainConfig, "epochs")
-    batch_size: int = inherit(TrainConfig, "batch_size")
-    optimizer: str = inherit(TrainConfig, "optimizer")
-    momentum: float = inherit(TrainConfig, "momentum")
-    weight_decay: float = inherit(TrainConfig, "weight_decay")
-    l1: float = inherit(TrainConfig, "l1")
-    label_smoothing: float = inherit(TrainConfig, "label_smoothing")
-    scheduler: str = inherit(TrainConfig, "scheduler")
-    augment: str = inherit(TrainConfig, "augment")
-    arch: str = inherit(TrainConfig, "arch")
-    norm: str = inherit(TrainConfig, "norm")
-    seed: int = inherit(TrainConfig, "seed")
-    data_dir: str = inherit(TrainConfig, "data_dir")
-    dataset: str = inherit(TrainConfig, "dataset")
-    max_train_samples: int = inherit(TrainConfig, "max_train_samples")
-    max_test_samples: int = inherit(TrainConfig, "max_test_samples")
-    num_workers: int = inherit(TrainConfig, "num_workers")
-    precision: str = inherit(TrainConfig, "precision")
-    loader: str = inherit(TrainConfig, "loader")
-    compile: str = inherit(TrainConfig, "compile")
-    log_images_every: int = inherit(TrainConfig, "log_images_every")
-    registered_model_name: str = inherit(TrainConfig, "registered_model_name")
-    num_images: int = inherit(AnalyzeConfig, "num_images")
-    target_layers: str = inherit(AnalyzeConfig, "target_layers")
-    reuse: str = param(
-        "true",
-        "Reuse a step whose FINISHED run with the same parameters and the same code exists (MLflow's "
+    reuse: bool = param(
+        True,
+        "Reuse a step whose FINISHED run with the same parameters and the same code version exists (MLflow's "
         "multistep pattern) instead of running it again; false = always run every step.",
-        choices=("true", "false"),
     )
 
     def steps(self) -> tuple[LRFindConfig, TrainConfig, AnalyzeConfig]:
         """The three steps' configs (validated): training's lr and analysis' model_uri are placeholders that
         the pipeline fills in from the earlier steps' results."""
-        mine = self.to_params()
+        mine = dataclasses.asdict(self)
 
-        def pick(config: type, **extra: Any) -> Any:
-            return config(**{**{k: v for k, v in mine.items() if k in config.__dataclass_fields__}, **extra})
+        def pick(step: type, **extra: Any) -> Any:
+            return step(**{**{k: v for k, v in mine.items() if k in step.__dataclass_fields__}, **extra})
 
         return (
             pick(LRFindConfig),

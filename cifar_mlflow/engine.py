@@ -209,7 +209,7 @@ def fit(
     schedule = optim.build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
     scaler = hardware.grad_scaler(device, precision)
     # The compiled/DDP modules share parameters with `model`; state_dicts, checkpoints and GradCAM use `model`.
-    compiled = getattr(cfg, "compile", "false") == "true"
+    compiled = getattr(cfg, "compile", False)
     eval_net = torch.compile(model) if compiled else model
     train_net = eval_net
     if ctx is not None:

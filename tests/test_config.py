@@ -1,10 +1,10 @@
-"""TrainConfig: defaults, type coercion and one-line validation errors."""
+"""TrainConfig: defaults, type coercion and one-line validation errors; booleans and what is logged for them."""
 
 import dataclasses
 
 import pytest
 
-from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.config import PipelineConfig, TrainConfig
 from cifar_mlflow.errors import ConfigError
 
 
@@ -58,6 +58,8 @@ def test_int_is_accepted_for_float_fields():
         ({"epochs": True}, "epochs=True is not allowed"),
         ({"epochs": 2.5}, "epochs=2.5 is not allowed"),
         ({"num_workers": -2}, "num_workers=-2 is not allowed: expected an integer >= -1"),
+        ({"compile": "true"}, "compile='true' is not allowed: expected true or false"),
+        ({"compile": 1}, "compile=1 is not allowed: expected true or false"),
         (
             {"registered_model_name": " "},
             "registered_model_name=' ' is not allowed: expected letters, digits, '_', '-' "
@@ -76,3 +78,17 @@ def test_to_params_lists_every_field():
     params = TrainConfig(epochs=3).to_params()
     assert set(params) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert params["epochs"] == 3
+
+
+def test_booleans_are_bools_and_log_as_mlflow_run_logs_them():
+    """`mlflow run -P compile=true` logs the param "true" before our code runs; logging "True" would clash."""
+    assert TrainConfig().compile is False and TrainConfig(compile=True).compile is True
+    assert TrainConfig(compile=True).to_params()["compile"] == "true"
+    assert (
+        PipelineConfig().to_params()["reuse"] == "true" and PipelineConfig(reuse=False).to_params()["reuse"] == "false"
+    )
+
+
+def test_pipeline_steps_keep_booleans():
+    sweep, train, analyze = PipelineConfig(compile=True, epochs=3).steps()
+    assert train.compile is True and train.epochs == 3 and train.to_params()["compile"] == "true"

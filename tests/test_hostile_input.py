@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 
 from cifar_mlflow import data
 from cifar_mlflow.cli import invoke
-from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig, field_type
+from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
+from cifar_mlflow.fields import field_type
 from entrypoints.analyze import analyze
 from entrypoints.lr_find import lr_find
 from entrypoints.pipeline import pipeline
@@ -35,6 +36,9 @@ COMMANDS = {
 def _bad_values(f: dataclasses.Field):
     """(what, value, expected message fragment) for one parameter, from its declared type and range."""
     m, kind = f.metadata, field_type(f)
+    if kind is bool:
+        yield "unknown", "yes", "'yes' is not one of 'true', 'false'"
+        return
     if m["choices"]:
         yield "unknown", "bogus", f"'bogus' is not one of {', '.join(repr(c) for c in m['choices'])}"
         return

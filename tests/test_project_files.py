@@ -1,17 +1,23 @@
-"""The contract files agree: MLproject <-> TrainConfig <-> click options, pyproject pins <-> conda.yaml,
-README documents every parameter, and only the tracking package imports mlflow."""
+"""The contract files agree: MLproject and the README's parameter tables are what scripts/gen_params.py writes
+from the config dataclasses, MLproject <-> configs <-> click options, pyproject pins <-> conda.yaml, and only
+the tracking package imports mlflow."""
 
 import ast
 import dataclasses
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 
 import click
 import pytest
 import yaml
 
-from cifar_mlflow.cli import NumberOrWord
+from cifar_mlflow import params_doc
+from cifar_mlflow.cli import NumberOrWord, TrueFalse
 from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
+from cifar_mlflow.fields import as_param
 from entrypoints.analyze import analyze as analyze_command
 from entrypoints.lr_find import lr_find as lr_find_command
 from entrypoints.pipeline import pipeline as pipeline_command
@@ -27,12 +33,49 @@ ENTRY_POINTS = {
 }
 each_entry_point = pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 
-# MLproject type -> dataclass annotation ("float | str": a number or a word such as lr=auto)
-YAML_TYPES = {"int": {"int"}, "float": {"float"}, "string": {"str", "float | str"}}
+# MLproject type -> dataclass annotation ("float | str": a number or a word such as lr=auto; bool: true/false)
+YAML_TYPES = {"int": {"int"}, "float": {"float"}, "string": {"str", "float | str", "bool"}}
 
 
 def _mlproject():
     return yaml.safe_load((REPO / "MLproject").read_text())
+
+
+def test_mlproject_and_readme_tables_are_generated_from_the_configs():
+    assert params_doc.stale() == [], "stale: run python scripts/gen_params.py"
+    assert set(params_doc.ENTRY_POINTS) == set(ENTRY_POINTS)
+
+
+def test_gen_params_check_names_the_stale_file_and_the_rewrite_fixes_it(tmp_path):
+    for name in ("MLproject", "README.md"):
+        shutil.copy(REPO / name, tmp_path / name)
+    text = (tmp_path / "MLproject").read_text()
+    (tmp_path / "MLproject").write_text(
+        text.replace("epochs: {type: int, default: 20}", "epochs: {type: int, default: 3}")
+    )
+    assert params_doc.stale(tmp_path) == ["MLproject"]
+    assert params_doc.stale(tmp_path, write=True) == ["MLproject"]
+    assert params_doc.stale(tmp_path) == [] and (tmp_path / "MLproject").read_text() == text
+    proc = subprocess.run(
+        [sys.executable, "scripts/gen_params.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_derived_configs_take_each_field_from_where_it_is_defined():
+    """lr_find and pipeline define only their own parameters; the others are TrainConfig's (AnalyzeConfig's,
+    LRFindConfig's) fields taken by name: the same default, help and allowed values."""
+    for config in (LRFindConfig, PipelineConfig):
+        for name, source in config.__taken__.items():
+            mine, theirs = config.__dataclass_fields__[name], source.__dataclass_fields__[name]
+            assert (mine.type, mine.default, dict(mine.metadata)) == (
+                theirs.type,
+                theirs.default,
+                dict(theirs.metadata),
+            )
+    assert set(LRFindConfig.__dataclass_fields__) - set(LRFindConfig.__taken__) == {"start_lr", "end_lr", "num_iter"}
+    assert set(PipelineConfig.__dataclass_fields__) - set(PipelineConfig.__taken__) == {"reuse"}
+    assert set(TrainConfig.__dataclass_fields__) - set(PipelineConfig.__dataclass_fields__) == {"lr"}
 
 
 def test_every_entry_point_is_tested_here():
@@ -60,7 +103,8 @@ def test_mlproject_matches_config_names_types_defaults(entry):
     for name, spec in params.items():
         kind = fields[name].type
         assert kind in YAML_TYPES[spec["type"]], name
-        assert spec["default"] == fields[name].default and type(spec["default"]).__name__ in kind, name
+        expected = as_param(fields[name].default)  # booleans: the strings "true"/"false" mlflow passes and logs
+        assert spec["default"] == expected and type(spec["default"]) is type(expected), name
 
 
 @each_entry_point
@@ -79,17 +123,28 @@ def test_click_options_match_config(entry):
     fields = {f.name: f for f in dataclasses.fields(config)}
     assert set(options) == set(fields)
     for name, f in fields.items():
-        assert options[name].default == f.default, name
+        assert options[name].default == as_param(f.default), name
+        assert options[name].type.convert(options[name].default, None, None) == f.default, name
         assert options[name].opts == [f"--{name}"]
         click_kind = {
             click.IntRange: "int",
             click.FloatRange: "float",
             click.Choice: "str",
             NumberOrWord: "float | str",
+            TrueFalse: "bool",
         }.get(type(options[name].type), "str" if options[name].type is click.STRING else "?")
         assert click_kind == f.type, name
         if f.metadata["choices"]:
             assert tuple(options[name].type.choices) == f.metadata["choices"], name
+
+
+@pytest.mark.parametrize("entry, name", [("main", "compile"), ("pipeline", "reuse")])
+def test_boolean_options_take_true_or_false_as_mlflow_passes_them(entry, name):
+    command = ENTRY_POINTS[entry][1]
+    assert command.make_context(entry, [f"--{name}", "true"]).params[name] is True
+    assert command.make_context(entry, [f"--{name}", "false"]).params[name] is False
+    with pytest.raises(click.BadParameter, match="'yes' is not one of 'true', 'false'"):
+        command.make_context(entry, [f"--{name}", "yes"])
 
 
 def test_pins_agree_between_pyproject_and_conda():
@@ -108,7 +163,7 @@ def test_readme_documents_every_parameter(entry):
     readme = (REPO / "README.md").read_text()
     section = readme.split(f"## Parameters (`{entry}` entry point)", 1)[1].split("\n## ", 1)[0]
     for f in dataclasses.fields(config):
-        assert re.search(rf"^\| `{f.name}` \| {re.escape(str(f.default))} \|", section, re.M), (
+        assert re.search(rf"^\| `{f.name}` \| {re.escape(str(as_param(f.default)))} \|", section, re.M), (
             f"README {entry} table lacks {f.name} with default {f.default}"
         )
     assert "make train" in readme and "make test" in readme

@@ -5,8 +5,6 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-_TRUE, _FALSE = ("1", "true", "t", "yes", "y", "on"), ("0", "false", "f", "no", "n", "off")
-
 
 def as_param(value: Any) -> str:
     """How a value is logged: tuples (mean, std) as comma-separated numbers, booleans as MLproject passes them
@@ -19,10 +17,7 @@ def as_param(value: Any) -> str:
 def same(logged: str, value: Any) -> bool:
     """Is an already-logged string the same value? `mlflow run` logs -P values as typed ("1e-3"), we as parsed,
     and it logs a value that needs shell quoting quoted ("'/tmp/my data'"), as it puts it into the command."""
-    if isinstance(value, bool):  # click.BOOL's spellings, as `-P compile=True` reaches MLflow unchanged
-        word = _unquoted(logged).lower()
-        return word in _TRUE + _FALSE and (word in _TRUE) == value
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             return float(logged) == float(value)
         except ValueError:
