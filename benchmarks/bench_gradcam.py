@@ -20,8 +20,9 @@ import torch
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import analysis, analyze_job, data, engine, hardware, models
+from cifar_mlflow import analysis, data, engine, hardware, models
 from cifar_mlflow.config import AnalyzeConfig, TrainConfig
+from cifar_mlflow.jobs import analyze as analyze_job
 from cifar_mlflow.tracking import lineage, registry, runs, serving
 from cifar_mlflow.tracking.logger import RunLogger
 

@@ -20,11 +20,11 @@ import torch
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import augment, data, engine, hardware, models, plots, watch
+from cifar_mlflow import augment, data, engine, gradcam_panel, hardware, models, plots
 from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.jobs.train import with_panels
 from cifar_mlflow.tracking import registry
 from cifar_mlflow.tracking.reporter import EpochReporter
-from cifar_mlflow.train_job import with_panels
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(
         f"{args.epochs} epochs x {args.images} images, batch {args.batch_size}, system metrics every "
         f"{args.system_metrics_interval} s, GradCAM panel after epochs "
-        f"{watch.panel_epochs(cfg.log_images_every, cfg.epochs)}, median of {args.repeats} interleaved runs\n"
+        f"{gradcam_panel.panel_epochs(cfg.log_images_every, cfg.epochs)}, median of {args.repeats} interleaved runs\n"
     )
     print(
         table(

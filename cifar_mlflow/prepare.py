@@ -13,7 +13,7 @@ from cifar_mlflow import augment, data, distributed, engine, hardware, models
 
 
 @dataclass
-class Prepared:
+class TrainingSetup:
     device: torch.device
     precision: str
     dataset: data.Dataset
@@ -53,7 +53,7 @@ class Prepared:
         }
 
 
-def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> Prepared:
+def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> TrainingSetup:
     """cfg: a TrainConfig or LRFindConfig (the fields they share). ctx (torchrun): this process's shards of
     both splits, batch_size / world images per step, and this process's GPU."""
     device = hardware.resolve_device(ctx)
@@ -118,7 +118,7 @@ def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> 
         test_loader = data.make_loader(
             dataset.test, batch_size=batch, train=False, pin_memory=pin, rank=rank, world=world
         )
-    return Prepared(
+    return TrainingSetup(
         device, precision, dataset, spec, model, summary, transform, workers, train_loader, test_loader, ctx, loader
     )
 

@@ -16,7 +16,7 @@ from cifar_mlflow.config import AnalyzeConfig
 def analyze(**params) -> None:
     """Analyse a registered model version on the test split and log the findings as a run of their own."""
     config = AnalyzeConfig(**params)
-    from cifar_mlflow.analyze_job import run_analysis  # heavy imports only when work starts
+    from cifar_mlflow.jobs.analyze import run_analysis  # heavy imports only when work starts
 
     run_analysis(config)
 

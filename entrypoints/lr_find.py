@@ -16,7 +16,7 @@ from cifar_mlflow.config import LRFindConfig
 def lr_find(**params) -> None:
     """Sweep the learning rate exponentially, stop when the loss diverges, suggest a peak LR."""
     config = LRFindConfig(**params)
-    from cifar_mlflow.lr_finder_job import run_lr_find  # heavy imports only when work starts
+    from cifar_mlflow.jobs.lr_find import run_lr_find  # heavy imports only when work starts
 
     run_lr_find(config)
 

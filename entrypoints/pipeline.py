@@ -18,7 +18,7 @@ def pipeline(**params) -> None:
     range test's suggested LR (clamped to the optimiser's safe range), analysis the version training registered.
     A step whose FINISHED run with the same parameters and code version exists is reused, not rerun."""
     config = PipelineConfig(**params)
-    from cifar_mlflow.pipeline_job import run_pipeline  # heavy imports only when work starts
+    from cifar_mlflow.jobs.pipeline import run_pipeline  # heavy imports only when work starts
 
     run_pipeline(config)
 

@@ -16,7 +16,7 @@ def train(**params) -> None:
     """Train ResNet on CIFAR-10 (or the synthetic stand-in), log params, per-epoch metrics, system metrics and
     artifacts to the active MLflow run, and register the model (alias `champion` if it is the best so far)."""
     config = TrainConfig(**params)
-    from cifar_mlflow.train_job import run_training  # heavy imports (torch, mlflow) only when work starts
+    from cifar_mlflow.jobs.train import run_training  # heavy imports (torch, mlflow) only when work starts
 
     run_training(config)
 

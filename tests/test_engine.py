@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_mlflow import augment, data, engine, hardware, inference, models, optim, train_step, watch
+from cifar_mlflow import augment, data, engine, gradcam_panel, hardware, inference, models, optim, train_step
 from cifar_mlflow.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -283,18 +283,18 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_fit():
     ],
 )
 def test_panel_epochs(every, epochs, expected):
-    assert watch.panel_epochs(every, epochs) == expected
+    assert gradcam_panel.panel_epochs(every, epochs) == expected
 
 
 def test_panel_shows_one_test_image_per_class_with_gradcam():
     split = data.make_synthetic(60, seed=3)
-    idx = watch.panel_indices(split.labels, 10)
+    idx = gradcam_panel.panel_indices(split.labels, 10)
     assert split.labels[idx].tolist() == list(range(10))
     torch.manual_seed(0)
     model = models.build_model(models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, (0.5,) * 3, (0.25,) * 3))
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    panel = watch.compute_panel(model, split, idx, data.SYNTHETIC_CLASSES, epoch=4)
+    panel = gradcam_panel.compute_panel(model, split, idx, data.SYNTHETIC_CLASSES, epoch=4)
     assert panel.maps.shape == (10, 32, 32) and 0 <= panel.maps.min() and panel.maps.max() <= 1
     assert list(panel.true_names) == list(data.SYNTHETIC_CLASSES)
     assert all(0 < c <= 1 for c in panel.confidence)

@@ -6,7 +6,7 @@ from mlflow import MlflowClient
 
 from cifar_mlflow import lr_finder
 from cifar_mlflow.cli import invoke
-from cifar_mlflow.pipeline_job import finished_step
+from cifar_mlflow.jobs.pipeline import finished_step
 from cifar_mlflow.tracking.runs import code_version, open_run
 from entrypoints.pipeline import pipeline
 from tests.conftest import cli_args, mlflow_run

@@ -11,11 +11,10 @@ from typing import Any
 
 import torch
 
-from cifar_mlflow import augment, data, distributed, engine, hardware, lr_finder, plots, watch
+from cifar_mlflow import augment, data, distributed, engine, gradcam_panel, hardware, lr_finder, plots
 from cifar_mlflow.config import LRFindConfig, TrainConfig
-from cifar_mlflow.lr_finder_job import log_range_test, range_test
-from cifar_mlflow.prepare import Prepared as TrainingSetup
-from cifar_mlflow.prepare import prepare
+from cifar_mlflow.jobs.lr_find import log_range_test, range_test
+from cifar_mlflow.prepare import TrainingSetup, prepare
 from cifar_mlflow.tracking import checkpoints, registry, runs, store
 from cifar_mlflow.tracking.logger import Logger, NullLogger, RunLogger
 from cifar_mlflow.tracking.registry import RegisteredVersion
@@ -166,14 +165,14 @@ def with_panels(
     """on_epoch_end that also hands the reporter a GradCAM panel of fixed test images on the chosen epochs. The
     panel is computed here, on the training thread between epochs (the model must not change meanwhile), and
     rendered and logged by the reporter's thread."""
-    epochs = set(watch.panel_epochs(cfg.log_images_every, cfg.epochs))
-    indices = watch.panel_indices(dataset.test.labels, len(dataset.class_names))
+    epochs = set(gradcam_panel.panel_epochs(cfg.log_images_every, cfg.epochs))
+    indices = gradcam_panel.panel_indices(dataset.test.labels, len(dataset.class_names))
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], capture: Callable[[], dict]) -> None:
         images = None
         if epoch in epochs:
-            panel = watch.compute_panel(model, dataset.test, indices, dataset.class_names, epoch)
-            images = {watch.PANEL_KEY: panel.figure}
+            panel = gradcam_panel.compute_panel(model, dataset.test, indices, dataset.class_names, epoch)
+            images = {gradcam_panel.PANEL_KEY: panel.figure}
         reporter(epoch, metrics, capture, images)
 
     return on_epoch_end

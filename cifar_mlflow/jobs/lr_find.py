@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from cifar_mlflow import data, lr_finder, optim, plots
 from cifar_mlflow.config import LRFindConfig
-from cifar_mlflow.prepare import Prepared, prepare
+from cifar_mlflow.prepare import TrainingSetup, prepare
 from cifar_mlflow.tracking import runs, store
 from cifar_mlflow.tracking.logger import RunLogger
 
 
-def range_test(p: Prepared, cfg: LRFindConfig) -> lr_finder.RangeTestResult:
+def range_test(p: TrainingSetup, cfg: LRFindConfig) -> lr_finder.RangeTestResult:
     """Range test on the prepared model with cfg's optimiser; the model comes back exactly as it was."""
     optimizer = optim.build_optimizer(cfg, p.model.parameters(), lr=cfg.start_lr)
     return lr_finder.range_test(
