@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cifar_mlflow import augment, data
+from cifar_mlflow.data.loaders import mix_seed
 
 
 class DeviceLoader:
@@ -60,7 +61,7 @@ class DeviceLoader:
     def __getitems__(self, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch for sampler keys (epoch * n + index), augmented with draws seeded by (seed, first key)."""
         index = torch.as_tensor(np.asarray(keys, dtype=np.int64) % self.sampler.n, device=self.device)
-        self.generator.manual_seed(data._mix(self.seed, keys[0], keys[0] >> 32))
+        self.generator.manual_seed(mix_seed(self.seed, keys[0], keys[0] >> 32))
         images = augment.batch_augment(self.images, index, self.recipe, self.fill, self.generator)
         return images, self.labels[index]
 
