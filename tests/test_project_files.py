@@ -116,7 +116,7 @@ def test_readme_documents_every_parameter(entry):
 
 def test_only_the_tracking_module_imports_mlflow():
     importers = set()
-    for path in list((REPO / "cifar_mlflow").glob("*.py")) + list((REPO / "entrypoints").glob("*.py")):
+    for path in list((REPO / "cifar_mlflow").rglob("*.py")) + list((REPO / "entrypoints").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
                 [a.name for a in node.names]
