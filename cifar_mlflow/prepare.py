@@ -83,7 +83,7 @@ def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> 
     batch = cfg.batch_size // world
     loader = resolve_loader(cfg.loader, cfg.augment, device)
     if loader == "device":
-        from cifar_mlflow.device_loader import DeviceLoader
+        from cifar_mlflow.data.device_loader import DeviceLoader
 
         workers = 0
         train_loader: Any = DeviceLoader(

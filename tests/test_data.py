@@ -241,7 +241,7 @@ def test_an_interrupted_digits_build_leaves_nothing_behind(tmp_path, monkeypatch
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data, "write_meta", disk_full)
+    monkeypatch.setattr("cifar_mlflow.data.layout.write_meta", disk_full)  # where write_layout finds it
     with pytest.raises(
         DataError,
         match=r"is not writable \(No space left on device\), so the digits set cannot "

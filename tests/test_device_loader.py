@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cifar_mlflow import augment, data
-from cifar_mlflow.device_loader import DeviceLoader
+from cifar_mlflow.data.device_loader import DeviceLoader
 
 CPU = torch.device("cpu")
 MEAN = (0.5, 0.5, 0.5)  # cutout fill 128 in every channel

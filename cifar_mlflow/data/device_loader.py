@@ -14,15 +14,17 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from cifar_mlflow import augment, data
+from cifar_mlflow import augment
+from cifar_mlflow.data.dataset import Split
+from cifar_mlflow.data.loaders import EpochSampler, mix_seed
 
 
 class DeviceLoader:
-    """Drop-in for data.make_loader's DataLoader over one split (this process's shard when world > 1)."""
+    """Drop-in for loaders.make_loader's DataLoader over one split (this process's shard when world > 1)."""
 
     def __init__(
         self,
-        split: data.Split,
+        split: Split,
         *,
         device: torch.device,
         batch_size: int,
@@ -40,8 +42,8 @@ class DeviceLoader:
             )
         self.recipe = augment.BATCH_RECIPES[preset if train else "none"]
         self.device, self.batch_size, self.seed = device, batch_size, seed
-        self.sampler = data.EpochSampler(len(split), seed, shuffle=train, rank=rank, world=world)
-        # the same last-batch rule as data.make_loader: drop a partial training batch unless it is the only one
+        self.sampler = EpochSampler(len(split), seed, shuffle=train, rank=rank, world=world)
+        # the same last-batch rule as loaders.make_loader: drop a partial training batch unless it is the only one
         self.drop_last = train and len(self.sampler) > batch_size
         p = self.recipe.pad
         # Padded once for the whole split (reflect-101, as albumentations' PadIfNeeded with BORDER_REFLECT_101):
@@ -60,7 +62,7 @@ class DeviceLoader:
     def __getitems__(self, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch for sampler keys (epoch * n + index), augmented with draws seeded by (seed, first key)."""
         index = torch.as_tensor(np.asarray(keys, dtype=np.int64) % self.sampler.n, device=self.device)
-        self.generator.manual_seed(data._mix(self.seed, keys[0], keys[0] >> 32))
+        self.generator.manual_seed(mix_seed(self.seed, keys[0], keys[0] >> 32))
         images = augment.batch_augment(self.images, index, self.recipe, self.fill, self.generator)
         return images, self.labels[index]
 
