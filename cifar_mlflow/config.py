@@ -283,7 +283,7 @@ class PipelineConfig(Composed):
         the pipeline fills in from the earlier steps' results."""
         mine = dataclasses.asdict(self)
 
-        def pick(step: type, **extra: Any) -> Any:
+        def pick(step: type[Any], **extra: Any) -> Any:  # step: one of the config dataclasses
             return step(**{**{k: v for k, v in mine.items() if k in step.__dataclass_fields__}, **extra})
 
         return (

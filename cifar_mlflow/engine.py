@@ -187,6 +187,12 @@ class FitResult:
     first_step_at: float | None = None  # time.time() when this process finished its first optimiser step
 
 
+def _compiled(module: nn.Module) -> nn.Module:
+    """torch.compile(module): an OptimizedModule, an nn.Module sharing `module`'s parameters. torch annotates
+    compile as returning a plain Callable of the same signature, which loses that it is a module."""
+    return torch.compile(module)  # type: ignore[return-value]
+
+
 @stop.deferred()  # Ctrl-C/SIGTERM stop it between two batches, where no lock is held
 def fit(
     model: nn.Module,
@@ -210,13 +216,13 @@ def fit(
     scaler = hardware.grad_scaler(device, precision)
     # The compiled/DDP modules share parameters with `model`; state_dicts, checkpoints and GradCAM use `model`.
     compiled = getattr(cfg, "compile", False)
-    eval_net = torch.compile(model) if compiled else model
+    eval_net = _compiled(model) if compiled else model
     train_net = eval_net
     if ctx is not None:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        train_net = torch.compile(ddp) if compiled else ddp
+        train_net = _compiled(ddp) if compiled else ddp
     history: list[Metrics] = []
     lr_steps: list[float] = []
     first_step: list[float] = []
@@ -258,9 +264,9 @@ def fit(
             f"  lr {metrics['lr']:.3g}  {metrics['train/images_per_sec']:.0f} img/s"
         )
         if on_epoch_end is not None:
-            on_epoch_end(
-                epoch,
-                metrics,
-                lambda e=epoch: checkpoint.capture(model, optimizer, schedule.scheduler, scaler, e, history, lr_steps),
-            )
+
+            def capture(e: int = epoch) -> dict[str, Any]:  # (a lambda with a default is beyond mypy's inference)
+                return checkpoint.capture(model, optimizer, schedule.scheduler, scaler, e, history, lr_steps)
+
+            on_epoch_end(epoch, metrics, capture)
     return FitResult(history, lr_steps, first_step[0] if first_step else None)

@@ -8,9 +8,14 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, dataclass_transform
+from typing import TYPE_CHECKING, Any, TypeVar, dataclass_transform
 
 from cifar_mlflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Config = TypeVar("_Config", bound="DataclassInstance")
 
 
 def param(
@@ -81,9 +86,13 @@ def check(f: dataclasses.Field, value: Any) -> Any:
         raise bad
     if kind is float and isinstance(value, int):
         value = float(value)
-    if not isinstance(value, kind) or (kind is float and not math.isfinite(value)):
+    if not isinstance(value, kind):
         raise bad
-    if kind is str and (
+    # value is an instance of kind now (bool settled above), so isinstance(value, float) means `kind is float`
+    # and isinstance(value, str) `kind is str`: the checks below narrow the value's type for type checkers
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad
+    if isinstance(value, str) and (
         not value.strip()
         or (m["choices"] and value not in m["choices"])
         or (m["pattern"] and not re.fullmatch(m["pattern"][0], value))
@@ -107,6 +116,13 @@ class Validated:
         """Every field as a flat dict: what gets logged as MLflow params (no hand-kept list), booleans as the
         strings `mlflow run` logs for them (true/false)."""
         return {k: as_param(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+
+def replace(cfg: _Config, **changes: Any) -> _Config:
+    """dataclasses.replace for any config. Type checkers do not see the fields a Composed config takes by name
+    (config()), so they would refuse those names here; the dataclass itself still refuses a name it lacks
+    (TypeError) and validates the new values (Validated)."""
+    return dataclasses.replace(cfg, **changes)
 
 
 class Composed(Validated):

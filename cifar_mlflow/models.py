@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -135,7 +136,7 @@ def read_spec(folder: Path) -> ModelSpec:
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: not a valid model config (a JSON object is expected)")
     spec = ModelSpec(
-        arch=raw.get("arch"),
+        arch=cast(str, raw.get("arch")),  # any JSON value until the check of arch below, before spec is returned
         class_names=_class_names(raw.get("class_names"), path),
         mean=_channels(raw.get("mean"), "mean", path, low=0.0),
         std=_channels(raw.get("std"), "std", path, low=0.0, low_open=True),
@@ -153,12 +154,11 @@ def read_spec(folder: Path) -> ModelSpec:
 
 
 def _class_names(value: object, path: Path) -> tuple[str, ...]:
-    ok = (
+    if not (
         isinstance(value, list)
         and 2 <= len(value) <= MAX_CLASSES
         and all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME for n in value)
-    )
-    if not ok:
+    ):
         got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
         raise ModelError(
             f"{path}: class_names must list 2 to {MAX_CLASSES} names (strings of 1-{MAX_CLASS_NAME} "
@@ -169,15 +169,14 @@ def _class_names(value: object, path: Path) -> tuple[str, ...]:
 
 def _channels(value: object, name: str, path: Path, low: float, low_open: bool = False) -> tuple[float, ...]:
     """mean/std: three finite numbers in [0, 1] (fractions of 255), std above 0."""
-    ok = (
+    if not (
         isinstance(value, list)
         and len(value) == 3
         and all(
             type(v) in (int, float) and math.isfinite(v) and v <= 1 and (v > low if low_open else v >= low)
             for v in value
         )
-    )
-    if not ok:
+    ):
         raise ModelError(
             f"{path}: {name} must be 3 numbers in {'(0' if low_open else '[0'}, 1], one per RGB "
             f"channel, got {json.dumps(value)[:60]}"
@@ -280,4 +279,5 @@ def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 512)
     device = next(model.parameters()).device
     batches = ((images[i : i + batch_size], None) for i in range(0, len(images), batch_size))
     out = [torch.softmax(z, dim=1).cpu() for z, _ in inference.logits(model, batches, device, "fp32")]
-    return torch.cat(out) if out else torch.empty(0, len(model.fc.bias))
+    # nn.Module's __getattr__ is typed Tensor | Module; the head of every network here (ResNet.fc) is an nn.Linear
+    return torch.cat(out) if out else torch.empty(0, len(cast(nn.Linear, model.fc).bias))

@@ -56,6 +56,13 @@ class Schedule:
             self.scheduler.step(test_loss)
 
 
+def _peak_lr(cfg: TrainConfig) -> float:
+    # cfg.lr is a number or "auto"; training replaces "auto" with the range test's value (jobs.train) before
+    # it builds the scheduler, and config validation makes every number a float
+    assert isinstance(cfg.lr, float), f"lr={cfg.lr!r} must be resolved to a number before a schedule is built"
+    return cfg.lr
+
+
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
     """cfg.scheduler over cfg.epochs * steps_per_epoch optimiser steps, peaking at (or starting from) cfg.lr."""
     sched = torch.optim.lr_scheduler
@@ -64,7 +71,7 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
         return Schedule(
             sched.OneCycleLR(
                 optimizer,
-                max_lr=cfg.lr,
+                max_lr=_peak_lr(cfg),
                 total_steps=total,
                 pct_start=ONECYCLE_PCT_START,
                 anneal_strategy="linear",
@@ -80,8 +87,8 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
         return Schedule(
             sched.CyclicLR(
                 optimizer,
-                base_lr=cfg.lr / CYCLIC_BASE_DIV,
-                max_lr=cfg.lr,
+                base_lr=_peak_lr(cfg) / CYCLIC_BASE_DIV,
+                max_lr=_peak_lr(cfg),
                 step_size_up=max(1, CYCLIC_HALF_EPOCHS * steps_per_epoch),
                 mode="triangular2",
                 cycle_momentum=False,

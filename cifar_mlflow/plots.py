@@ -118,7 +118,9 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str]) -> Figur
     return fig
 
 
-def per_class_accuracy_figure(accuracy: Sequence[float], class_names: Sequence[str], overall: float) -> Figure:
+def per_class_accuracy_figure(
+    accuracy: Sequence[float] | np.ndarray, class_names: Sequence[str], overall: float
+) -> Figure:
     fig = Figure(figsize=(max(6.0, 0.7 * len(class_names)), 3.5), layout="constrained")
     ax = fig.subplots()
     bars = ax.bar(range(len(class_names)), accuracy, color="tab:blue")

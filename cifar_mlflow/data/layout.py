@@ -46,8 +46,8 @@ def read_batch(path: Path) -> Split:
 
 def read_class_names(path: Path) -> tuple[str, ...]:
     names = load_pickle(path).get("label_names")
-    ok = isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, (bytes, str)) for n in names)
-    if not ok:  # described by type and length: repr() of a crafted, deeply nested value would itself fail
+    # described by type and length: repr() of a crafted, deeply nested value would itself fail
+    if not (isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, (bytes, str)) for n in names)):
         got = f"{type(names).__name__} of length {len(names)}" if isinstance(names, list) else type(names).__name__
         raise DataError(f"{path}: 'label_names' must list {NUM_CLASSES} class names (strings), got a {got}")
     try:
@@ -88,7 +88,7 @@ def read_layout(folder: Path, name: str, max_train: int = 0, max_test: int = 0, 
 def write_batch(path: Path, split: Split, *, bytes_keys: bool = True, label: str = "batch") -> None:
     """Write a split in the CIFAR-10 python layout (protocol-2 pickle). Used by tests and tools that make data."""
     data = np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)).reshape(len(split), IMAGE_BYTES)
-    d = {
+    d: dict[Any, Any] = {  # str keys, or bytes keys as CIFAR-10's own files have
         "batch_label": label,
         "labels": [int(x) for x in split.labels],
         "data": data,

@@ -143,7 +143,9 @@ def make_loader(
 
     sampler = EpochSampler(len(split), seed, shuffle=train, rank=rank, world=world)
     return DataLoader(
-        SplitDataset(split, transform if train else None, seed),
+        # torch annotates `dataset: Dataset[T]` (nominal), but DataLoader takes any map-style dataset (__len__ and
+        # __getitem__/__getitems__, as documented); SplitDataset stays a plain class so this module loads without torch
+        SplitDataset(split, transform if train else None, seed),  # type: ignore[arg-type]
         batch_size=batch_size,
         sampler=sampler,
         drop_last=train and len(sampler) > batch_size,

@@ -38,7 +38,8 @@ class _PickledDtype:
     def __init__(self, name: Any, align: Any = False, copy: Any = True) -> None:
         if not isinstance(name, str) or name not in _PLAIN_DTYPES or align not in (0, 1) or copy not in (0, 1):
             raise _Refused(f"refusing dtype {name!r:.40}: only plain numeric arrays are read")
-        self.name, self.dtype = name, None
+        self.name = name
+        self.dtype: np.dtype | None = None  # set by __setstate__ once the state is checked
 
     def __setstate__(self, state: Any) -> None:
         # numpy's state of a plain dtype: (3, byte order, None, None, None, -1, -1, 0), optionally + metadata None
@@ -115,6 +116,7 @@ class _Global:
     BUILD aimed at it cannot rewire the stand-ins for the rest of the process."""
 
     __slots__ = ("_build",)
+    _build: Callable[..., Any]  # the slot's type (set once, through object.__setattr__)
 
     def __init__(self, build: Callable[..., Any]) -> None:
         object.__setattr__(self, "_build", build)

@@ -4,13 +4,12 @@ whose FINISHED run with the same parameters and code version exists is reused in
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_mlflow import analysis, lr_finder, models
+from cifar_mlflow import analysis, fields, lr_finder, models
 from cifar_mlflow.config import PipelineConfig
 from cifar_mlflow.errors import ConfigError
 from cifar_mlflow.tracking import runs, store
@@ -33,7 +32,7 @@ class PipelineOutcome:
 def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
     store.check_tracking_server()
     # Steps run in the project's folder: a relative data_dir must mean the same folder as for this process.
-    absolute = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
+    absolute = fields.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
     sweep, train, analyze = absolute.steps()  # every step's parameters validated before anything runs
     # the analysis step's layers too, on the network training will build (not after an hour of training)
     blank = models.ModelSpec(train.arch, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, train.norm)
