@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # The entry point command in MLproject calls `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv system-packages train test clean
+.PHONY: venv system-packages train lint test clean
 
 venv: $(STAMP)
 
@@ -33,7 +33,14 @@ train: $(STAMP)
 system-packages:
 	bash scripts/system-packages.sh
 
-test: $(STAMP) system-packages
+# ruff (lint + format check), mypy, and the generated MLproject/README parameter tables: seconds, before the suite.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python scripts/gen_params.py --check
+
+test: lint system-packages
 	$(BIN)/python -m pytest
 
 clean:

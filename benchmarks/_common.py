@@ -55,3 +55,23 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(
         [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]]
     )
+
+
+def standard_loaders(split, test, batch_size: int, pin_memory: bool = False) -> tuple[object, object, int]:
+    """Training loader (the `standard` augmentation, auto worker count, seed 0) and test loader, as a training
+    run builds them on the CPU path; and the worker count."""
+    from cifar_mlflow import augment, data
+
+    workers = data.auto_num_workers(-1)
+    mean, _ = data.channel_stats(split.images)
+    transform = augment.build_train_transform("standard", mean)
+    loader = data.make_loader(
+        split,
+        batch_size=batch_size,
+        train=True,
+        seed=0,
+        num_workers=workers,
+        transform=transform,
+        pin_memory=pin_memory,
+    )
+    return loader, data.make_loader(test, batch_size=batch_size, train=False, pin_memory=pin_memory), workers

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-import benchmarks._common as common  # noqa: F401  (sets the environment first)
+import benchmarks._common as common  # (sets the environment first)
 from benchmarks._common import machine, table
-from cifar_mlflow import augment, data, engine, hardware, models
+from cifar_mlflow import data, engine, hardware, models
 from cifar_mlflow.config import TrainConfig
 
 
@@ -41,17 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = model.to(device, memory_format=torch.channels_last)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    workers = data.auto_num_workers(-1)
-    loader = data.make_loader(
-        split,
-        batch_size=args.batch_size,
-        train=True,
-        seed=0,
-        num_workers=workers,
-        transform=augment.build_train_transform("standard", mean),
-        pin_memory=cuda,
-    )
-    test_loader = data.make_loader(test, batch_size=args.batch_size, train=False, pin_memory=cuda)
+    loader, test_loader, workers = common.standard_loaders(split, test, args.batch_size, pin_memory=cuda)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, compile=args.compile)
     epoch_ends: list[float] = []
     start = time.perf_counter()

@@ -31,24 +31,9 @@ def first_step_seconds(store: Path) -> float:
     import mlflow
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+    tiny = "--dataset synthetic --epochs 1 --max_train_samples 64 --max_test_samples 32 --batch_size 32 --num_workers 0"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "entrypoints.train",
-            "--dataset",
-            "synthetic",
-            "--epochs",
-            "1",
-            "--max_train_samples",
-            "64",
-            "--max_test_samples",
-            "32",
-            "--batch_size",
-            "32",
-            "--num_workers",
-            "0",
-        ],
+        [sys.executable, "-m", "entrypoints.train", *tiny.split()],
         cwd=store,
         env=env,
         check=True,

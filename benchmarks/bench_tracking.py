@@ -18,9 +18,9 @@ from collections import defaultdict
 import mlflow
 import torch
 
-import benchmarks._common as common  # noqa: F401  (sets the environment first)
+import benchmarks._common as common  # (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import augment, data, engine, gradcam_panel, hardware, models, plots
+from cifar_mlflow import data, engine, gradcam_panel, hardware, models, plots
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.jobs.train import with_panels
 from cifar_mlflow.tracking import registry
@@ -46,16 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     mean, std = data.channel_stats(split.images)
     spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std)
     cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, log_images_every=args.log_images_every)
-    workers = data.auto_num_workers(-1)
-    loader = data.make_loader(
-        split,
-        batch_size=args.batch_size,
-        train=True,
-        seed=0,
-        num_workers=workers,
-        transform=augment.build_train_transform("standard", mean),
-    )
-    test_loader = data.make_loader(test, batch_size=args.batch_size, train=False)
+    loader, test_loader, _ = common.standard_loaders(split, test, args.batch_size)
     tmp = os.path.abspath(args.store) if args.store else tempfile.mkdtemp(prefix="bench-tracking-")
     os.chdir(tmp)  # the sqlite store's artifacts go to ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")

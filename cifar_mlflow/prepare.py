@@ -80,44 +80,24 @@ def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> 
         torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: let cuDNN pick the fastest kernels once
     transform = augment.build_train_transform(cfg.augment, mean)
     rank, world = (ctx.rank, ctx.world) if ctx else (0, 1)
-    batch = cfg.batch_size // world
+    shard = {"batch_size": cfg.batch_size // world, "rank": rank, "world": world}  # this process's part
     loader = resolve_loader(cfg.loader, cfg.augment, device)
     if loader == "device":
         from cifar_mlflow.data.device_loader import DeviceLoader
 
         workers = 0
         train_loader: Any = DeviceLoader(
-            dataset.train,
-            device=device,
-            batch_size=batch,
-            train=True,
-            preset=cfg.augment,
-            mean=mean,
-            seed=cfg.seed,
-            rank=rank,
-            world=world,
+            dataset.train, device=device, train=True, preset=cfg.augment, mean=mean, seed=cfg.seed, **shard
         )
-        test_loader: Any = DeviceLoader(
-            dataset.test, device=device, batch_size=batch, train=False, rank=rank, world=world
-        )
+        test_loader: Any = DeviceLoader(dataset.test, device=device, train=False, **shard)
     else:
         workers = data.auto_num_workers(cfg.num_workers, processes=world)
         pin = device.type == "cuda"
         train_loader = data.make_loader(
-            dataset.train,
-            batch_size=batch,
-            train=True,
-            transform=transform,
-            seed=cfg.seed,
-            num_workers=workers,
-            pin_memory=pin,
-            rank=rank,
-            world=world,
+            dataset.train, train=True, transform=transform, seed=cfg.seed, num_workers=workers, pin_memory=pin, **shard
         )
         # Test batches are array slices (no per-sample work): a worker process would only add IPC latency.
-        test_loader = data.make_loader(
-            dataset.test, batch_size=batch, train=False, pin_memory=pin, rank=rank, world=world
-        )
+        test_loader = data.make_loader(dataset.test, train=False, pin_memory=pin, **shard)
     return TrainingSetup(
         device, precision, dataset, spec, model, summary, transform, workers, train_loader, test_loader, ctx, loader
     )

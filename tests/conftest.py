@@ -158,6 +158,20 @@ def mlflow_run(
     )
 
 
+def train_process(store: Store, args: list[str]) -> subprocess.Popen:
+    """`python -m entrypoints.train ARGS` started in its own session (so a test can signal its whole group),
+    stdout discarded, stderr kept for the reason of a failure."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.train", *args],
+        cwd=REPO,
+        env=store.env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def cli_args(params: dict[str, object]) -> list[str]:
     """{"epochs": 2} -> ["--epochs", "2"]: the same parameters for an entry point's click command in-process."""
     return [x for key, value in params.items() for x in (f"--{key}", str(value))]

@@ -163,26 +163,9 @@ def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
 
 
 def _direct_train(store, *args):
-    cmd = [
-        sys.executable,
-        "-m",
-        "entrypoints.train",
-        "--dataset",
-        "synthetic",
-        "--epochs",
-        "1",
-        "--batch_size",
-        "64",
-        "--max_train_samples",
-        "128",
-        "--max_test_samples",
-        "64",
-        "--num_workers",
-        "0",
-        "--registered_model_name",
-        "synthetic-test",
-        *args,
-    ]
+    fixed = "--dataset synthetic --epochs 1 --batch_size 64 --max_train_samples 128 --max_test_samples 64"
+    fixed += " --num_workers 0 --registered_model_name synthetic-test"
+    cmd = [sys.executable, "-m", "entrypoints.train", *fixed.split(), *args]
     return subprocess.run(cmd, cwd=REPO, env=store.env(), capture_output=True, text=True, timeout=300)
 
 

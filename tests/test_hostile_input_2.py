@@ -29,7 +29,7 @@ from cifar_mlflow.tracking.run_lease import RunLease
 from cifar_mlflow.tracking.store import check_tracking_server
 from entrypoints.analyze import analyze
 from entrypoints.train import train
-from tests.conftest import REPO, TINY, cli_args, make_store, mlflow_run_cmd
+from tests.conftest import REPO, TINY, cli_args, make_store, mlflow_run_cmd, train_process
 
 # (case of the issue, test (in this module unless a file is named), what the user gets: the one line after
 # "error: ", or what happens instead). {path}, {run}, ... stand for the case's own values.
@@ -1230,15 +1230,7 @@ def _start_and_kill_after(store, params: dict, epoch: int, name: str) -> str:
     client = MlflowClient(store.uri)
     experiment = client.get_experiment_by_name(store.experiment).experiment_id
     before = {r.info.run_id for r in client.search_runs([experiment])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "entrypoints.train", *cli_args({**params, "registered_model_name": name})],
-        cwd=REPO,
-        env=store.env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = train_process(store, cli_args({**params, "registered_model_name": name}))
     try:
         deadline = time.time() + 300
         while time.time() < deadline:

@@ -5,7 +5,6 @@ NaN loss stops the run FAILED; a pickle planted as a checkpoint is refused."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ModelError
 from cifar_mlflow.tracking import checkpoints, serving
 from entrypoints.train import train
-from tests.conftest import REPO, cli_args, make_store, mlflow_run_cmd
+from tests.conftest import cli_args, make_store, mlflow_run_cmd, train_process
 
 FOUR = {"epochs": 4, "batch_size": 32, "num_workers": 0, "max_train_samples": 192, "max_test_samples": 64, "seed": 3}
 METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec")
@@ -138,31 +137,8 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
 
 
 def _direct(store, *args):
-    cmd = [
-        sys.executable,
-        "-m",
-        "entrypoints.train",
-        "--epochs",
-        "20",
-        "--batch_size",
-        "32",
-        "--num_workers",
-        "0",
-        "--max_train_samples",
-        "128",
-        "--max_test_samples",
-        "32",
-        *args,
-    ]
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=store.env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    fixed = "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32".split()
+    return train_process(store, [*fixed, *args])
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""tracking.py against a real sqlite MLflow store: params that `mlflow run` already logged, the registry and the
+"""The tracking package against a real sqlite MLflow store: params that `mlflow run` already logged, the registry and the
 champion alias, and loading models back both ways."""
 
 import os
