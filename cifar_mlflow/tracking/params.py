@@ -5,12 +5,13 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from cifar_mlflow import fields
+
 
 def as_param(value: Any) -> str:
-    """How a value is logged: tuples (mean, std) as comma-separated numbers, booleans as MLproject passes them
-    ("true"/"false"), everything else as str()."""
-    if isinstance(value, bool):
-        return str(value).lower()
+    """How a value is logged: tuples (mean, std) as comma-separated numbers, booleans as the configs log them
+    (fields.as_param: "true"/"false", as MLproject passes them), everything else as str()."""
+    value = fields.as_param(value)
     return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
 
 
