@@ -7,7 +7,7 @@ version, as one parent run with the three steps as child runs; finished steps ar
 
 import click
 
-from cifar_mlflow.cli import config_options, run_cli
+from cifar_mlflow.cli import check_store, config_options, run_cli
 from cifar_mlflow.config import PipelineConfig
 
 
@@ -18,6 +18,7 @@ def pipeline(**params) -> None:
     range test's suggested LR (clamped to the optimiser's safe range), analysis the version training registered.
     A step whose FINISHED run with the same parameters and code version exists is reused, not rerun."""
     config = PipelineConfig(**params)
+    check_store()
     from cifar_mlflow.jobs.pipeline import run_pipeline  # heavy imports only when work starts
 
     run_pipeline(config)

@@ -6,7 +6,7 @@ python -m entrypoints.train --epochs 2     # directly
 
 import click
 
-from cifar_mlflow.cli import config_options, run_cli
+from cifar_mlflow.cli import check_store, config_options, run_cli
 from cifar_mlflow.config import TrainConfig
 
 
@@ -16,6 +16,7 @@ def train(**params) -> None:
     """Train ResNet on CIFAR-10 (or the synthetic stand-in), log params, per-epoch metrics, system metrics and
     artifacts to the active MLflow run, and register the model (alias `champion` if it is the best so far)."""
     config = TrainConfig(**params)
+    check_store()
     from cifar_mlflow.jobs.train import run_training  # heavy imports (torch, mlflow) only when work starts
 
     run_training(config)
