@@ -25,6 +25,7 @@ from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.jobs.train import with_panels
 from cifar_mlflow.tracking import registry
 from cifar_mlflow.tracking.reporter import EpochReporter
+from cifar_mlflow.tracking.runs import open_run
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def on() -> float:
         model = fresh()
         start = time.perf_counter()
-        with runs.open_run() as log:
+        with open_run() as log:
             log.log_params({**cfg.to_params(), "data/mean": mean, "data/std": std})
             log.log_dataset(ds, split, "training")
             log.log_dataset(ds, test, "evaluation")
