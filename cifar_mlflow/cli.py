@@ -105,8 +105,9 @@ def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, 
 
 
 def check_store() -> None:
-    """The tracking store, checked before an entry point's heavy imports: a server that is down fails in ~5 s
-    (mlflow's import) instead of after torch and the job have loaded too (~19 s on a busy 2-core machine)."""
+    """The tracking store, checked once per entry point and before its heavy imports: a server that is down
+    fails in ~5 s (mlflow's import) instead of after torch and the job have loaded too (~19 s on a busy 2-core
+    machine). A new sqlite store is created here, under a lock (tracking.store)."""
     from cifar_mlflow.tracking.store import check_tracking_server
 
     check_tracking_server()

@@ -11,7 +11,7 @@ import torch
 from cifar_mlflow import analysis, data, hardware, plots
 from cifar_mlflow.config import AnalyzeConfig
 from cifar_mlflow.errors import DataError
-from cifar_mlflow.tracking import lineage, runs, serving, store
+from cifar_mlflow.tracking import lineage, runs, serving
 
 DEFAULT_BATCH = 256  # when the training run's batch size is unknown (runs logged elsewhere)
 CONFUSED_PAIRS = 10
@@ -26,7 +26,6 @@ class AnalyzeOutcome:
 
 def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     # Resolve, load and check everything before the run is opened: bad input leaves nothing half-written.
-    store.check_tracking_server()
     ref = lineage.resolve_model(cfg.model_uri)
     trained_with = lineage.run_params(ref.run_id)
     device = hardware.resolve_device()

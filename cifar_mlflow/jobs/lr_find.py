@@ -6,7 +6,7 @@ from __future__ import annotations
 from cifar_mlflow import data, lr_finder, optim, plots
 from cifar_mlflow.config import LRFindConfig
 from cifar_mlflow.prepare import TrainingSetup, prepare
-from cifar_mlflow.tracking import runs, store
+from cifar_mlflow.tracking import runs
 from cifar_mlflow.tracking.logger import RunLogger
 
 
@@ -37,7 +37,6 @@ def log_range_test(log: RunLogger, result: lr_finder.RangeTestResult) -> None:
 
 
 def run_lr_find(cfg: LRFindConfig) -> float:
-    store.check_tracking_server()
     p = prepare(cfg, max_test=1)
     with runs.open_run() as log:
         log.log_params({**cfg.to_params(), **p.derived_params()})

@@ -12,7 +12,7 @@ from typing import Any
 from cifar_mlflow import analysis, fields, lr_finder, models
 from cifar_mlflow.config import PipelineConfig
 from cifar_mlflow.errors import ConfigError
-from cifar_mlflow.tracking import runs, store
+from cifar_mlflow.tracking import runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.params import same
 
@@ -30,7 +30,6 @@ class PipelineOutcome:
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
-    store.check_tracking_server()
     # Steps run in the project's folder: a relative data_dir must mean the same folder as for this process.
     absolute = fields.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
     sweep, train, analyze = absolute.steps()  # every step's parameters validated before anything runs

@@ -15,7 +15,7 @@ from cifar_mlflow import augment, data, distributed, engine, gradcam_panel, hard
 from cifar_mlflow.config import LRFindConfig, TrainConfig
 from cifar_mlflow.jobs.lr_find import log_range_test, range_test
 from cifar_mlflow.prepare import TrainingSetup, prepare
-from cifar_mlflow.tracking import checkpoints, registry, runs, store
+from cifar_mlflow.tracking import checkpoints, registry, runs
 from cifar_mlflow.tracking.logger import Logger, NullLogger, RunLogger
 from cifar_mlflow.tracking.registry import RegisteredVersion
 from cifar_mlflow.tracking.reporter import EpochReporter
@@ -49,8 +49,6 @@ def run_training(cfg: TrainConfig) -> TrainOutcome | None:
     ctx = distributed.setup()
     main = ctx is None or ctx.is_main
     try:
-        if main:
-            store.check_tracking_server()  # seconds, not a wasted run, if the server is down
         # A run `mlflow run` named is leased to this process before any work: a second process resuming the same
         # run stops here, without touching it.
         with RunLease() if main else contextlib.nullcontext() as held:
