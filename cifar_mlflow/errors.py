@@ -55,3 +55,12 @@ class StorageError(CifarMlflowError):
 class Terminated(BaseException):
     """SIGTERM, turned into an exception so that the run is ended KILLED (a training run keeps its last
     checkpoint)."""
+
+
+class StoppedEarly(Exception):
+    """A sweep's pruner stopped the trial after `epoch`: not an error, its run ends FINISHED tagged
+    pruned_at_epoch (tracking.runs.open_run)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        super().__init__(f"pruned after epoch {epoch}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
+from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, SweepConfig, TrainConfig
 from cifar_mlflow.fields import allowed, as_param
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +20,7 @@ ENTRY_POINTS: dict[str, tuple[Any, str]] = {
     "analyze": (AnalyzeConfig, "python -m entrypoints.analyze"),
     "lr_find": (LRFindConfig, "python -m entrypoints.lr_find"),
     "pipeline": (PipelineConfig, "python -m entrypoints.pipeline"),
+    "sweep": (SweepConfig, "python -m entrypoints.sweep"),
 }
 DDP_LAUNCHER = "torchrun --standalone --nproc_per_node {nproc_per_node} -m entrypoints.train"
 # The pipeline's steps: each receives the pipeline's parameters of the same name (PipelineConfig.steps).

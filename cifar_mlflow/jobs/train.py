@@ -13,6 +13,7 @@ import torch
 
 from cifar_mlflow import augment, data, distributed, engine, gradcam_panel, hardware, lr_finder, plots
 from cifar_mlflow.config import LRFindConfig, TrainConfig
+from cifar_mlflow.errors import TrackingError
 from cifar_mlflow.jobs.lr_find import log_range_test, range_test
 from cifar_mlflow.prepare import TrainingSetup, prepare
 from cifar_mlflow.tracking import checkpoints, registry, runs
@@ -29,7 +30,10 @@ SAMPLE_GRID = 32  # augmented training images shown in augmented_samples.png
 class TrainOutcome:
     run_id: str
     metrics: dict[str, float]
-    version: RegisteredVersion
+    version: RegisteredVersion | None  # None: registration was not asked for (a sweep's trial)
+
+
+AfterEpoch = Callable[[int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,42 @@ def run_training(cfg: TrainConfig) -> TrainOutcome | None:
                 return _fit_and_register(dataclasses.replace(cfg, lr=start.lr), ctx, p, log, held, start.resume)
     finally:
         distributed.teardown(ctx)
+
+
+def train_in_run(
+    cfg: TrainConfig, p: TrainingSetup, log: RunLogger, held: RunLease, after_epoch: AfterEpoch, register: bool
+) -> TrainOutcome | None:
+    """One process trains the open run `log` (a sweep's trial): what run_training does in its run, resumed from the
+    run's checkpoint if it has one. after_epoch(epoch, metrics) is called after each epoch is handed to the
+    reporter; it may stop training (errors.StoppedEarly). register=False: no model is logged or registered.
+    None if the run had finished and registered already."""
+    start = _start(cfg, p, log, None)
+    if start.done:
+        return None
+    return _fit_and_register(
+        dataclasses.replace(cfg, lr=start.lr), None, p, log, held, start.resume, after_epoch, register
+    )
+
+
+def register_from_checkpoint(cfg: TrainConfig, log: RunLogger) -> RegisteredVersion:
+    """Register the model of a finished run (open as the active run) from its last checkpoint: a sweep's best
+    trial, trained with register=False. The run's test accuracy tags the version, as in run_training."""
+    state = checkpoints.load_latest_checkpoint(log.run_id)
+    if state is None or state["epoch"] < cfg.epochs:
+        raise TrackingError(f"run {log.run_id} has no checkpoint of its last epoch ({cfg.epochs}) to register")
+    p = prepare(cfg, cfg.max_test_samples)
+    p.model.load_state_dict(state["model"])
+    data.shutdown_workers(p.train_loader)
+    accuracy = float(state["history"][-1]["test/accuracy"])
+    return registry.log_and_register_model(
+        log, p.model, p.spec, _input_example(p), cfg.registered_model_name, accuracy, cfg.epochs
+    )
+
+
+def _input_example(p: TrainingSetup):
+    return (
+        hardware.to_device_images(torch.from_numpy(p.dataset.test.images[:2]), torch.device("cpu")).contiguous().numpy()
+    )
 
 
 def _decided(ctx: distributed.Context | None, decide: Callable[[], Any]) -> Any:
@@ -109,6 +149,8 @@ def _fit_and_register(
     log: Logger,
     held: RunLease | None,
     resume: dict | None,
+    after_epoch: AfterEpoch | None = None,
+    register: bool = True,
 ) -> TrainOutcome | None:
     main = isinstance(log, RunLogger)
     # epochs whose metrics the run holds (a resume from the other slot trains one of them again): logged once
@@ -125,7 +167,7 @@ def _fit_and_register(
             cfg,
             p.device,
             p.precision,
-            on_epoch_end=with_panels(reporter, cfg, p.model, p.dataset) if reporter else None,
+            on_epoch_end=with_panels(reporter, cfg, p.model, p.dataset, after_epoch) if reporter else None,
             log=print if main else lambda _: None,
             resume=resume,
             ctx=ctx,
@@ -147,9 +189,12 @@ def _fit_and_register(
     log.log_figure(plots.training_curves(result.history), "curves.png")
     log.log_figure(plots.lr_schedule_figure(result.lr_steps, len(p.train_loader)), "lr_schedule.png")
 
-    example = hardware.to_device_images(torch.from_numpy(p.dataset.test.images[:2]), torch.device("cpu"))
-    version = registry.log_and_register_model(
-        log, p.model, p.spec, example.contiguous().numpy(), cfg.registered_model_name, last["test/accuracy"], cfg.epochs
+    version = (
+        registry.log_and_register_model(
+            log, p.model, p.spec, _input_example(p), cfg.registered_model_name, last["test/accuracy"], cfg.epochs
+        )
+        if register
+        else None
     )
     # what a user waits for after the last epoch: TTA, figures, model logging and registration
     log.log_metrics({"perf/seconds_after_last_epoch": time.time() - trained_at})
@@ -158,11 +203,16 @@ def _fit_and_register(
 
 
 def with_panels(
-    reporter: EpochReporter, cfg: TrainConfig, model: torch.nn.Module, dataset: data.Dataset
+    reporter: EpochReporter,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    dataset: data.Dataset,
+    after_epoch: AfterEpoch | None = None,
 ) -> Callable[..., None]:
     """on_epoch_end that also hands the reporter a GradCAM panel of fixed test images on the chosen epochs. The
     panel is computed here, on the training thread between epochs (the model must not change meanwhile), and
-    rendered and logged by the reporter's thread."""
+    rendered and logged by the reporter's thread. after_epoch (a sweep's pruner) runs once the epoch is handed
+    to the reporter, so a trial stopped there still gets that epoch's metrics and checkpoint."""
     epochs = set(gradcam_panel.panel_epochs(cfg.log_images_every, cfg.epochs))
     indices = gradcam_panel.panel_indices(dataset.test.labels, len(dataset.class_names))
 
@@ -172,6 +222,8 @@ def with_panels(
             panel = gradcam_panel.compute_panel(model, dataset.test, indices, dataset.class_names, epoch)
             images = {gradcam_panel.PANEL_KEY: panel.figure}
         reporter(epoch, metrics, capture, images)
+        if after_epoch is not None:
+            after_epoch(epoch, metrics)
 
     return on_epoch_end
 
@@ -242,7 +294,7 @@ def _augmented_grid(loader, class_names):
     )
 
 
-def _print_summary(final: dict[str, float], version: RegisteredVersion, url: str) -> None:
+def _print_summary(final: dict[str, float], version: RegisteredVersion | None, url: str) -> None:
     print(
         "\n".join(
             [
@@ -250,7 +302,9 @@ def _print_summary(final: dict[str, float], version: RegisteredVersion, url: str
                 "training finished",
                 f"  test accuracy {final['test/accuracy']:.4f} (flip TTA {final['test/accuracy_tta']:.4f})"
                 f"   test loss {final['test/loss']:.4f}",
-                f"  registered {version.model_uri}" + ("  (now @champion)" if version.is_champion else ""),
+                f"  registered {version.model_uri}" + ("  (now @champion)" if version.is_champion else "")
+                if version
+                else "  no model registered (a sweep registers only its best trial)",
                 f"  view: {url}",
                 "",
             ]

@@ -23,7 +23,8 @@ class RunLease:
     creates. A run whose lease a live process holds is refused with RunBusy, before anything in it is changed.
     While held, a daemon thread renews the lease; on exit it is released, so the run can be resumed at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_id: str | None = None) -> None:
+        self._target = run_id  # the run to claim on entry (a sweep's trial); None: the one `mlflow run` named
         self.run_id: str | None = None
         self.holder: lease.Holder | None = None
         self.lost = False
@@ -31,8 +32,9 @@ class RunLease:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> RunLease:
-        if os.environ.get("MLFLOW_RUN_ID"):
-            self.claim(os.environ["MLFLOW_RUN_ID"])
+        target = self._target or os.environ.get("MLFLOW_RUN_ID")
+        if target:
+            self.claim(target)
         return self
 
     def __exit__(self, *exc: Any) -> None:

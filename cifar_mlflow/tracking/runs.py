@@ -13,7 +13,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from cifar_mlflow.errors import Terminated, TrackingError
+from cifar_mlflow.errors import StoppedEarly, Terminated, TrackingError
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.params import as_param
 from cifar_mlflow.tracking.run_lease import RunLease
@@ -21,6 +21,8 @@ from cifar_mlflow.tracking.run_lease import RunLease
 FAILURE_TAG = "failure_reason"
 DIVERGED_TAG = "diverged_at_step"
 CODE_VERSION_TAG = "code_version"
+PRUNED_TAG = "pruned_at_epoch"
+PARENT_TAG = "mlflow.parentRunId"  # how the MLflow UI nests a run under another
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # cifar_mlflow/
 
 
@@ -41,21 +43,27 @@ def code_version() -> str:
 
 
 @contextlib.contextmanager
-def open_run(held: RunLease | None = None) -> Iterator[RunLogger]:
+def open_run(held: RunLease | None = None, run_id: str | None = None) -> Iterator[RunLogger]:
     """Open the run: the one `mlflow run` created (MLFLOW_RUN_ID) or a new one, with system metrics sampled and
     the code version tagged, as a RunLogger bound to it. An exception ends it FAILED, Ctrl-C or SIGTERM ends it
     KILLED, each with a tag saying why; success removes a `failure_reason` left by an earlier attempt. held: the
     run is leased to this process while it is open (a new run is claimed as it opens).
 
     The one use of MLflow's global active run: MLflow's system-metrics sampler and `pyfunc.log_model` (which
-    has no run_id argument) attach to it."""
-    with mlflow.start_run(log_system_metrics=True) as run:
+    has no run_id argument) attach to it. run_id: open that run (a sweep's trial, made by child_run) instead,
+    nested under the active run if there is one; a trial stopped early (StoppedEarly) ends FINISHED, tagged
+    pruned_at_epoch."""
+    nested = run_id is not None and mlflow.active_run() is not None
+    with mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=True) as run:
         log = RunLogger(run.info.run_id, run.info.experiment_id)
         try:
             if held is not None:
                 held.claim(log.run_id)
             log.set_tags({CODE_VERSION_TAG: code_version()})
             yield log
+            _clear_failure(log)
+        except StoppedEarly as exc:  # a pruned trial: a finished run, with the epoch it stopped at
+            log.set_tags({PRUNED_TAG: str(exc.epoch)})
             _clear_failure(log)
         except (KeyboardInterrupt, Terminated) as exc:
             with contextlib.suppress(Exception):
@@ -149,3 +157,44 @@ def run_entry_point(project: Path, entry_point: str, params: dict, parent: RunLo
         why = run.data.tags.get(FAILURE_TAG, "see its log above")
         raise TrackingError(f"pipeline step {entry_point!r} (run {submitted.run_id}) ended {run.info.status}: {why}")
     return run
+
+
+def child_run(parent_run_id: str, name: str, tags: dict[str, str]) -> str:
+    """A new run in the parent's experiment, shown nested under it (mlflow.parentRunId); opened by open_run."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    run = client.create_run(
+        experiment_id, run_name=name, tags={PARENT_TAG: parent_run_id, CODE_VERSION_TAG: code_version(), **tags}
+    )
+    return run.info.run_id
+
+
+def logger_of(run_id: str) -> RunLogger:
+    """A RunLogger for an existing run (which need not be open). TrackingError if the store has no such run."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"run {run_id} cannot be read from {mlflow.get_tracking_uri()} ({exc.message[:160]})"
+        ) from None
+    if run.info.lifecycle_stage != "active":
+        raise TrackingError(f"run {run_id} is deleted in {mlflow.get_tracking_uri()}; restore it or start anew")
+    return RunLogger(run_id, run.info.experiment_id)
+
+
+def status(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.status
+
+
+def set_status(run_id: str, value: str) -> None:
+    """RUNNING while any process works for the run; FINISHED (with an end time) when its work is done."""
+    client = MlflowClient()
+    if value == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, value)
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()

@@ -115,3 +115,12 @@ def _probe_server(uri: str, timeout: float) -> None:
         raise TrackingError(
             f"tracking server {uri} answered HTTP {resp.status_code} to a simple query; is it an MLflow server?"
         )
+
+
+def beside_store(name: str) -> Path:
+    """A file named `name` in the folder of a local sqlite tracking store (the working directory for any other
+    store): where a sweep keeps its Optuna study by default."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        return Path(uri[len("sqlite:///") :]).resolve().parent / name
+    return Path(name).resolve()

@@ -1,0 +1,260 @@
+"""The `sweep` entry point's work: an Optuna study over `main`'s recipe. Each trial is a child run of the sweep's
+run, trained in this process by jobs/train (so it logs what a `main` run logs) and pruned between epochs; once the
+study is done, the parent run gets the best parameters and value, a trials table and Optuna's figures, and the best
+trial's model is registered as one version.
+
+Several workers (`mlflow run . -e sweep -P study=NAME` on several machines, one storage) share one study: the
+first to create it is the parent run; a later worker's own run is tagged sweep/role=worker and nested under the
+parent, and the trials it runs are children of the parent too. A sweep killed and started again with the same study
+(or `mlflow run --run-id <parent>` with study=auto) continues: finished trials stay, the interrupted one is failed
+and retried in its own child run, resumed from that run's last checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from cifar_mlflow import studies
+from cifar_mlflow.config import SweepConfig, TrainConfig
+from cifar_mlflow.errors import StoppedEarly, Terminated, TrainingDiverged
+from cifar_mlflow.prepare import prepare
+from cifar_mlflow.sweep_space import Dim
+from cifar_mlflow.tracking import runs
+from cifar_mlflow.tracking.logger import RunLogger
+from cifar_mlflow.tracking.run_lease import RunLease
+from cifar_mlflow.tracking.store import beside_store
+
+STUDY_FILE = "optuna.db"
+# tags: on the sweep's runs (parent, workers) and on each trial's run
+ROLE_TAG, STUDY_TAG, STORAGE_TAG = "sweep/role", "sweep/study", "sweep/storage"
+TRIAL_TAG, STATE_TAG, RETRY_TAG = "trial/number", "trial/state", "trial/retry_of"
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    study: str
+    parent_run_id: str
+    done: bool  # every trial finished (this worker summarised the study)
+    best: dict[str, Any] | None = None  # number, value, params, run_id of the best trial
+    registered: str | None = None  # model URI of the version registered
+
+
+def storage_url(setting: str) -> str:
+    return f"sqlite:///{beside_store(STUDY_FILE)}" if setting == "auto" else setting
+
+
+def recipe(cfg: SweepConfig, dims: list[Dim]) -> dict[str, Any]:
+    """What every worker of a study must share: the metric, the space and the fixed parameters that change what
+    a trial learns (not where data lives or how this machine computes)."""
+    machine = {"data_dir", "num_workers", "precision", "loader", "compile"}
+    base = {k: v for k, v in cfg.base().to_params().items() if k not in machine}
+    return {"metric": cfg.metric, "space": [d.as_dict() for d in dims], **{f"base/{k}": v for k, v in base.items()}}
+
+
+def run_sweep(cfg: SweepConfig) -> SweepOutcome:
+    dims, base = cfg.dims(), cfg.base()
+    url = storage_url(cfg.storage)
+    storage = studies.open_storage(url)  # a storage that cannot be opened fails here, before any run is touched
+    with RunLease() as held, runs.open_run(held) as log:
+        name = f"sweep-{log.run_id}" if cfg.study == "auto" else cfg.study
+        log.log_params(cfg.to_params())
+        study, parent_id = studies.open_study(
+            storage,
+            name,
+            direction="maximize" if cfg.metric == "test/accuracy" else "minimize",
+            recipe=recipe(cfg, dims),
+            base={d.name: getattr(base, d.name) for d in dims if studies.fits(d, getattr(base, d.name))},
+            parent_run_id=log.run_id,
+            pruner=studies.make_pruner(cfg.pruner, cfg.prune_after_trials),
+            seed=cfg.seed,
+            n_trials=cfg.n_trials,
+        )
+        tags = {STUDY_TAG: name, STORAGE_TAG: studies.redacted(url)}
+        if parent_id == log.run_id:
+            parent = log
+            log.set_tags({ROLE_TAG: "parent", **tags})
+        else:
+            parent = runs.logger_of(parent_id)  # TrackingError if the study's parent run was deleted
+            log.set_tags({ROLE_TAG: "worker", runs.PARENT_TAG: parent_id, **tags})
+            if runs.status(parent_id) != "RUNNING":
+                runs.set_status(parent_id, "RUNNING")  # restarted: the sweep is running again
+            print(f"sweep: joined study {name!r}; trials go under its parent run {parent_id}")
+        sweep = Sweep(cfg, base, dims, storage, study, parent)
+        sweep.run_trials()
+        if not studies.is_done(study, cfg.n_trials):
+            print(f"sweep: no trial left to start; {studies.counts(study)} (other workers are finishing theirs)")
+            return SweepOutcome(name, parent_id, done=False)
+        best, registered = sweep.finish()
+        if parent is not log:
+            runs.set_status(parent_id, "FINISHED")
+        return SweepOutcome(name, parent_id, True, best, registered)
+
+
+class Sweep:
+    def __init__(
+        self, cfg: SweepConfig, base: TrainConfig, dims: list[Dim], storage: Any, study: Any, parent: RunLogger
+    ) -> None:
+        self.cfg, self.base, self.dims, self.storage, self.study, self.parent = cfg, base, dims, storage, study, parent
+
+    def run_trials(self) -> None:
+        """Ask for trials until the study holds n_trials (a retry waiting counts, and is taken first)."""
+        while True:
+            retried = studies.fail_dead(self.storage, self.study)
+            if retried:
+                print(f"sweep: trial(s) {retried} of a process that died are failed; each is retried")
+            waiting = self.study.get_trials(deepcopy=False, states=(studies.TrialState.WAITING,))
+            if studies.is_full(self.study, self.cfg.n_trials) and not waiting:
+                return
+            trial = studies.ask(self.study)
+            if not studies.claim(self.study, trial, self.cfg.n_trials):
+                return
+            self.run_trial(trial)
+
+    def trial_config(self, params: dict[str, Any]) -> TrainConfig:
+        return dataclasses.replace(self.base, **params)
+
+    def run_trial(self, trial: Any) -> None:
+        params = studies.suggest(trial, self.dims)
+        cfg = self.trial_config(params)
+        metric = self.cfg.metric
+        retry_of = studies.retry_of(self.storage, trial)
+        run_id = trial.user_attrs.get(studies.RUN_ATTR)  # a retry resumes the run its first attempt trained
+        if run_id is None:
+            run_id = runs.child_run(self.parent.run_id, f"trial-{trial.number}", {STUDY_TAG: self.study.study_name})
+            trial.set_user_attr(studies.RUN_ATTR, run_id)
+        label = f"trial {trial.number}" + (f" (retry of {retry_of})" if retry_of is not None else "")
+        print(
+            f"\nsweep: {label}: {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}"
+        )
+        stopped: list[int] = []
+
+        def after_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            trial.report(metrics[metric], epoch)
+            if epoch < cfg.epochs and trial.should_prune():
+                stopped.append(epoch)
+                raise StoppedEarly(epoch)
+
+        try:
+            p = prepare(cfg, cfg.max_test_samples)
+            with studies.heartbeat(self.storage, trial), RunLease(run_id) as held, runs.open_run(held, run_id) as log:
+                log.set_tags(
+                    {
+                        TRIAL_TAG: str(trial.number),
+                        STATE_TAG: "RUNNING",
+                        **({RETRY_TAG: str(retry_of)} if retry_of is not None else {}),
+                    }
+                )
+                from cifar_mlflow.jobs.train import train_in_run  # (jobs.train imports much; only a trial needs it)
+
+                outcome = train_in_run(cfg, p, log, held, after_epoch, register=False)
+        except TrainingDiverged as exc:  # a recipe that blows up is a result, not a crash: pruned, the run FAILED
+            trial.set_user_attr("diverged_at_epoch", exc.epoch)
+            self.study.tell(trial, state=studies.TrialState.PRUNED)
+            runs.logger_of(run_id).set_tags({STATE_TAG: "PRUNED", "trial/diverged_at_epoch": str(exc.epoch)})
+            print(f"sweep: {label} diverged at epoch {exc.epoch}: pruned")
+            return
+        except (KeyboardInterrupt, Terminated):  # this worker is stopping: fail the trial, enqueue its retry
+            with contextlib.suppress(Exception):
+                studies.retry(self.storage, self.study, self.study.get_trials(deepcopy=False)[trial.number])
+                runs.logger_of(run_id).set_tags({STATE_TAG: "FAIL"})
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.study.tell(trial, state=studies.TrialState.FAIL)
+                runs.logger_of(run_id).set_tags({STATE_TAG: "FAIL"})
+            raise
+        tlog = runs.logger_of(run_id)
+        if stopped:
+            self.study.tell(trial, state=studies.TrialState.PRUNED)
+            tlog.set_tags({STATE_TAG: "PRUNED"})
+            print(f"sweep: {label} pruned after epoch {stopped[0]} of {cfg.epochs}")
+            return
+        value = outcome.metrics[metric] if outcome is not None else tlog.run().data.metrics[metric]
+        self.study.tell(trial, value)
+        tlog.set_tags({STATE_TAG: "COMPLETE"})
+        print(f"sweep: {label} finished: {metric} {value:.4f}")
+
+    def finish(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The parent's summary, and the best trial's model registered (register=best)."""
+        trials = self.study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state in studies.DONE]
+        epochs_run = sum(max(t.intermediate_values, default=0) for t in done)
+        asked = len(done) * self.base.epochs
+        summary = {
+            "sweep/trials_complete": sum(t.state == studies.TrialState.COMPLETE for t in trials),
+            "sweep/trials_pruned": sum(t.state == studies.TrialState.PRUNED for t in trials),
+            "sweep/trials_failed": sum(t.state == studies.TrialState.FAIL for t in trials),
+            "sweep/epochs_run": epochs_run,
+            "sweep/epochs_asked": asked,
+            "sweep/epochs_saved_fraction": 1 - epochs_run / asked if asked else 0.0,
+        }
+        complete = [t for t in done if t.state == studies.TrialState.COMPLETE and t.value is not None]
+        self.parent.log_table(_trials_table(trials, self.dims), "sweep/trials.json")
+        for name, fig in studies.figures(self.study).items():
+            self.parent.log_figure(fig, f"sweep/{name}")
+        if not complete:
+            self.parent.log_metrics(summary)
+            print("sweep: every trial was pruned or failed; nothing to register")
+            return None, None
+        best = self.study.best_trial
+        run_id = best.user_attrs[studies.RUN_ATTR]
+        base_trial = next((t for t in complete if t.user_attrs.get("base_recipe")), None)
+        self.parent.log_metrics(
+            {
+                **summary,
+                f"best/{self.cfg.metric}": float(best.value),
+                **({f"base/{self.cfg.metric}": float(base_trial.value)} if base_trial is not None else {}),
+            }
+        )
+        self.parent.set_tags(
+            {
+                "best/trial": str(best.number),
+                "best/run_id": run_id,
+                **{f"best/{k}": _text(v) for k, v in best.params.items()},
+            }
+        )
+        info = {"number": best.number, "value": best.value, "params": best.params, "run_id": run_id}
+        self.parent.log_dict(info, "sweep/best.json")
+        registered = None
+        if self.cfg.register == "best":
+            registered = self._register(best, run_id)
+        print(
+            f"\nsweep finished: {len(done)} trials ({summary['sweep/trials_pruned']} pruned), {epochs_run} of "
+            f"{asked} epochs run; best trial {best.number}: {self.cfg.metric} {best.value:.4f} "
+            f"({', '.join(f'{k}={_text(v)}' for k, v in best.params.items())})"
+            + (f"; registered {registered}" if registered else "")
+        )
+        return info, registered
+
+    def _register(self, best: Any, run_id: str) -> str:
+        """The best trial's model as one registered version, from its run's last checkpoint (the champion rule
+        as in `main`). A version the run registered already (a worker finishing twice) is kept, not duplicated."""
+        from cifar_mlflow.jobs.train import register_from_checkpoint
+
+        cfg = self.trial_config(best.params)
+        with RunLease(run_id) as held, runs.open_run(held, run_id) as log:
+            version = register_from_checkpoint(cfg, log)
+        self.parent.set_tags({"registered_model_version": version.version, "best/model_uri": version.model_uri})
+        return version.model_uri
+
+
+def _text(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _trials_table(trials: list[Any], dims: list[Dim]) -> dict[str, list[Any]]:
+    def value(t: Any) -> float | None:
+        return t.value if t.value is not None and math.isfinite(t.value) else None
+
+    return {
+        "trial": [t.number for t in trials],
+        "state": [t.state.name for t in trials],
+        "value": [value(t) for t in trials],
+        "epochs_run": [max(t.intermediate_values, default=0) for t in trials],
+        **{d.name: [t.params.get(d.name) for t in trials] for d in dims},
+        "retry_of": [(t.system_attrs.get("retry_history") or [None])[-1] for t in trials],
+        "run_id": [t.user_attrs.get(studies.RUN_ATTR) for t in trials],
+    }
