@@ -6,7 +6,7 @@ first: Optuna hands out WAITING trials before new ones) until the study holds n_
 pruned or being run. Two workers asking at once can overshoot; the later trial sees it (`claim`) and is closed
 FAIL as surplus, before any work. A trial is RUNNING while a thread of its worker beats Optuna's heartbeat; one
 whose worker died (no beat for GRACE_S, or at once if it was a process of this machine that is gone) is failed and
-re-enqueued as a WAITING copy (Optuna's RetryFailedTrialCallback, at most RETRIES times) carrying its user attrs,
+re-enqueued as a WAITING copy (Optuna's RetryHeartbeatStaleTrialCallback, at most RETRIES times) carrying its user attrs,
 among them the MLflow run it trained in, so the retry resumes that run from its checkpoint."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from cifar_mlflow import lease
@@ -54,16 +54,17 @@ def open_storage(url: str) -> RDBStorage:
     """The study storage, with heartbeats (a dead worker's trial is failed and retried). One line naming the
     storage (password hidden) if it cannot be opened."""
     try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(
-                max_retry=RETRIES, inherit_intermediate_values=True
-            ),
-            # sqlite: workers of one machine wait for each other's writes instead of failing at once
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-        )
+        with _quiet():  # ExperimentalWarnings: heartbeats have been in Optuna since 2.9
+            return RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=RETRIES, inherit_intermediate_values=True
+                ),
+                # sqlite: workers of one machine wait for each other's writes instead of failing at once
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+            )
     except Exception as exc:  # sqlalchemy and the drivers raise many types: all mean "cannot use this storage"
         raise TrackingError(f"storage={redacted(url)!r} cannot be opened ({first_line(exc, 200)})") from None
 

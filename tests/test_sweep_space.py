@@ -1,0 +1,192 @@
+"""The sweep's search space and its study bookkeeping, without training: a space file is checked before any trial
+(one line naming the bad entry), the default space follows the base recipe, and the Optuna study on a real sqlite
+storage shares trials, refuses a worker with another recipe, closes a surplus trial and retries a dead worker's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cifar_mlflow import studies
+from cifar_mlflow.cli import invoke
+from cifar_mlflow.config import SweepConfig, TrainConfig
+from cifar_mlflow.errors import ConfigError
+from cifar_mlflow.sweep_space import Dim, default_space, load_space
+from tests.conftest import REPO, cli_args
+
+
+def _space(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_default_space_centres_lr_on_the_base_and_skips_it_for_lr_auto():
+    dims = {d.name: d for d in default_space(TrainConfig(lr=0.1))}
+    assert (dims["lr"].low, dims["lr"].high, dims["lr"].log) == (0.025, 0.4, True)
+    assert dims["weight_decay"].log and dims["weight_decay"].low < 5e-4 < dims["weight_decay"].high
+    assert dims["augment"].choices == ("standard", "flip-cutout", "none")
+    assert "lr" not in {d.name for d in default_space(TrainConfig(lr="auto"))}
+
+
+def test_space_file_is_read_with_every_type(tmp_path):
+    path = _space(
+        tmp_path,
+        "- {name: lr, type: float, low: 0.01, high: 0.4, log: true}\n"
+        "- {name: batch_size, type: int, low: 32, high: 256}\n"
+        "- {name: optimizer, type: categorical, choices: [sgd, adamw]}\n",
+    )
+    assert load_space(path, TrainConfig()) == [
+        Dim("lr", "float", 0.01, 0.4, True),
+        Dim("batch_size", "int", 32, 256, False),
+        Dim("optimizer", "categorical", choices=("sgd", "adamw")),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("- {name: epochs, type: int, low: 1, high: 5}", "name='epochs' is not allowed: expected one of batch_size"),
+        ("- {name: colour, type: float, low: 0, high: 1}", "name='colour' is not allowed"),
+        ("- {name: lr, type: float, low: 0.4, high: 0.1}", "low=0.4 is not allowed: expected a number < high=0.1"),
+        ("- {name: lr, type: float, low: -1, high: 0.1}", "(lr): low lr=-1 is not allowed: expected a number > 0"),
+        ("- {name: label_smoothing, type: float, low: 0.0, high: 0.2, log: true}", "not allowed with log: true"),
+        ("- {name: label_smoothing, type: float, low: 0.0, high: 1.5}", "high label_smoothing=1.5 is not allowed"),
+        ("- {name: lr, type: int, low: 1, high: 2}", "type=int is not allowed for lr, which takes float values"),
+        ("- {name: batch_size, type: int, low: 16.5, high: 64}", "low=16.5 is not allowed: expected an integer"),
+        ("- {name: lr, type: gaussian, low: 0.1, high: 1}", "type='gaussian' is not allowed"),
+        ("- {name: lr, type: float, low: 0.1}", "high is missing"),
+        ("- {name: lr, type: float, low: 0.1, high: 1, step: 2}", "key 'step' is not allowed for type float"),
+        ("- {name: augment, type: categorical, choices: [standard, sepia]}", "choice augment='sepia' is not allowed"),
+        ("- {name: augment, type: categorical, choices: []}", "choices=[] is not allowed: expected a non-empty list"),
+        ("- {name: augment, type: categorical, choices: [none, none]}", "repeat a value"),
+        (
+            "- {name: lr, type: float, low: 0.1, high: 1}\n- {name: lr, type: float, low: 0.2, high: 1}",
+            "searched twice",
+        ),
+        ("lr: [0.1, 1]", "expected a non-empty YAML list"),
+        ("[", "is not valid YAML"),
+        ("- lr", "entry 1: expected a mapping"),
+    ],
+)
+def test_bad_space_file_is_refused_with_one_line(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as err:
+        SweepConfig(space=_space(tmp_path, text))
+    message = str(err.value)
+    assert expected in message and "\n" not in message, message
+
+
+def test_missing_space_file_and_choice_the_base_rules_out_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"space='.*nope.yaml' cannot be read"):
+        SweepConfig(space=str(tmp_path / "nope.yaml"))
+    text = "- {name: augment, type: categorical, choices: [standard, heavy]}"
+    with pytest.raises(ConfigError, match="loader='device' is not allowed with augment='heavy'"):
+        SweepConfig(space=_space(tmp_path, text), loader="device")
+
+
+def test_bad_sweep_parameters_are_one_line_before_any_work(tmp_path):
+    """Through the click command, as `mlflow run -e sweep` calls it: no store is opened, no trial runs."""
+    from entrypoints.sweep import sweep
+
+    bad_space = _space(tmp_path, "- {name: momentum, type: float, low: 0.5, high: 1.0}")
+    for params, expected in (
+        ({"space": bad_space}, "high momentum=1.0 is not allowed: expected a number >= 0 and < 1"),
+        ({"storage": "redis://db"}, "storage='redis://db' is not allowed: expected auto, or an RDB URL"),
+        ({"study": "my study"}, "study='my study' is not allowed"),
+        ({"metric": "train/loss"}, "'train/loss' is not one of 'test/accuracy', 'test/loss'"),
+    ):
+        code, message = invoke(sweep, cli_args(params))
+        assert code != 0 and expected in message and "\n" not in message, (params, message)
+
+
+def test_sweep_help_lists_its_parameters_and_mains():
+    out = subprocess.run(
+        [sys.executable, "-m", "entrypoints.sweep", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    for option in ("--n_trials", "--metric", "--space", "--pruner", "--study", "--storage", "--register", "--lr"):
+        assert option in out.stdout
+
+
+# The study on a real sqlite storage
+
+
+def _open(storage, name="s", parent="parent-1", recipe=None, n_trials=3):
+    return studies.open_study(
+        storage,
+        name,
+        direction="maximize",
+        recipe=recipe or {"metric": "test/accuracy"},
+        base={"lr": 0.2},
+        parent_run_id=parent,
+        pruner=optuna.pruners.NopPruner(),
+        seed=0,
+        n_trials=n_trials,
+    )
+
+
+DIMS = [Dim("lr", "float", 0.05, 0.8, log=True)]
+
+
+def test_study_is_created_with_the_base_first_and_joined_with_its_parent(tmp_path):
+    storage = studies.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study, parent = _open(storage)
+    assert parent == "parent-1"
+    first = studies.ask(study)
+    assert studies.suggest(first, DIMS) == {"lr": 0.2} and first.user_attrs["base_recipe"] is True
+    joined, parent2 = _open(storage, parent="parent-2")
+    assert parent2 == "parent-1", "a joining worker's trials go under the creator's parent run"
+    with pytest.raises(ConfigError, match=r"study='s' exists with metric='test/accuracy', not 'test/loss'"):
+        _open(storage, recipe={"metric": "test/loss"})
+
+
+def test_workers_never_exceed_n_trials_a_late_one_is_closed_as_surplus(tmp_path):
+    storage = studies.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study, _ = _open(storage, n_trials=2)
+    a, b, c = (studies.ask(study) for _ in range(3))  # three workers asking at once for two slots
+    assert studies.claim(study, a, 2) and studies.claim(study, b, 2)
+    assert not studies.claim(study, c, 2)
+    late = study.get_trials()[c.number]
+    assert late.state == TrialState.FAIL and late.user_attrs[studies.SURPLUS_ATTR] is True
+    assert studies.is_full(study, 2) and not studies.is_done(study, 2)
+    for t in (a, b):
+        study.tell(t, 0.5)
+    assert studies.is_done(study, 2) and studies.counts(study)["complete"] == 2
+
+
+def test_a_dead_workers_trial_is_failed_and_retried_with_its_run(tmp_path):
+    storage = studies.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study, _ = _open(storage)
+    trial = studies.ask(study)
+    studies.suggest(trial, DIMS)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial.set_user_attr(studies.RUN_ATTR, "run-of-trial-0")
+    for key, value in ((studies.HOST_ATTR, os.uname().nodename), (studies.PID_ATTR, dead.pid)):
+        trial.set_user_attr(key, value)
+    trial.set_user_attr(studies.STARTED_ATTR, time.time() - 5)
+    assert studies.fail_dead(storage, study) == [trial.number]
+    trials = study.get_trials()
+    assert trials[trial.number].state == TrialState.FAIL
+    retry = trials[-1]
+    assert retry.state == TrialState.WAITING and retry.params == {"lr": 0.2}
+    assert retry.user_attrs[studies.RUN_ATTR] == "run-of-trial-0", "the retry resumes the same MLflow run"
+    again = studies.ask(study)
+    assert again.number == retry.number and studies.retry_of(storage, again) == trial.number
+    # a live process's trial (this one) is left alone
+    assert studies.claim(study, again, 3) and studies.fail_dead(storage, study) == []
+
+
+def test_storage_errors_hide_the_password(tmp_path):
+    from cifar_mlflow.errors import TrackingError
+
+    with pytest.raises(TrackingError) as err:
+        studies.open_storage("postgresql+psycopg2://bob:s3cret@127.0.0.1:1/optuna")
+    assert "s3cret" not in str(err.value) and "bob:***@127.0.0.1:1/optuna" in str(err.value)
