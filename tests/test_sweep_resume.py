@@ -46,7 +46,9 @@ def _wait_for_epoch(client, store, proc, number: int, epoch: int, timeout: float
     while time.time() < deadline:
         assert proc.poll() is None, f"the sweep exited ({proc.returncode}) before trial {number} reached epoch {epoch}"
         run = _trial_run(client, store, number)
-        if run is not None and any(m.step >= epoch for m in client.get_metric_history(run.info.run_id, "test/accuracy")):
+        if run is not None and any(
+            m.step >= epoch for m in client.get_metric_history(run.info.run_id, "test/accuracy")
+        ):
             return run.info.run_id
         time.sleep(0.2)
     pytest.fail(f"trial {number} did not reach epoch {epoch} in {timeout:.0f} s")
@@ -106,7 +108,12 @@ def test_sweep_killed_mid_trial_continues_under_the_same_parent(store: Store, tm
 def test_sigterm_ends_the_trials_run_killed_and_leaves_its_retry_waiting(store: Store, tmp_path):
     client = MlflowClient(store.uri)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "entrypoints.sweep", *cli_args({**PARAMS, "study": "term", "data_dir": tmp_path / "data"})],
+        [
+            sys.executable,
+            "-m",
+            "entrypoints.sweep",
+            *cli_args({**PARAMS, "study": "term", "data_dir": tmp_path / "data"}),
+        ],
         cwd=REPO,
         env=store.env(),
         start_new_session=True,

@@ -3,15 +3,18 @@
 a team member runs against it: `mlflow run -e main` trains and registers, `mlflow run -e analyze` analyses the
 @champion. Then the rows are read back from PostgreSQL itself and the files from the server's artifact folder."""
 
+import subprocess
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
+import optuna
 import psycopg2
 import pytest
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 
-from tests.conftest import TINY, MlflowServer, Store, mlflow_run
+from tests.conftest import TINY, MlflowServer, Store, mlflow_run, mlflow_run_cmd
 from tests.postgres import Postgres
 
 MODEL = "cifar10-resnet18"
@@ -132,9 +135,9 @@ def test_runs_and_registry_are_rows_in_postgresql(flow, postgres):
             (m.step, m.value)
             for m in sorted(flow.client.get_metric_history(training, "test/accuracy"), key=lambda m: m.step)
         ]
-        cur.execute("SELECT name, version, run_id FROM model_versions")
+        cur.execute("SELECT name, version, run_id FROM model_versions WHERE name = %s", [MODEL])
         assert cur.fetchall() == [(MODEL, 1, training)]
-        cur.execute("SELECT name, alias, version FROM registered_model_aliases")
+        cur.execute("SELECT name, alias, version FROM registered_model_aliases WHERE name = %s", [MODEL])
         assert cur.fetchall() == [(MODEL, "champion", 1)]
         cur.execute("SELECT value FROM model_version_tags WHERE name = %s AND key = 'analysis_run_id'", [MODEL])
         assert cur.fetchall() == [(analysis,)]
@@ -184,3 +187,66 @@ def test_server_answers_the_team_host_name_and_refuses_others(team_server):
     post = f"{team_server.uri}/api/2.0/mlflow/experiments/search"  # a POST, as the UI in a browser sends
     assert _status(post, Host=f"{TEAM_HOST}:{port}", Origin=f"http://{TEAM_HOST}:{port}") == 200
     assert _status(post, Host=f"{TEAM_HOST}:{port}", Origin="http://evil.test") == 403
+
+
+# A sweep shared by two workers: the study in PostgreSQL, the runs on the team server
+
+
+SWEEP_TRIALS = 5
+
+
+def test_two_workers_share_one_sweep_through_postgresql(team_server, postgres, tmp_path):
+    """Two `mlflow run -e sweep` started at once with one study name on one PostgreSQL storage, as two machines
+    would: the study holds exactly n_trials finished trials, each run once, in one child run each, all under one
+    parent run; the second worker's run is nested under it too; one version is registered."""
+    storage = postgres.create_database("optuna", owner="optuna", password="study-pass")
+    client = MlflowClient(team_server.uri)
+    experiment_id = client.create_experiment("team-sweep")
+    params = {
+        **RUN,
+        "dataset": "synthetic",
+        "data_dir": tmp_path / "data",
+        "n_trials": SWEEP_TRIALS,
+        "pruner": "none",
+        "study": "team-study",
+        "storage": storage,
+        "registered_model_name": "team-sweep",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+            mp.delenv(name, raising=False)
+        mp.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+        member = Store(tmp_path, team_server.uri, "team-sweep")
+        workers = [
+            subprocess.Popen(
+                mlflow_run_cmd(params, entry="sweep"),
+                cwd=tmp_path,
+                env=member.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        outputs = [w.communicate(timeout=900)[0] for w in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-4000:]
+
+    trials = optuna.load_study(study_name="team-study", storage=storage).get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == SWEEP_TRIALS, [(t.number, t.state) for t in trials]
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state != TrialState.COMPLETE), "only surplus fails"
+    assert len({t.user_attrs["pid"] for t in done}) == 2, "both workers ran trials"
+
+    runs = client.search_runs([experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep/role") == "parent"]
+    (worker,) = [r for r in runs if r.data.tags.get("sweep/role") == "worker"]
+    assert worker.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    trial_runs = [r for r in runs if "trial/number" in r.data.tags]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trial_runs)
+    assert sorted(r.info.run_id for r in trial_runs) == sorted(t.user_attrs["mlflow_run_id"] for t in done)
+    assert sorted(int(r.data.tags["trial/number"]) for r in trial_runs) == sorted(t.number for t in done)
+    assert all(r.info.status == "FINISHED" and r.data.tags["trial/state"] == "COMPLETE" for r in trial_runs)
+    assert client.get_run(parent.info.run_id).data.metrics["sweep/trials_complete"] == SWEEP_TRIALS
+    versions = client.search_model_versions("name = 'team-sweep'")
+    assert len(versions) == 1 and versions[0].run_id == client.get_run(parent.info.run_id).data.tags["best/run_id"]
