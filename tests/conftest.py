@@ -291,8 +291,10 @@ SLOW_FIRST = (
     "test_e2e.py",
     "test_options_e2e.py",  # 185-270
     "test_user_facing.py",
-    "test_team_server.py",
-)  # 130-165
+    "test_sweep_resume.py",  # ~85 alone
+    "test_team_server.py",  # ~75 alone, ~40 of it the two sweep workers
+    "test_sweep.py",  # ~65 alone
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

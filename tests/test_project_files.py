@@ -16,11 +16,12 @@ import yaml
 
 from cifar_mlflow import params_doc
 from cifar_mlflow.cli import NumberOrWord, TrueFalse
-from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
+from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, SweepConfig, TrainConfig
 from cifar_mlflow.fields import as_param
 from entrypoints.analyze import analyze as analyze_command
 from entrypoints.lr_find import lr_find as lr_find_command
 from entrypoints.pipeline import pipeline as pipeline_command
+from entrypoints.sweep import sweep as sweep_command
 from entrypoints.train import train as train_command
 from tests.conftest import REPO
 
@@ -30,6 +31,7 @@ ENTRY_POINTS = {
     "analyze": (AnalyzeConfig, analyze_command, "entrypoints.analyze"),
     "lr_find": (LRFindConfig, lr_find_command, "entrypoints.lr_find"),
     "pipeline": (PipelineConfig, pipeline_command, "entrypoints.pipeline"),
+    "sweep": (SweepConfig, sweep_command, "entrypoints.sweep"),
 }
 each_entry_point = pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 
