@@ -126,6 +126,9 @@ def test_parent_logs_best_parameters_trials_table_and_optuna_figures(swept, tmp_
         path = Path(swept.client.download_artifacts(run_id, f"sweep/{name}", str(tmp_path)))
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000, name
     assert "sweep finished: 4 trials" in swept.stdout
+    history = swept.client.get_metric_history(run_id, "sweep/best_so_far")
+    assert sorted(m.step for m in history) == [int(r.data.tags["trial/number"]) for r in complete]
+    assert max(m.value for m in history) == pytest.approx(best.data.metrics["test/accuracy"])
 
 
 def test_only_the_best_trial_registers_and_its_version_reproduces_the_trial(swept):

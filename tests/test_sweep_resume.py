@@ -1,7 +1,7 @@
 """Nothing lost in a sweep: `mlflow run -e sweep` killed (SIGKILL, the whole process group) in the middle of a trial
 and started again with the same study continues under the same parent run; the finished trial stays, the interrupted
 one is failed and retried in its own run, resumed from its checkpoint. SIGTERM ends the trial's run KILLED and
-leaves its retry waiting."""
+leaves its retry waiting; `mlflow run --run-id <the sweep's run>` continues the sweep in that run."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_sweep_killed_mid_trial_continues_under_the_same_parent(store: Store, tm
     assert len(client.search_model_versions("name = 'sweep-resume'")) == 1
 
 
-def test_sigterm_ends_the_trials_run_killed_and_leaves_its_retry_waiting(store: Store, tmp_path):
+def test_sigterm_ends_the_trials_run_killed_and_run_id_continues_it(store: Store, tmp_path):
     client = MlflowClient(store.uri)
     proc = subprocess.Popen(
         [
@@ -135,6 +135,27 @@ def test_sigterm_ends_the_trials_run_killed_and_leaves_its_retry_waiting(store: 
     assert run.data.tags["trial/state"] == "FAIL"
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
-    trials = optuna.load_study(study_name="term", storage=f"sqlite:///{store.root / 'optuna.db'}").get_trials()
+    trials = _study(store, "term").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].user_attrs["mlflow_run_id"] == run_id
+
+    # MLflow's own way back into a run: `mlflow run --run-id <the sweep's run>` continues it as the parent
+    again = subprocess.run(
+        mlflow_run_cmd(
+            {**PARAMS, "study": "term", "data_dir": tmp_path / "data"}, entry="sweep", run_id=parent.info.run_id
+        ),
+        cwd=store.root,
+        env=store.env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/trials_complete"] == 3
+    assert "failure_reason" not in parent.data.tags
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["trial/retry_of"] == "0"
+    assert "failure_reason" not in resumed.data.tags and int(resumed.data.tags["resumed_from_epoch"]) >= 1
+    exp = parent.info.experiment_id
+    assert not client.search_runs([exp], "tags.`sweep/role` = 'worker'"), "the same run, not a worker beside it"

@@ -176,6 +176,8 @@ class Sweep:
         self.study.tell(trial, value)
         tlog.set_tags({STATE_TAG: "COMPLETE"})
         print(f"sweep: {label} finished: {metric} {value:.4f}")
+        # the parent's chart of the search so far (step = trial number), while the sweep runs
+        self.parent.log_metrics({"sweep/best_so_far": float(self.study.best_value)}, step=trial.number)
 
     def finish(self) -> tuple[dict[str, Any] | None, str | None]:
         """The parent's summary, and the best trial's model registered (register=best)."""
