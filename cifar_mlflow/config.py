@@ -344,7 +344,8 @@ class SweepConfig(Composed):
     storage: str = param(
         "auto",
         "Optuna storage (an RDB URL): auto = sqlite optuna.db beside a local sqlite tracking store (./optuna.db "
-        "otherwise); postgresql+psycopg2://user:password@host/db for a team's workers.",
+        "otherwise); postgresql+psycopg2://user@host/db for a team's workers (the password in PGPASSWORD, not in "
+        "the URL: it would be logged as a param).",
         pattern=(
             r"auto|(sqlite|postgresql|mysql)(\+\w+)?://\S*",
             "auto, or an RDB URL: sqlite:///<file>, postgresql+psycopg2://<user>:<password>@<host>/<db> or mysql://...",

@@ -2,7 +2,7 @@
 pruned between epochs, the best trial's model registered; workers on several machines share one study.
 
     mlflow run . -e sweep -P n_trials=20 -P epochs=10
-    mlflow run . -e sweep -P study=lr-wd -P storage=postgresql+psycopg2://user:pw@db/optuna   # each worker
+    PGPASSWORD=... mlflow run . -e sweep -P study=lr-wd -P storage=postgresql+psycopg2://user@db/optuna  # each worker
     python -m entrypoints.sweep --n_trials 8 --epochs 3 --dataset digits
 """
 

@@ -144,12 +144,13 @@ def mlflow_run(
     params: dict[str, object],
     *,
     entry: str = "main",
+    run_id: str | None = None,
     timeout: int = 600,
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """mlflow_run_cmd run to completion in the store's folder, output captured."""
     return subprocess.run(
-        mlflow_run_cmd(params, entry=entry),
+        mlflow_run_cmd(params, entry=entry, run_id=run_id),
         cwd=store.root,
         env=store.env(**(extra_env or {})),
         capture_output=True,
@@ -158,11 +159,25 @@ def mlflow_run(
     )
 
 
-def train_process(store: Store, args: list[str]) -> subprocess.Popen:
-    """`python -m entrypoints.train ARGS` started in its own session (so a test can signal its whole group),
+def mlflow_run_process(store: Store, params: dict[str, object], *, entry: str = "main") -> subprocess.Popen:
+    """mlflow_run_cmd started in the store's folder, in its own session (a test can kill its whole group, as a
+    crash would), stdout discarded, stderr kept for the reason of a failure."""
+    return subprocess.Popen(
+        mlflow_run_cmd(params, entry=entry),
+        cwd=store.root,
+        env=store.env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def train_process(store: Store, args: list[str], entry: str = "train") -> subprocess.Popen:
+    """`python -m entrypoints.<entry> ARGS` started in its own session (so a test can signal its whole group),
     stdout discarded, stderr kept for the reason of a failure."""
     return subprocess.Popen(
-        [sys.executable, "-m", "entrypoints.train", *args],
+        [sys.executable, "-m", f"entrypoints.{entry}", *args],
         cwd=REPO,
         env=store.env(),
         start_new_session=True,

@@ -16,7 +16,7 @@ from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ModelError
 from cifar_mlflow.tracking import checkpoints, serving
 from entrypoints.train import train
-from tests.conftest import cli_args, make_store, mlflow_run_cmd, train_process
+from tests.conftest import cli_args, make_store, mlflow_run_cmd, mlflow_run_process, train_process
 
 FOUR = {"epochs": 4, "batch_size": 32, "num_workers": 0, "max_train_samples": 192, "max_test_samples": 64, "seed": 3}
 METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec")
@@ -68,15 +68,7 @@ def _weights(version):
 def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifar_root, monkeypatch, capsys):
     client = MlflowClient(store.uri)
     params = {**FOUR, "data_dir": cifar_root}
-    proc = subprocess.Popen(
-        mlflow_run_cmd(params),
-        cwd=store.root,
-        env=store.env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = mlflow_run_process(store, params)
     holder = []
     try:
         _wait_for_epoch(client, holder, 2, proc)

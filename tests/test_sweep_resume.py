@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import optuna
@@ -16,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import REPO, Store, cli_args, mlflow_run, mlflow_run_cmd
+from tests.conftest import Store, cli_args, mlflow_run, mlflow_run_process, train_process
 
 # 4 epochs of 256 images per trial: long enough to be killed between two epochs of the second trial
 PARAMS = {
@@ -61,15 +60,7 @@ def _study(store: Store, name: str) -> optuna.Study:
 def test_sweep_killed_mid_trial_continues_under_the_same_parent(store: Store, tmp_path):
     client = MlflowClient(store.uri)
     params = {**PARAMS, "study": "resume-me", "data_dir": tmp_path / "data"}
-    first = subprocess.Popen(
-        mlflow_run_cmd(params, entry="sweep"),
-        cwd=store.root,
-        env=store.env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = mlflow_run_process(store, params, entry="sweep")
     try:
         killed_run = _wait_for_epoch(client, store, first, number=1, epoch=1)
     finally:
@@ -107,20 +98,7 @@ def test_sweep_killed_mid_trial_continues_under_the_same_parent(store: Store, tm
 
 def test_sigterm_ends_the_trials_run_killed_and_run_id_continues_it(store: Store, tmp_path):
     client = MlflowClient(store.uri)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "entrypoints.sweep",
-            *cli_args({**PARAMS, "study": "term", "data_dir": tmp_path / "data"}),
-        ],
-        cwd=REPO,
-        env=store.env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = train_process(store, cli_args({**PARAMS, "study": "term", "data_dir": tmp_path / "data"}), entry="sweep")
     run_id = _wait_for_epoch(client, store, proc, number=0, epoch=1)
     proc.send_signal(signal.SIGTERM)
     try:
@@ -140,16 +118,8 @@ def test_sigterm_ends_the_trials_run_killed_and_run_id_continues_it(store: Store
     assert trials[1].user_attrs["mlflow_run_id"] == run_id
 
     # MLflow's own way back into a run: `mlflow run --run-id <the sweep's run>` continues it as the parent
-    again = subprocess.run(
-        mlflow_run_cmd(
-            {**PARAMS, "study": "term", "data_dir": tmp_path / "data"}, entry="sweep", run_id=parent.info.run_id
-        ),
-        cwd=store.root,
-        env=store.env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    params = {**PARAMS, "study": "term", "data_dir": tmp_path / "data"}
+    again = mlflow_run(store, params, entry="sweep", run_id=parent.info.run_id, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/trials_complete"] == 3

@@ -200,6 +200,8 @@ def test_two_workers_share_one_sweep_through_postgresql(team_server, postgres, t
     would: the study holds exactly n_trials finished trials, each run once, in one child run each, all under one
     parent run; the second worker's run is nested under it too; one version is registered."""
     storage = postgres.create_database("optuna", owner="optuna", password="study-pass")
+    # as the README advises: the password in PGPASSWORD (libpq reads it), not in the URL that becomes a run param
+    without_password = storage.replace("optuna:study-pass@", "optuna@")
     client = MlflowClient(team_server.uri)
     experiment_id = client.create_experiment("team-sweep")
     params = {
@@ -209,7 +211,7 @@ def test_two_workers_share_one_sweep_through_postgresql(team_server, postgres, t
         "n_trials": SWEEP_TRIALS,
         "pruner": "none",
         "study": "team-study",
-        "storage": storage,
+        "storage": without_password,
         "registered_model_name": "team-sweep",
     }
     with pytest.MonkeyPatch.context() as mp:
@@ -221,7 +223,7 @@ def test_two_workers_share_one_sweep_through_postgresql(team_server, postgres, t
             subprocess.Popen(
                 mlflow_run_cmd(params, entry="sweep"),
                 cwd=tmp_path,
-                env=member.env(),
+                env=member.env(PGPASSWORD="study-pass"),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -242,6 +244,7 @@ def test_two_workers_share_one_sweep_through_postgresql(team_server, postgres, t
     (parent,) = [r for r in runs if r.data.tags.get("sweep/role") == "parent"]
     (worker,) = [r for r in runs if r.data.tags.get("sweep/role") == "worker"]
     assert worker.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert all("study-pass" not in str(r.data.params) + str(r.data.tags) for r in runs), "no password in the store"
     trial_runs = [r for r in runs if "trial/number" in r.data.tags]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trial_runs)
     assert sorted(r.info.run_id for r in trial_runs) == sorted(t.user_attrs["mlflow_run_id"] for t in done)

@@ -9,12 +9,12 @@ import threading
 import time
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cifar_mlflow import lease
-from cifar_mlflow.errors import RunBusy, TrackingError, first_line
+from cifar_mlflow.errors import RunBusy
+from cifar_mlflow.tracking.store import read_run
 
 
 class RunLease:
@@ -47,13 +47,7 @@ class RunLease:
         if self.run_id == run_id:
             return
         client = MlflowClient()
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as exc:
-            raise TrackingError(
-                f"run {run_id} (MLFLOW_RUN_ID) cannot be read from {mlflow.get_tracking_uri()} "
-                f"({first_line(exc)[:160]})"
-            ) from None
+        run = read_run(client, run_id, "" if self._target else " (MLFLOW_RUN_ID)")
         n, holder = lease.latest(run.data.params, run.data.tags)
         now = time.time()
         if holder is not None and holder.alive(now):

@@ -17,6 +17,7 @@ from cifar_mlflow.errors import StoppedEarly, Terminated, TrackingError
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.params import as_param
 from cifar_mlflow.tracking.run_lease import RunLease
+from cifar_mlflow.tracking.store import read_run
 
 FAILURE_TAG = "failure_reason"
 DIVERGED_TAG = "diverged_at_step"
@@ -171,13 +172,7 @@ def child_run(parent_run_id: str, name: str, tags: dict[str, str]) -> str:
 
 def logger_of(run_id: str) -> RunLogger:
     """A RunLogger for an existing run (which need not be open). TrackingError if the store has no such run."""
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        raise TrackingError(
-            f"run {run_id} cannot be read from {mlflow.get_tracking_uri()} ({exc.message[:160]})"
-        ) from None
+    run = read_run(MlflowClient(), run_id)
     if run.info.lifecycle_stage != "active":
         raise TrackingError(f"run {run_id} is deleted in {mlflow.get_tracking_uri()}; restore it or start anew")
     return RunLogger(run_id, run.info.experiment_id)

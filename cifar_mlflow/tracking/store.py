@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -124,3 +125,13 @@ def beside_store(name: str) -> Path:
     if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
         return Path(uri[len("sqlite:///") :]).resolve().parent / name
     return Path(name).resolve()
+
+
+def read_run(client: MlflowClient, run_id: str, note: str = "") -> Any:
+    """The run, or a TrackingError naming it (and `note`, where the id came from) and the store."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"run {run_id}{note} cannot be read from {mlflow.get_tracking_uri()} ({first_line(exc)[:160]})"
+        ) from None
