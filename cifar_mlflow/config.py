@@ -335,6 +335,12 @@ class SweepConfig(Composed):
         "The median pruner prunes nothing until this many trials have finished (they set the bar).",
         low=0,
     )
+    prune_after_epochs: int = param(
+        1,
+        "No trial is pruned before it has run this many epochs (the median pruner's warm-up, successive halving's "
+        "first rung); one-cycle's warm-up makes first-epoch accuracy a noisy judge on longer trials.",
+        low=1,
+    )
     study: str = param(
         "auto",
         "Optuna study name; workers started with the same name on one storage share its trials, and a sweep "

@@ -69,11 +69,12 @@ def open_storage(url: str) -> RDBStorage:
         raise TrackingError(f"storage={redacted(url)!r} cannot be opened ({first_line(exc, 200)})") from None
 
 
-def make_pruner(name: str, after_trials: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, after_trials: int, after_epochs: int) -> optuna.pruners.BasePruner:
+    """The pruner by name; steps are epochs (1-based), so none is pruned before epoch `after_epochs`."""
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=after_trials, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=after_trials, n_warmup_steps=after_epochs)
     if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=after_epochs)
     return optuna.pruners.NopPruner()
 
 

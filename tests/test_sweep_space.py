@@ -184,6 +184,23 @@ def test_a_dead_workers_trial_is_failed_and_retried_with_its_run(tmp_path):
     assert studies.claim(study, again, 3) and studies.fail_dead(storage, study) == []
 
 
+@pytest.mark.parametrize("after_epochs, pruned_at", [(1, 1), (2, 2)])
+def test_pruners_judge_from_epoch_prune_after_epochs_on(after_epochs, pruned_at):
+    for name in ("median", "halving"):
+        study = optuna.create_study(direction="maximize", pruner=studies.make_pruner(name, 1, after_epochs))
+        good = studies.ask(study)
+        for epoch in (1, 2, 3):
+            good.report(0.9, epoch)
+            assert not good.should_prune()  # (successive halving records its rungs here)
+        study.tell(good, 0.9)
+        bad = studies.ask(study)
+        verdicts = []
+        for epoch in (1, 2, 3):
+            bad.report(0.1, epoch)
+            verdicts.append(bad.should_prune())
+        assert verdicts.index(True) + 1 == pruned_at, (name, verdicts)
+
+
 def test_storage_errors_hide_the_password(tmp_path):
     from cifar_mlflow.errors import TrackingError
 

@@ -68,7 +68,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
             recipe=recipe(cfg, dims),
             base={d.name: getattr(base, d.name) for d in dims if studies.fits(d, getattr(base, d.name))},
             parent_run_id=log.run_id,
-            pruner=studies.make_pruner(cfg.pruner, cfg.prune_after_trials),
+            pruner=studies.make_pruner(cfg.pruner, cfg.prune_after_trials, cfg.prune_after_epochs),
             seed=cfg.seed,
             n_trials=cfg.n_trials,
         )
