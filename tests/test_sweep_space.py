@@ -184,6 +184,25 @@ def test_a_dead_workers_trial_is_failed_and_retried_with_its_run(tmp_path):
     assert studies.claim(study, again, 3) and studies.fail_dead(storage, study) == []
 
 
+def test_a_silent_worker_on_another_machine_is_failed_after_the_grace_period(tmp_path):
+    """A remote worker's death is seen only through its heartbeat (grace shortened from 120 s to 1 s here)."""
+    storage = studies.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage.grace_period = 1
+    study, _ = _open(storage)
+    trial = studies.ask(study)
+    studies.suggest(trial, DIMS)
+    for key, value in ((studies.HOST_ATTR, "gpu-box-7"), (studies.PID_ATTR, 1), (studies.STARTED_ATTR, 1.0)):
+        trial.set_user_attr(key, value)
+    with studies.heartbeat(storage, trial):
+        assert studies.fail_dead(storage, study) == [], "beating: alive"
+    assert study.get_trials()[trial.number].state == TrialState.RUNNING, "another host's pid is not checked here"
+    time.sleep(1.5)
+    studies.fail_dead(storage, study)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].params == trials[0].params
+
+
 @pytest.mark.parametrize("after_epochs, pruned_at", [(1, 1), (2, 2)])
 def test_pruners_judge_from_epoch_prune_after_epochs_on(after_epochs, pruned_at):
     for name in ("median", "halving"):
