@@ -88,7 +88,8 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
             print(f"sweep: no trial left to start; {studies.counts(study)} (other workers are finishing theirs)")
             return SweepOutcome(name, parent_id, done=False)
         best, registered = sweep.finish()
-        if parent is not log:
+        if parent is not log:  # (the parent's own process ends it FINISHED as open_run does)
+            runs.clear_failure(parent)  # a sweep stopped by SIGTERM and finished by a restart has not failed
             runs.set_status(parent_id, "FINISHED")
         return SweepOutcome(name, parent_id, True, best, registered)
 

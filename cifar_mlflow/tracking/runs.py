@@ -62,10 +62,10 @@ def open_run(held: RunLease | None = None, run_id: str | None = None) -> Iterato
                 held.claim(log.run_id)
             log.set_tags({CODE_VERSION_TAG: code_version()})
             yield log
-            _clear_failure(log)
+            clear_failure(log)
         except StoppedEarly as exc:  # a pruned trial: a finished run, with the epoch it stopped at
             log.set_tags({PRUNED_TAG: str(exc.epoch)})
-            _clear_failure(log)
+            clear_failure(log)
         except (KeyboardInterrupt, Terminated) as exc:
             with contextlib.suppress(Exception):
                 why = "terminated by SIGTERM" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
@@ -87,7 +87,7 @@ def open_run(held: RunLease | None = None, run_id: str | None = None) -> Iterato
                 held.stop()
 
 
-def _clear_failure(log: RunLogger) -> None:
+def clear_failure(log: RunLogger) -> None:
     """A run that failed before and now succeeded (resumed) is not failed: its old reason goes."""
     tags = log.run().data.tags
     for tag in (FAILURE_TAG, DIVERGED_TAG):
