@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -52,21 +53,40 @@ def redacted(url: str) -> str:
 
 def open_storage(url: str) -> RDBStorage:
     """The study storage, with heartbeats (a dead worker's trial is failed and retried). One line naming the
-    storage (password hidden) if it cannot be opened."""
-    try:
-        with _quiet():  # ExperimentalWarnings: heartbeats have been in Optuna since 2.9
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                    max_retry=RETRIES, inherit_intermediate_values=True
-                ),
-                # sqlite: workers of one machine wait for each other's writes instead of failing at once
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-            )
-    except Exception as exc:  # sqlalchemy and the drivers raise many types: all mean "cannot use this storage"
-        raise TrackingError(f"storage={redacted(url)!r} cannot be opened ({first_line(exc, 200)})") from None
+    storage (password hidden) if it cannot be opened. Workers started at once on an empty storage all create
+    Optuna's tables: all but one lose that race (PostgreSQL: a duplicate pg_type row; sqlite: "table already
+    exists") and try again, finding the tables made."""
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with _quiet():  # ExperimentalWarnings: heartbeats have been in Optuna since 2.9
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                        max_retry=RETRIES, inherit_intermediate_values=True
+                    ),
+                    # sqlite: workers of one machine wait for each other's writes instead of failing at once
+                    engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                )
+        except Exception as exc:  # sqlalchemy and the drivers raise many types: all mean "cannot use this storage"
+            if attempt + 1 < CREATE_ATTEMPTS and _lost_creation_race(exc):
+                time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+                continue
+            raise TrackingError(f"storage={redacted(url)!r} cannot be opened ({first_line(exc, 200)})") from None
+    raise AssertionError("unreachable")
+
+
+CREATE_ATTEMPTS = 5
+
+
+def _lost_creation_race(exc: Exception) -> bool:
+    from sqlalchemy import exc as sa
+
+    text = str(exc)
+    return isinstance(exc, sa.IntegrityError | sa.ProgrammingError) or (
+        isinstance(exc, sa.OperationalError) and ("already exists" in text or "database is locked" in text)
+    )
 
 
 def make_pruner(name: str, after_trials: int, after_epochs: int) -> optuna.pruners.BasePruner:

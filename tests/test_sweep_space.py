@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,6 +219,32 @@ def test_pruners_judge_from_epoch_prune_after_epochs_on(after_epochs, pruned_at)
             bad.report(0.1, epoch)
             verdicts.append(bad.should_prune())
         assert verdicts.index(True) + 1 == pruned_at, (name, verdicts)
+
+
+def open_at_once(url: str, workers: int = 4) -> list[str]:
+    """open_storage from `workers` threads released together (separate connections, as separate workers): each
+    "ok" or its error."""
+    barrier, out = threading.Barrier(workers), []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            studies.open_storage(url)
+            out.append("ok")
+        except Exception as exc:
+            out.append(str(exc))
+
+    threads = [threading.Thread(target=open_one) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_workers_opening_a_new_sqlite_storage_at_once_all_succeed(tmp_path):
+    """Each creates Optuna's tables; the losers ("table studies already exists") try again."""
+    assert open_at_once(f"sqlite:///{tmp_path / 'optuna.db'}") == ["ok"] * 4
 
 
 def test_storage_errors_hide_the_password(tmp_path):

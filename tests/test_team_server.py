@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from tests.conftest import TINY, MlflowServer, Store, mlflow_run, mlflow_run_cmd
 from tests.postgres import Postgres
+from tests.test_sweep_space import open_at_once
 
 MODEL = "cifar10-resnet18"
 DB, ROLE, PASSWORD = "mlflow", "mlflow", "team-pass"
@@ -193,6 +194,12 @@ def test_server_answers_the_team_host_name_and_refuses_others(team_server):
 
 
 SWEEP_TRIALS = 5
+
+
+def test_workers_opening_a_new_postgresql_storage_at_once_all_succeed(postgres):
+    """The race two workers started together hit: both create Optuna's tables, one loses on a duplicate pg_type
+    row (seen: a worker died 10 s into the two-worker test); the loser tries again and finds them made."""
+    assert open_at_once(postgres.create_database("optuna_race")) == ["ok"] * 4
 
 
 def test_two_workers_share_one_sweep_through_postgresql(team_server, postgres, tmp_path):
