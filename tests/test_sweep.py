@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 from mlflow import MlflowClient
 
@@ -148,6 +149,28 @@ def test_only_the_best_trial_registers_and_its_version_reproduces_the_trial(swep
     model = pyfunc.load_model(f"models:/{MODEL}/{version.version}")
     probs = np.asarray(model.predict(test.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0))
     assert float((probs.argmax(1) == test.labels).mean()) == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_a_second_worker_finishing_at_the_same_moment_registers_nothing_more(swept):
+    """Two workers that see the study done together both try to register the best trial: the one that finds its
+    run leased to the other stands back; one finishing later finds the version there and adds none."""
+    from cifar_mlflow import studies
+    from cifar_mlflow.config import SweepConfig
+    from cifar_mlflow.jobs.sweep import Sweep
+    from cifar_mlflow.tracking.run_lease import RunLease
+    from cifar_mlflow.tracking.runs import logger_of
+
+    root = swept.store.root
+    cfg = SweepConfig(**{**PARAMS, "space": str(root / "space.yaml"), "data_dir": str(root / "data")})
+    storage = studies.open_storage(f"sqlite:///{root / 'optuna.db'}")
+    study = optuna.load_study(study_name=f"sweep-{swept.parent.info.run_id}", storage=storage)
+    sweep = Sweep(cfg, cfg.base(), cfg.dims(), storage, study, logger_of(swept.parent.info.run_id))
+    best = study.best_trial
+    run_id = best.user_attrs[studies.RUN_ATTR]
+    with RunLease(run_id):  # the other worker, registering it right now
+        assert sweep._register(best, run_id) is None
+    assert sweep._register(best, run_id) == f"models:/{MODEL}/1"
+    assert len(swept.client.search_model_versions(f"name = '{MODEL}'")) == 1
 
 
 # The MLflow UI in a real browser: the trials are grouped under the sweep's run

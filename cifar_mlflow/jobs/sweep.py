@@ -19,7 +19,7 @@ from typing import Any
 
 from cifar_mlflow import studies
 from cifar_mlflow.config import SweepConfig, TrainConfig
-from cifar_mlflow.errors import StoppedEarly, Terminated, TrainingDiverged
+from cifar_mlflow.errors import RunBusy, StoppedEarly, Terminated, TrainingDiverged
 from cifar_mlflow.prepare import prepare
 from cifar_mlflow.sweep_space import Dim
 from cifar_mlflow.tracking import runs
@@ -232,14 +232,18 @@ class Sweep:
         )
         return info, registered
 
-    def _register(self, best: Any, run_id: str) -> str:
+    def _register(self, best: Any, run_id: str) -> str | None:
         """The best trial's model as one registered version, from its run's last checkpoint (the champion rule
         as in `main`). A version the run registered already (a worker finishing twice) is kept, not duplicated."""
         from cifar_mlflow.jobs.train import register_from_checkpoint
 
         cfg = self.trial_config(best.params)
-        with RunLease(run_id) as held, runs.open_run(held, run_id) as log:
-            version = register_from_checkpoint(cfg, log)
+        try:
+            with RunLease(run_id) as held, runs.open_run(held, run_id) as log:
+                version = register_from_checkpoint(cfg, log)
+        except RunBusy:  # two workers finished the study at the same moment: the other one registers it
+            print(f"sweep: another worker is registering the best trial's run {run_id}")
+            return None
         self.parent.set_tags({"registered_model_version": version.version, "best/model_uri": version.model_uri})
         return version.model_uri
 
