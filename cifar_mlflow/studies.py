@@ -279,8 +279,13 @@ def _quiet() -> Iterator[None]:
 
 
 def retry_of(storage: RDBStorage, trial: Trial) -> int | None:
-    """The number of the failed trial this one retries (its latest attempt), or None."""
-    history = storage.get_trial(trial._trial_id).system_attrs.get("retry_history")
+    """The number of the failed trial an asked trial retries (its latest attempt), or None."""
+    return retried_from(storage.get_trial(trial._trial_id))
+
+
+def retried_from(trial: FrozenTrial) -> int | None:
+    """The number of the failed trial this one retries (Optuna's retry_history, latest attempt last), or None."""
+    history = trial.system_attrs.get("retry_history")
     return history[-1] if history else None
 
 

@@ -44,11 +44,6 @@ class Dim:
     log: bool = False
     choices: tuple[Any, ...] = ()
 
-    def describe(self) -> str:
-        if self.type == "categorical":
-            return f"{self.name} in {{{', '.join(map(str, self.choices))}}}"
-        return f"{self.name} {self.type} in [{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
-
     def as_dict(self) -> dict[str, Any]:
         if self.type == "categorical":
             return {"name": self.name, "type": self.type, "choices": list(self.choices)}

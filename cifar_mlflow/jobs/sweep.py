@@ -46,12 +46,12 @@ def storage_url(setting: str) -> str:
     return f"sqlite:///{beside_store(STUDY_FILE)}" if setting == "auto" else setting
 
 
-def recipe(cfg: SweepConfig, dims: list[Dim]) -> dict[str, Any]:
+def recipe(metric: str, base: TrainConfig, dims: list[Dim]) -> dict[str, Any]:
     """What every worker of a study must share: the metric, the space and the fixed parameters that change what
     a trial learns (not where data lives or how this machine computes)."""
     machine = {"data_dir", "num_workers", "precision", "loader", "compile"}
-    base = {k: v for k, v in cfg.base().to_params().items() if k not in machine}
-    return {"metric": cfg.metric, "space": [d.as_dict() for d in dims], **{f"base/{k}": v for k, v in base.items()}}
+    fixed = {k: v for k, v in base.to_params().items() if k not in machine}
+    return {"metric": metric, "space": [d.as_dict() for d in dims], **{f"base/{k}": v for k, v in fixed.items()}}
 
 
 def run_sweep(cfg: SweepConfig) -> SweepOutcome:
@@ -65,7 +65,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
             storage,
             name,
             direction="maximize" if cfg.metric == "test/accuracy" else "minimize",
-            recipe=recipe(cfg, dims),
+            recipe=recipe(cfg.metric, base, dims),
             base={d.name: getattr(base, d.name) for d in dims if studies.fits(d, getattr(base, d.name))},
             parent_run_id=log.run_id,
             pruner=studies.make_pruner(cfg.pruner, cfg.prune_after_trials, cfg.prune_after_epochs),
@@ -262,6 +262,6 @@ def _trials_table(trials: list[Any], dims: list[Dim]) -> dict[str, list[Any]]:
         "value": [value(t) for t in trials],
         "epochs_run": [max(t.intermediate_values, default=0) for t in trials],
         **{d.name: [t.params.get(d.name) for t in trials] for d in dims},
-        "retry_of": [(t.system_attrs.get("retry_history") or [None])[-1] for t in trials],
+        "retry_of": [studies.retried_from(t) for t in trials],
         "run_id": [t.user_attrs.get(studies.RUN_ATTR) for t in trials],
     }
