@@ -1,5 +1,5 @@
 """Shared fixtures: generated data in the exact CIFAR-10 python layout, a real sqlite MLflow store in a temp dir,
-and a helper that runs the real `mlflow run` on this project."""
+a helper that runs the real `mlflow run` on this project, and the browser (Chromium) the UI tests drive."""
 
 from __future__ import annotations
 
@@ -284,6 +284,72 @@ class MlflowServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+# The MLflow UI in a real browser: Debian's Chromium driven by Playwright (the UI tests of several modules)
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium's own connections (updates, sync) are refused on a closed
+# network and slow every page down. --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers often have
+# a tiny /dev/shm.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+UI_TIMEOUT_MS = 45_000  # generous: the CI machine may be busy; every wait is explicit and ends early
+
+
+def ui_server(backend_store_uri: str, root: Path):
+    """Generator behind a module's `ui` fixture: `mlflow server` over a test store on 127.0.0.1."""
+    srv = MlflowServer(root, backend_store_uri=backend_store_uri)
+    srv.start(timeout=90)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run scripts/system-packages.sh (apt-get install chromium)"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def shown(page, tmp_path: Path, locator, what: str, seen_js: str) -> None:
+    """Wait (explicitly, up to UI_TIMEOUT_MS) until `locator` is visible; otherwise save failure.png and fail
+    naming what was expected and what the page showed instead (`seen_js` collects that in the page)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        locator.wait_for(state="visible")
+    except PlaywrightTimeout:
+        page.screenshot(path=tmp_path / "failure.png")
+        seen = page.evaluate(seen_js)
+        pytest.fail(
+            f"expected {what} on {page.url} within {UI_TIMEOUT_MS / 1000:.0f} s; the page shows {seen!r} "
+            f"(screenshot: {tmp_path / 'failure.png'})"
+        )
+
+
+RUN_LINKS_JS = "() => [...document.querySelectorAll('a[href*=\"/runs/\"]')].map(a => a.textContent.trim())"
 
 
 # Slowest modules first: with files spread over two xdist workers (`-n 2 --dist loadfile`, which keeps each

@@ -14,8 +14,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import MlflowServer, Store, make_store, mlflow_run
-from tests.test_user_facing import CHROMIUM, CHROMIUM_ARGS, UI_TIMEOUT_MS, _shown
+from tests.conftest import RUN_LINKS_JS, Store, make_store, mlflow_run, shown, ui_server
 
 MODEL = "sweep-model"
 N_TRIALS = 4
@@ -178,37 +177,25 @@ def test_a_second_worker_finishing_at_the_same_moment_registers_nothing_more(swe
 
 @pytest.fixture(scope="module")
 def ui(swept, tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("sweep_ui"), backend_store_uri=swept.store.uri)
-    srv.start(timeout=90)
-    yield srv
-    srv.stop()
+    yield from ui_server(swept.store.uri, tmp_path_factory.mktemp("sweep_ui"))
 
 
-def test_ui_groups_the_trials_under_the_sweeps_run(swept, ui, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    exp_id = swept.parent.info.experiment_id
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(UI_TIMEOUT_MS)
-        page.goto(f"{ui.uri}/#/experiments/{exp_id}/runs")
-        parent = swept.parent
-        links = "() => [...document.querySelectorAll('a[href*=\"/runs/\"]')].map(a => a.textContent.trim())"
-        _shown(page, tmp_path, page.locator(f'a[href$="/runs/{parent.info.run_id}"]'), "the sweep's run", links)
-        first = swept.trials[0]
-        child = page.locator(f'a[href$="/runs/{first.info.run_id}"]')
-        assert child.count() == 0 or not child.first.is_visible(), "trials are collapsed under their parent"
-        # the [+] button in the parent's Run Name cell (MLflow's runNameCellRenderer) shows its child runs
-        cell = page.locator("[role=gridcell]", has=page.locator(f'a[href$="/runs/{parent.info.run_id}"]'))
-        cell.locator("button").first.click()
-        for run in swept.trials:
-            _shown(
-                page,
-                tmp_path,
-                page.locator(f'a[href$="/runs/{run.info.run_id}"]'),
-                f"trial {run.data.tags['trial/number']} under the sweep's run",
-                links,
-            )
-        page.screenshot(path=tmp_path / "sweep_runs.png")
-        browser.close()
+def test_ui_groups_the_trials_under_the_sweeps_run(swept, ui, page, tmp_path):
+    parent = swept.parent
+    page.goto(f"{ui.uri}/#/experiments/{parent.info.experiment_id}/runs")
+    shown(page, tmp_path, page.locator(f'a[href$="/runs/{parent.info.run_id}"]'), "the sweep's run", RUN_LINKS_JS)
+    first = swept.trials[0]
+    child = page.locator(f'a[href$="/runs/{first.info.run_id}"]')
+    assert child.count() == 0 or not child.first.is_visible(), "trials are collapsed under their parent"
+    # the [+] button in the parent's Run Name cell (MLflow's runNameCellRenderer) shows its child runs
+    cell = page.locator("[role=gridcell]", has=page.locator(f'a[href$="/runs/{parent.info.run_id}"]'))
+    cell.locator("button").first.click()
+    for run in swept.trials:
+        shown(
+            page,
+            tmp_path,
+            page.locator(f'a[href$="/runs/{run.info.run_id}"]'),
+            f"trial {run.data.tags['trial/number']} under the sweep's run",
+            RUN_LINKS_JS,
+        )
+    page.screenshot(path=tmp_path / "sweep_runs.png")

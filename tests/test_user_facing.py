@@ -21,26 +21,20 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TINY, MlflowServer, Store, free_port, make_store, mlflow_run
+from tests.conftest import (
+    RUN_LINKS_JS,
+    TINY,
+    Store,
+    free_port,
+    make_store,
+    mlflow_run,
+    shown,
+    ui_server,
+)
 
 MODEL = "cifar10-resnet18"
 CHAMPION_URI = f"models:/{MODEL}@champion"
 EPOCHS = 3
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking flags Chromium's own connections (updates, sync) are refused on a closed
-# network and slow every page down. --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers often have
-# a tiny /dev/shm.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
-UI_TIMEOUT_MS = 45_000  # generous: the CI machine may be busy; every wait is explicit and ends early
 
 
 @dataclass
@@ -278,30 +272,7 @@ def test_served_model_refuses_an_oversized_request_before_computing(served_model
 @pytest.fixture(scope="module")
 def ui(trained, tmp_path_factory):
     """`mlflow server` over the trained store on 127.0.0.1."""
-    srv = MlflowServer(tmp_path_factory.mktemp("ui_server"), backend_store_uri=trained.store.uri)
-    srv.start(timeout=90)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run scripts/system-packages.sh (apt-get install chromium)"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(UI_TIMEOUT_MS)
-    yield page
-    context.close()
+    yield from ui_server(trained.store.uri, tmp_path_factory.mktemp("ui_server"))
 
 
 def _expect(locator, message: str):
@@ -310,23 +281,6 @@ def _expect(locator, message: str):
     return expect(locator, message)
 
 
-def _shown(page, tmp_path: Path, locator, what: str, seen_js: str) -> None:
-    """Wait (explicitly, up to UI_TIMEOUT_MS) until `locator` is visible; otherwise save failure.png and fail
-    naming what was expected and what the page showed instead (`seen_js` collects that in the page)."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    try:
-        locator.wait_for(state="visible")
-    except PlaywrightTimeout:
-        page.screenshot(path=tmp_path / "failure.png")
-        seen = page.evaluate(seen_js)
-        pytest.fail(
-            f"expected {what} on {page.url} within {UI_TIMEOUT_MS / 1000:.0f} s; the page shows {seen!r} "
-            f"(screenshot: {tmp_path / 'failure.png'})"
-        )
-
-
-RUN_LINKS_JS = "() => [...document.querySelectorAll('a[href*=\"/runs/\"]')].map(a => a.textContent.trim())"
 ARTIFACTS_JS = (
     "() => [...document.querySelectorAll('[data-testid=\"artifact-tree-node\"]')]"
     ".map(n => n.getAttribute('artifact-name'))"
@@ -343,7 +297,7 @@ def test_ui_experiment_lists_training_and_analysis_runs(trained, ui, page, tmp_p
         (trained.train_run_id, trained.train_run_name, "training"),
         (trained.analysis_run_id, trained.analysis_run_name, "analysis"),
     ):
-        _shown(
+        shown(
             page,
             tmp_path,
             page.locator(f'a[href$="/runs/{run_id}"]', has_text=name),
@@ -362,7 +316,7 @@ def test_ui_run_page_charts_test_accuracy_one_point_per_epoch(trained, ui, page,
     card = page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(
         has=page.locator('h4[title="test/accuracy"]')
     )
-    _shown(
+    shown(
         page,
         tmp_path,
         card,
@@ -392,19 +346,19 @@ def test_ui_run_page_charts_test_accuracy_one_point_per_epoch(trained, ui, page,
 def test_ui_analysis_artifacts_list_gradcam_images(trained, ui, page, tmp_path):
     page.goto(f"{ui.uri}/#/experiments/{trained.experiment_id}/runs/{trained.analysis_run_id}/artifacts")
     node = '[data-testid="artifact-tree-node"][artifact-name="{}"]'.format
-    _shown(page, tmp_path, page.locator(node("gradcam")), "a 'gradcam' folder in the artifact tree", ARTIFACTS_JS)
+    shown(page, tmp_path, page.locator(node("gradcam")), "a 'gradcam' folder in the artifact tree", ARTIFACTS_JS)
     page.locator(node("gradcam")).click()
     for name in ("layer3.png", "layer4.png"):
-        _shown(page, tmp_path, page.locator(node(name)), f"gradcam/{name} in the opened gradcam folder", ARTIFACTS_JS)
-    shown = page.evaluate(ARTIFACTS_JS)
-    assert shown[:3] == ["gradcam", "layer3.png", "layer4.png"], (
-        f"expected gradcam/ holding exactly layer3.png and layer4.png first in the tree, saw {shown}"
+        shown(page, tmp_path, page.locator(node(name)), f"gradcam/{name} in the opened gradcam folder", ARTIFACTS_JS)
+    listed = page.evaluate(ARTIFACTS_JS)
+    assert listed[:3] == ["gradcam", "layer3.png", "layer4.png"], (
+        f"expected gradcam/ holding exactly layer3.png and layer4.png first in the tree, saw {listed}"
     )
     page.screenshot(path=tmp_path / "analysis_artifacts.png")
     # opening one shows the image itself (fetched from the server and decoded by the browser)
     page.locator(node("layer4.png")).click()
     preview = page.locator('img[alt="gradcam/layer4.png"]')
-    _shown(
+    shown(
         page,
         tmp_path,
         preview,
@@ -425,9 +379,9 @@ def test_ui_model_version_page_shows_champion_alias(trained, ui, page, tmp_path)
     aliases = page.locator('[data-testid="descriptions-item"]').filter(
         has=page.locator('[data-testid="descriptions-item-label"]', has_text="Aliases")
     )
-    _shown(page, tmp_path, aliases.locator('[title="champion"]'), "the alias 'champion' under Aliases", ALIASES_JS)
+    shown(page, tmp_path, aliases.locator('[title="champion"]'), "the alias 'champion' under Aliases", ALIASES_JS)
     source = page.locator('[data-testid="descriptions-item"]').filter(has_text="Source Run")
-    _shown(
+    shown(
         page,
         tmp_path,
         source.get_by_role("link", name=trained.train_run_name),
@@ -444,7 +398,7 @@ def test_ui_run_page_steps_through_the_gradcam_panels(trained, ui, page, tmp_pat
     page.get_by_role("tab", name="Model metrics").click()
     page.get_by_placeholder("Search metric charts").fill("gradcam_panel")
     card = page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(has_text="gradcam_panel")
-    _shown(
+    shown(
         page,
         tmp_path,
         card,
@@ -460,7 +414,7 @@ def test_ui_run_page_steps_through_the_gradcam_panels(trained, ui, page, tmp_pat
         slider.focus()
         slider.press("ArrowRight")
         image = dialog.locator(f'img[src*="gradcam_panel%2Bstep%2B{step}%2B"]')
-        _shown(
+        shown(
             page,
             tmp_path,
             image,
