@@ -63,6 +63,13 @@ def _peak_lr(cfg: TrainConfig) -> float:
     return cfg.lr
 
 
+def _warmup_fraction(total_steps: int) -> float:
+    """ONECYCLE_PCT_START, except where torch's OneCycleLR would divide by zero: its warm-up phase ends at step
+    pct * total - 1, and one ending at step 0 has zero length (5 steps in all at 0.2, e.g. one epoch of 320
+    images at batch 64). There the warm-up takes two steps instead."""
+    return ONECYCLE_PCT_START if total_steps * ONECYCLE_PCT_START != 1 else 2 / total_steps
+
+
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
     """cfg.scheduler over cfg.epochs * steps_per_epoch optimiser steps, peaking at (or starting from) cfg.lr."""
     sched = torch.optim.lr_scheduler
@@ -73,7 +80,7 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
                 optimizer,
                 max_lr=_peak_lr(cfg),
                 total_steps=total,
-                pct_start=ONECYCLE_PCT_START,
+                pct_start=_warmup_fraction(total),
                 anneal_strategy="linear",
                 div_factor=ONECYCLE_DIV_FACTOR,
                 final_div_factor=ONECYCLE_FINAL_DIV_FACTOR,

@@ -37,9 +37,10 @@ TEST_IMAGES = 128
 
 
 def write_cifar_layout(
-    root: Path, *, train_per_batch: int = TRAIN_PER_BATCH, test_images: int = TEST_IMAGES, bytes_keys: bool = True
+    root: Path, *, train_per_batch: int = TRAIN_PER_BATCH, test_images: int = TEST_IMAGES, encoding: str = "python2"
 ) -> Path:
-    """Write root/cifar-10-batches-py/ with learnable images (the synthetic generator's) as Python-2 pickles."""
+    """Write root/cifar-10-batches-py/ with learnable images (the synthetic generator's), encoded as the official
+    files are (Python 2's cPickle: byte strings everywhere) unless `encoding` names the Python 3 variant."""
     from cifar_mlflow import data
 
     folder = root / data.LAYOUT
@@ -50,20 +51,20 @@ def write_cifar_layout(
             train.images[i * train_per_batch : (i + 1) * train_per_batch],
             train.labels[i * train_per_batch : (i + 1) * train_per_batch],
         )
-        data.write_batch(folder / name, part, bytes_keys=bytes_keys, label=f"training batch {i + 1} of 5")
+        data.write_batch(folder / name, part, encoding=encoding, label=f"training batch {i + 1} of 5")
     data.write_batch(
         folder / data.TEST_FILE,
         data.make_synthetic(test_images, seed=12),
-        bytes_keys=bytes_keys,
+        encoding=encoding,
         label="testing batch 1 of 1",
     )
-    data.write_meta(folder / data.META_FILE, data.SYNTHETIC_CLASSES, bytes_keys=bytes_keys)
+    data.write_meta(folder / data.META_FILE, data.SYNTHETIC_CLASSES, encoding=encoding)
     return root
 
 
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data_dir holding a small CIFAR-10 layout (bytes keys, like the real files). Treat as read-only."""
+    """A data_dir holding a small CIFAR-10 layout in the official files' encoding. Treat as read-only."""
     return write_cifar_layout(tmp_path_factory.mktemp("cifar"))
 
 

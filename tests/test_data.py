@@ -19,9 +19,11 @@ from tests.conftest import write_cifar_layout
 # ---------------------------------------------------------------------------------------------- reading
 
 
-@pytest.mark.parametrize("bytes_keys", [True, False], ids=["bytes-keys", "str-keys"])
-def test_reader_accepts_both_key_styles(tmp_path, bytes_keys):
-    write_cifar_layout(tmp_path, train_per_batch=8, test_images=6, bytes_keys=bytes_keys)
+@pytest.mark.parametrize("encoding", data.ENCODINGS)
+def test_reader_accepts_both_encodings(tmp_path, encoding):
+    """The official files' encoding (Python 2 byte strings) and Python 3's; every producer's bytes are compared
+    with pickle.load(encoding="bytes") in test_cifar_files.py."""
+    write_cifar_layout(tmp_path, train_per_batch=8, test_images=6, encoding=encoding)
     ds = data.read_cifar10(tmp_path)
     assert ds.train.images.shape == (40, 32, 32, 3) and ds.train.images.dtype == np.uint8
     assert ds.test.images.shape == (6, 32, 32, 3) and ds.train.labels.dtype == np.int64
@@ -175,7 +177,7 @@ def test_offline_download_gives_one_clear_error(tmp_path):
     with pytest.raises(DataError) as err:
         data.download_cifar10(tmp_path, url=f"http://127.0.0.1:{port}/cifar-10-python.tar.gz", timeout=5)
     msg = str(err.value)
-    assert "could not download CIFAR-10" in msg and str(tmp_path / data.LAYOUT) in msg and "synthetic" in msg
+    assert "could not download CIFAR-10" in msg and str(tmp_path / data.LAYOUT) in msg and "dataset=digits" in msg
     assert "\n" not in msg and list(tmp_path.iterdir()) == []
 
 

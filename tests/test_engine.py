@@ -111,6 +111,14 @@ def test_onecycle_warms_up_to_the_peak_then_decays_to_zero():
     assert all(x >= 0 for x in lrs)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 10])
+def test_onecycle_runs_however_few_the_steps(steps):
+    """torch's OneCycleLR divides by zero when its warm-up ends at step 0 (5 steps at pct_start 0.2): one epoch
+    of 320 images at batch 64 crashed there."""
+    lrs = _lr_curve("onecycle", epochs=1, steps_per_epoch=steps)
+    assert len(lrs) == steps and all(0 <= x <= 0.2 + 1e-9 for x in lrs)
+
+
 def test_lr_metric_is_the_lr_of_the_last_step():
     model, tr, te, cfg = _setup(epochs=2, n_train=64)
     result = engine.fit(model, tr, te, cfg, CPU, "fp32", log=lambda s: None)

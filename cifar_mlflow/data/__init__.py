@@ -16,8 +16,9 @@ from cifar_mlflow.data.digits import (
     digits_splits,
     digits_test_mask,
 )
-from cifar_mlflow.data.download import CIFAR10_MD5, CIFAR10_URL, URL_ENV, download_cifar10, safe_extract
+from cifar_mlflow.data.download import ARCHIVE, CIFAR10_MD5, CIFAR10_URL, URL_ENV, download_cifar10, safe_extract
 from cifar_mlflow.data.layout import (
+    ENCODINGS,
     IMAGE_BYTES,
     LAYOUT,
     META_FILE,
@@ -38,6 +39,7 @@ from cifar_mlflow.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_SIZES, make
 from cifar_mlflow.errors import DataError  # raised by every module here; callers catch data.DataError
 
 __all__ = [
+    "ARCHIVE",
     "CIFAR10_MD5",
     "CIFAR10_URL",
     "DIGITS_CLASSES",
@@ -45,6 +47,7 @@ __all__ = [
     "DIGITS_SCALE",
     "DIGITS_SPLIT_SEED",
     "DIGITS_TEST_PER_CLASS",
+    "ENCODINGS",
     "IMAGE_BYTES",
     "LAYOUT",
     "META_FILE",

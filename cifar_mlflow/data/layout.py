@@ -1,5 +1,6 @@
 """The CIFAR-10 python layout on disk (data_batch_1..5, test_batch, batches.meta in one folder): its names,
-reading it with validation (through the restricted unpickler) and writing it (tests, the digits set).
+reading it with validation (through the restricted unpickler) and writing it as the official files are encoded
+(tests, benchmarks, the digits set).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cifar_mlflow.data import py2_pickle
 from cifar_mlflow.data.dataset import NUM_CLASSES, Dataset, Split
 from cifar_mlflow.data.safe_pickle import load_pickle
 from cifar_mlflow.errors import DataError
@@ -85,34 +87,47 @@ def read_layout(folder: Path, name: str, max_train: int = 0, max_test: int = 0, 
     return Dataset(name, train, test, class_names, str(folder))
 
 
-def write_batch(path: Path, split: Split, *, bytes_keys: bool = True, label: str = "batch") -> None:
-    """Write a split in the CIFAR-10 python layout (protocol-2 pickle). Used by tests and tools that make data."""
+# How write_batch / write_meta encode a file. "python2" (the default) is the official files' encoding: Python 2's
+# cPickle, protocol 2, every string a byte string (data.py2_pickle). "python3" is what Python 3's pickle.dump writes
+# for the same dict with str keys at its default protocol: users write such files, and the reader takes both.
+ENCODINGS = ("python2", "python3")
+
+
+def _dump(path: Path, d: dict[str, Any], encoding: str) -> None:
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r} is not allowed: expected one of {', '.join(ENCODINGS)}")
+    blob = py2_pickle.dumps(d) if encoding == "python2" else pickle.dumps(d, protocol=pickle.DEFAULT_PROTOCOL)
+    Path(path).write_bytes(blob)
+
+
+def write_batch(path: Path, split: Split, *, encoding: str = "python2", label: str = "batch") -> None:
+    """Write a split as one CIFAR-10 batch file: the official keys in the official order, 'data' (N, 3072) uint8
+    (channel planes, row-major), 'labels' a list of ints."""
     data = np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)).reshape(len(split), IMAGE_BYTES)
-    d: dict[Any, Any] = {  # str keys, or bytes keys as CIFAR-10's own files have
+    d = {
         "batch_label": label,
         "labels": [int(x) for x in split.labels],
         "data": data,
         "filenames": [f"{i:05d}.png" for i in range(len(split))],
     }
-    if bytes_keys:
-        d = {k.encode(): (v.encode() if isinstance(v, str) else v) for k, v in d.items()}
-    with open(path, "wb") as fh:
-        pickle.dump(d, fh, protocol=2)
+    _dump(path, d, encoding)
 
 
-def write_meta(path: Path, class_names: tuple[str, ...], *, bytes_keys: bool = True) -> None:
-    names: list[Any] = [n.encode() for n in class_names] if bytes_keys else list(class_names)
-    d: dict[Any, Any] = {"label_names": names, "num_cases_per_batch": 10000, "num_vis": IMAGE_BYTES}
-    if bytes_keys:
-        d = {k.encode(): v for k, v in d.items()}
-    with open(path, "wb") as fh:
-        pickle.dump(d, fh, protocol=2)
+def write_meta(
+    path: Path, class_names: tuple[str, ...], *, encoding: str = "python2", num_cases_per_batch: int = 10000
+) -> None:
+    """Write batches.meta: the class names, the images per batch and the values per image (the official keys)."""
+    d = {"num_cases_per_batch": num_cases_per_batch, "label_names": list(class_names), "num_vis": IMAGE_BYTES}
+    _dump(path, d, encoding)
 
 
-def write_layout(folder: Path, train: Split, test: Split, class_names: tuple[str, ...]) -> Path:
-    """Write a dataset into `folder` in the CIFAR-10 python layout: the training split spread over the five
-    data_batch files, the test split in test_batch, class names in batches.meta. Written into a temporary sibling
-    folder and renamed into place, so an interrupted write never leaves a half-written layout behind."""
+def write_layout(
+    folder: Path, train: Split, test: Split, class_names: tuple[str, ...], *, encoding: str = "python2"
+) -> Path:
+    """Write a dataset into `folder` in the CIFAR-10 python layout, encoded as the official files are (or as
+    `encoding` says): the training split spread over the five data_batch files, the test split in test_batch,
+    class names in batches.meta. Written into a temporary sibling folder and renamed into place, so an
+    interrupted write never leaves a half-written layout behind."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
@@ -120,9 +135,9 @@ def write_layout(folder: Path, train: Split, test: Split, class_names: tuple[str
         bounds = np.linspace(0, len(train), len(TRAIN_FILES) + 1).astype(int)
         for i, name in enumerate(TRAIN_FILES):
             part = Split(train.images[bounds[i] : bounds[i + 1]], train.labels[bounds[i] : bounds[i + 1]])
-            write_batch(tmp / name, part, label=f"training batch {i + 1} of {len(TRAIN_FILES)}")
-        write_batch(tmp / TEST_FILE, test, label="testing batch 1 of 1")
-        write_meta(tmp / META_FILE, class_names)
+            write_batch(tmp / name, part, encoding=encoding, label=f"training batch {i + 1} of {len(TRAIN_FILES)}")
+        write_batch(tmp / TEST_FILE, test, encoding=encoding, label="testing batch 1 of 1")
+        write_meta(tmp / META_FILE, class_names, encoding=encoding, num_cases_per_batch=int(bounds[1] - bounds[0]))
         try:
             tmp.rename(folder)
         except OSError:

@@ -1,6 +1,11 @@
 """A restricted unpickler for CIFAR-10 batch files: plain containers, plain numpy arrays and scalars, nothing
 else. Every global a pickle names resolves to a checking stand-in, so a planted payload (os.system, eval, ...) is
 refused instead of executed, and numpy never restores a state the pickle crafted.
+
+It reads what real producers write: the official files (Python 2's cPickle, protocol 2, every string a byte
+string, numpy's reduction arguments included: typecode b'b', dtype name b'u1', byte order b'|'), and Python 3's
+pickle.dump at protocols 2-5 (unicode strings, bytes as _codecs.encode(..., 'latin1') at protocol 2, numpy's
+_frombuffer with an in-band buffer at protocol 5).
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ _PLAIN_DTYPES = {
 }
 
 
+def _text(value: Any) -> Any:
+    """A short name as numpy pickles it: str from Python 3, a byte string from Python 2 (read as bytes). Anything
+    else is returned as it is, for the caller to refuse."""
+    if isinstance(value, bytes) and len(value) <= 8:
+        return value.decode("latin1")
+    return value
+
+
 class _PickledDtype:
     """Stands in for numpy.dtype(...) while unpickling. numpy restores a dtype from a state tuple without
     checking it (a crafted one crashes the interpreter), so the state is checked here and numpy only ever sees
@@ -36,6 +49,7 @@ class _PickledDtype:
     __slots__ = ("name", "dtype")
 
     def __init__(self, name: Any, align: Any = False, copy: Any = True) -> None:
+        name = _text(name)
         if not isinstance(name, str) or name not in _PLAIN_DTYPES or align not in (0, 1) or copy not in (0, 1):
             raise _Refused(f"refusing dtype {name!r:.40}: only plain numeric arrays are read")
         self.name = name
@@ -43,6 +57,8 @@ class _PickledDtype:
 
     def __setstate__(self, state: Any) -> None:
         # numpy's state of a plain dtype: (3, byte order, None, None, None, -1, -1, 0), optionally + metadata None
+        if isinstance(state, tuple) and len(state) > 1:
+            state = (state[0], _text(state[1]), *state[2:])
         plain = (
             isinstance(state, tuple)
             and len(state) in (8, 9)
@@ -76,25 +92,40 @@ class _PickledArray:
         self.array: np.ndarray | None = None
 
     def __setstate__(self, state: Any) -> None:
-        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+        if self.array is not None or not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
             raise _Refused("refusing an array whose pickled state is not numpy's plain one")
         _, shape, dtype, fortran, raw = state
-        dtype = _plain(dtype)
-        if (
-            not isinstance(shape, tuple)
-            or len(shape) > 2
-            or fortran not in (0, 1)
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-        ):
-            raise _Refused(f"refusing an array of shape {shape!r:.80}")
-        size = math.prod(shape) * dtype.itemsize
-        if not isinstance(raw, bytes) or len(raw) != size:
-            raise _Refused(
-                f"an array of shape {shape} needs {size} bytes, the file holds "
-                f"{len(raw) if isinstance(raw, bytes) else type(raw).__name__}"
-            )
-        native = dtype.newbyteorder("=")
-        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").astype(native)
+        self.array = _checked_array(shape, _plain(dtype), fortran, raw)
+
+
+def _checked_array(shape: Any, dtype: np.dtype, fortran: Any, raw: Any) -> np.ndarray:
+    """A native-order copy of `raw` as an array of `shape` and plain `dtype`, once all of them are checked."""
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) > 2
+        or fortran not in (0, 1)
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise _Refused(f"refusing an array of shape {shape!r:.80}")
+    size = math.prod(shape) * dtype.itemsize
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != size:
+        raise _Refused(
+            f"an array of shape {shape} needs {size} bytes, the file holds "
+            f"{len(raw) if isinstance(raw, (bytes, bytearray)) else type(raw).__name__}"
+        )
+    native = dtype.newbyteorder("=")
+    return np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").astype(native)
+
+
+def _from_buffer(buf: Any, dtype: Any, shape: Any, order: Any) -> _PickledArray:
+    """Stands in for numpy's `_frombuffer(buffer, dtype, shape, order)`, its reduction at pickle protocol 5 (the
+    buffer in-band, as BYTEARRAY8). The array is final: a BUILD aimed at it is refused."""
+    order = _text(order)
+    if order not in ("C", "F"):
+        raise _Refused(f"refusing an array of order {order!r:.20}")
+    held = _PickledArray(_NDARRAY, (0,), b"b")
+    held.array = _checked_array(shape, _plain(dtype), order == "F", buf)
+    return held
 
 
 def _scalar(dtype: Any, raw: Any) -> Any:
@@ -137,12 +168,14 @@ def _refuse_ndarray(*args: Any) -> None:
 
 _NDARRAY = _Global(_refuse_ndarray)
 _MULTIARRAY = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1.x and 2.x spellings
+_NUMERIC = ("numpy.core.numeric", "numpy._core.numeric")
 _GLOBALS = {
     ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _Global(_PickledDtype),
     ("_codecs", "encode"): _Global(_latin1),
     **{(m, "_reconstruct"): _Global(_PickledArray) for m in _MULTIARRAY},
     **{(m, "scalar"): _Global(_scalar) for m in _MULTIARRAY},
+    **{(m, "_frombuffer"): _Global(_from_buffer) for m in _NUMERIC},
 }
 
 
@@ -193,6 +226,7 @@ def load_pickle(path: Path) -> dict[str, Any]:
             obj = _ArrayUnpickler(fh, encoding="bytes").load()
         if not isinstance(obj, dict):
             raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
+        # Python 2 wrote the keys as byte strings: b"data" and "data" are the same key here
         return {k.decode("latin1") if isinstance(k, bytes) else k: _materialised(v) for k, v in obj.items()}
     except _UNREADABLE as exc:
         reason = str(exc)[:200] or type(exc).__name__
