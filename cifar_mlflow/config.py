@@ -31,7 +31,10 @@ MODEL_NAME = (
     "letters, digits, '_', '-' and '.', starting with a letter or digit (at most 256 characters)",
 )
 MODEL_URI_FORMS = "models:/<name>/<version>, models:/<name>@<alias>, models:/<logged model id> or runs:/<run id>/<path>"
-DATA_FILES = "cifar-10-batches-py/ is read from or downloaded to (digits-batches-py/ built in)"
+DATA_FILES = (
+    "cifar-10-batches-py/ is read from, or extracted to from the cifar-10-python.tar.gz put there or downloaded "
+    "(digits-batches-py/ built in)"
+)
 
 
 @config()

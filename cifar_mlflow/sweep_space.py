@@ -15,6 +15,7 @@ must be one the parameter allows in `main`."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def load_space(path: str, base: TrainConfig) -> list[Dim]:
     try:
         if file.stat().st_size > MAX_SPACE_BYTES:
             raise ConfigError(f"{where}: the file is over {MAX_SPACE_BYTES // 1024} KB; a space is a short list")
-        raw = yaml.safe_load(file.read_text())
+        raw = yaml.load(file.read_text(), Loader=_loader())
     except OSError as exc:
         raise ConfigError(f"{where} cannot be read ({exc.strerror or exc}): expected a YAML space file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -83,6 +84,20 @@ def load_space(path: str, base: TrainConfig) -> list[Dim]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{where}: expected a non-empty YAML list of {{name, type, ...}} entries")
     return checked([_dim(entry, i, where) for i, entry in enumerate(raw, start=1)], base, where)
+
+
+def _loader() -> Any:
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and every other YAML tool) does: PyYAML follows YAML 1.1,
+    where `1e-3` (no dot) is the string '1e-3', so `low: 1e-3` would be refused as not a number."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+.0123456789")
+    )
+    return Loader
 
 
 def _dim(entry: Any, i: int, where: str) -> Dim:

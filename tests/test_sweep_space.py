@@ -84,6 +84,24 @@ def test_bad_space_file_is_refused_with_one_line(tmp_path, text, expected):
     assert expected in message and "\n" not in message, message
 
 
+def test_numbers_read_as_yaml_1_2_and_every_other_yaml_tool_reads_them(tmp_path):
+    """PyYAML follows YAML 1.1, where 1e-3 (no dot) is a string; a space written by hand or by a YAML 1.2 tool
+    (ruamel, yq, JavaScript's yaml) means the number."""
+    dims = load_space(
+        _space(
+            tmp_path,
+            "- {name: lr, type: float, low: 1e-3, high: 4E-1, log: true}\n"
+            "- {name: weight_decay, type: float, low: 5.0e-5, high: .005}\n"
+            "- {name: label_smoothing, type: categorical, choices: [0, 1e-1]}\n",
+        ),
+        TrainConfig(),
+    )
+    assert [(d.low, d.high) for d in dims[:2]] == [(0.001, 0.4), (5e-05, 0.005)]
+    assert dims[2].choices == (0, 0.1)
+    with pytest.raises(ConfigError, match=r"choice label_smoothing='1e-2' is not allowed"):  # quoted: a string
+        load_space(_space(tmp_path, "- {name: label_smoothing, type: categorical, choices: ['1e-2']}"), TrainConfig())
+
+
 def test_missing_space_file_and_choice_the_base_rules_out_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"space='.*nope.yaml' cannot be read"):
         SweepConfig(space=str(tmp_path / "nope.yaml"))

@@ -80,6 +80,19 @@ def test_registry_versions_tags_and_champion_alias(store, net):
     assert client.get_run(run3).data.tags["registered_model_version"] == "3"
 
 
+def test_champion_rule_skips_versions_other_tools_tagged(store, net):
+    """A version registered by hand or by another tool, tagged in the UI with what a person types: no part in the
+    champion rule, and no crash after training."""
+    client = MlflowClient()
+    client.create_registered_model("foreign-tags")
+    for value in ("n/a", "", "93%", "nan", "1.5"):
+        client.create_model_version("foreign-tags", "file:///nowhere", tags={"test_accuracy": value})
+    client.create_model_version("foreign-tags", "file:///nowhere")  # no tag at all
+    _run, version = _register(net, 0.25, name="foreign-tags")
+    assert (version.version, version.is_champion) == ("7", True)
+    assert str(client.get_model_version_by_alias("foreign-tags", "champion").version) == "7"
+
+
 def test_registered_model_loads_both_ways(store, net):
     _register(net, 0.5, name="load-test")
     x = np.random.default_rng(1).random((5, 3, 32, 32), dtype=np.float32)

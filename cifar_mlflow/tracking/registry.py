@@ -114,12 +114,22 @@ def version_of_run(name: str, run_id: str) -> Any:
         return None
 
 
+def _accuracy_tag(version: Any) -> float | None:
+    """A version's test_accuracy tag as a fraction 0-1, or None where it holds none: a version registered by
+    hand, by another tool, or tagged in the UI ("n/a", "", "93%") takes no part in the champion rule."""
+    try:
+        value = float(version.tags.get("test_accuracy", "nan"))
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 1.0 else None  # NaN fails both comparisons
+
+
 def _best_version(client: MlflowClient, name: str) -> str | None:
     """The version with the highest test_accuracy tag; ties go to the earlier version (it got there first)."""
     scored = [
-        (float(v.tags["test_accuracy"]), -int(v.version), str(v.version))
+        (accuracy, -int(v.version), str(v.version))
         for v in versions_of(client, name)
-        if "test_accuracy" in v.tags
+        if (accuracy := _accuracy_tag(v)) is not None
     ]
     return max(scored)[2] if scored else None
 
