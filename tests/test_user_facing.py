@@ -206,6 +206,49 @@ def test_served_champion_answers_like_the_model_in_process(trained, served_model
     ]
 
 
+def test_served_model_answers_what_real_clients_send(trained, served_model, tmp_path):
+    """Request bodies other programs wrote: MLflow's own serving_input_example.json (logged beside MLmodel), and
+    the README's curl command on a file. Formats MLflow accepts for other models (pandas' dataframe_split,
+    TF-serving's instances) and malformed JSON get a 400 with a reason, never a 500 or a traceback."""
+    import mlflow
+
+    folder = Path(mlflow.artifacts.download_artifacts(CHAMPION_URI, dst_path=str(tmp_path / "model")))
+    example = (folder / "serving_input_example.json").read_bytes()
+    status, body = _post(f"{served_model}/invocations", example)
+    rows = np.asarray(body["predictions"])
+    assert status == 200 and rows.shape == (2, 10), body
+    np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-5)
+
+    (tmp_path / "batch.json").write_bytes(example)
+    curl = subprocess.run(
+        ["curl", "-s", "-w", "\n%{http_code}", f"{served_model}/invocations", "-H", "Content-Type: application/json"]
+        + ["--data", f"@{tmp_path / 'batch.json'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    answer, code = curl.stdout.rsplit("\n", 1)
+    assert code == "200" and np.asarray(json.loads(answer)["predictions"]).shape == (2, 10), curl.stdout[-500:]
+
+    import pandas as pd
+
+    frame = pd.DataFrame({"pixels": [np.full(3 * 32 * 32, 0.5).tolist()]})
+    for payload in (
+        '{"dataframe_split": ' + frame.to_json(orient="split") + "}",
+        json.dumps({"instances": np.full((1, 3, 32, 32), 0.5).tolist()}),
+    ):
+        status, body = _post(f"{served_model}/invocations", payload.encode())
+        assert status == 400 and "\n" not in body["message"].strip(), (payload[:60], status, body)
+        assert "Traceback" not in body["message"], body
+    # malformed JSON is refused by MLflow's scoring server before the model sees it; its message (MLflow's own)
+    # spans lines, quoting the body back
+    for payload in ('{"inputs": [[[[0.5, 0.5]', ""):
+        status, body = _post(f"{served_model}/invocations", payload.encode())
+        assert status == 400 and body["error_code"] == "BAD_REQUEST", (payload, status, body)
+        assert body["message"].startswith("Invalid input. Ensure that input is a valid JSON formatted string.")
+        assert "Traceback" not in body["message"], body
+
+
 EXPECTED_INPUT = "expected float32 images (N, 3, 32, 32) with values in [0, 1] (pixel / 255)"
 
 
