@@ -239,6 +239,29 @@ def test_digits_is_built_only_when_missing(digits_root):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
+def test_a_digits_folder_an_older_version_built_is_rebuilt_with_todays_split(tmp_path, capsys):
+    """Before 2026-11-23 the digits test split was scikit-learn's last 300 images, written as Python 3 pickles
+    labelled "testing batch 1 of 1": such a folder in data_dir would silently give other test figures."""
+    train, test = data.digits_splits()
+    images, labels = np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])
+    old = data.write_layout(
+        tmp_path / data.DIGITS_LAYOUT,
+        data.Split(images[:-300], labels[:-300]),
+        data.Split(images[-300:], labels[-300:]),
+        data.DIGITS_CLASSES,
+        encoding="python3",
+    )
+    assert not data.digits_is_current(old)
+    ds = data.load_dataset("digits", tmp_path)
+    assert (
+        "was built by an older cifar-mlflow (its test batch does not name today's split rule); rebuilding it"
+        in capsys.readouterr().err
+    )
+    np.testing.assert_array_equal(ds.test.labels, test.labels)
+    np.testing.assert_array_equal(ds.test.images, test.images)
+    assert data.digits_is_current(old) and [p.name for p in tmp_path.iterdir()] == [data.DIGITS_LAYOUT]
+
+
 def test_an_interrupted_digits_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

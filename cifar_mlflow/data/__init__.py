@@ -16,6 +16,7 @@ from cifar_mlflow.data.digits import (
     digits_splits,
     digits_test_mask,
 )
+from cifar_mlflow.data.digits import is_current as digits_is_current
 from cifar_mlflow.data.download import ARCHIVE, CIFAR10_MD5, CIFAR10_URL, URL_ENV, download_cifar10, safe_extract
 from cifar_mlflow.data.layout import (
     ENCODINGS,
@@ -66,6 +67,7 @@ __all__ = [
     "auto_num_workers",
     "build_digits",
     "channel_stats",
+    "digits_is_current",
     "digits_splits",
     "digits_test_mask",
     "download_cifar10",

@@ -4,13 +4,18 @@ needs no download, written once into data_dir in the CIFAR-10 layout and then re
 
 from __future__ import annotations
 
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from cifar_mlflow.data.data_dir import not_writable, writable_folder
 from cifar_mlflow.data.dataset import NUM_CLASSES, Split
-from cifar_mlflow.data.layout import write_layout
+from cifar_mlflow.data.layout import TEST_FILE, write_layout
+from cifar_mlflow.data.safe_pickle import load_pickle
+from cifar_mlflow.errors import DataError
 
 # The real offline set: scikit-learn's bundled handwritten digits (1,797 8x8 images of 0-16 ink counts, the UCI
 # "optdigits" test set), written once into this folder of data_dir in the CIFAR-10 layout and then read by the
@@ -24,6 +29,10 @@ DIGITS_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven",
 DIGITS_TEST_PER_CLASS = 30
 DIGITS_SPLIT_SEED = 0
 DIGITS_SCALE = 4  # 8x8 -> 32x32, the input size of every model here
+# The test batch's label names the split rule, so that a folder an older version built with another split
+# (before 2026-11-23: scikit-learn's last 300 images, whose label was plain "testing batch 1 of 1") is noticed
+# and rebuilt instead of silently giving other test figures.
+DIGITS_TEST_LABEL = f"testing batch 1 of 1 (digits split: {DIGITS_TEST_PER_CLASS} per class, seed {DIGITS_SPLIT_SEED})"
 
 
 def digits_splits() -> tuple[Split, Split]:
@@ -58,11 +67,33 @@ def digits_test_mask(labels: np.ndarray) -> np.ndarray:
     return is_test
 
 
+def is_current(folder: Path) -> bool:
+    """Was `folder` built with today's split rule (its test batch's label says so)?"""
+    try:
+        label = load_pickle(Path(folder) / TEST_FILE).get("batch_label")
+    except DataError:
+        return False  # unreadable: rebuilt, like any folder an older version left
+    return label in (DIGITS_TEST_LABEL, DIGITS_TEST_LABEL.encode())
+
+
 def build_digits(root: Path) -> Path:
-    """Create `root/digits-batches-py/` from scikit-learn's bundled digits (offline, about a second)."""
+    """Create `root/digits-batches-py/` from scikit-learn's bundled digits (offline, about a second); a folder
+    built with another split rule is replaced (moved aside first, so that a concurrent reader never sees half)."""
     root, purpose = Path(root), "the digits set cannot be written into it"
+    folder = root / DIGITS_LAYOUT
     writable_folder(root, DIGITS_LAYOUT, purpose)
     try:
-        return write_layout(root / DIGITS_LAYOUT, *digits_splits(), DIGITS_CLASSES)
+        if folder.is_dir():
+            print(
+                f"note: {folder} was built by an older cifar-mlflow (its test batch does not name today's split rule); rebuilding it",
+                file=sys.stderr,
+            )
+            aside = Path(tempfile.mkdtemp(dir=root, prefix=f".{DIGITS_LAYOUT}-old-"))
+            try:
+                folder.rename(aside / DIGITS_LAYOUT)
+            except FileNotFoundError:
+                pass  # another process moved it first
+            shutil.rmtree(aside, ignore_errors=True)
+        return write_layout(folder, *digits_splits(), DIGITS_CLASSES, test_label=DIGITS_TEST_LABEL)
     except OSError as exc:  # disk full, quota: nothing half-written is left (write_layout)
         raise not_writable(root, exc.strerror or str(exc), DIGITS_LAYOUT, purpose) from None

@@ -122,7 +122,13 @@ def write_meta(
 
 
 def write_layout(
-    folder: Path, train: Split, test: Split, class_names: tuple[str, ...], *, encoding: str = "python2"
+    folder: Path,
+    train: Split,
+    test: Split,
+    class_names: tuple[str, ...],
+    *,
+    encoding: str = "python2",
+    test_label: str = "testing batch 1 of 1",
 ) -> Path:
     """Write a dataset into `folder` in the CIFAR-10 python layout, encoded as the official files are (or as
     `encoding` says): the training split spread over the five data_batch files, the test split in test_batch,
@@ -136,7 +142,7 @@ def write_layout(
         for i, name in enumerate(TRAIN_FILES):
             part = Split(train.images[bounds[i] : bounds[i + 1]], train.labels[bounds[i] : bounds[i + 1]])
             write_batch(tmp / name, part, encoding=encoding, label=f"training batch {i + 1} of {len(TRAIN_FILES)}")
-        write_batch(tmp / TEST_FILE, test, encoding=encoding, label="testing batch 1 of 1")
+        write_batch(tmp / TEST_FILE, test, encoding=encoding, label=test_label)
         write_meta(tmp / META_FILE, class_names, encoding=encoding, num_cases_per_batch=int(bounds[1] - bounds[0]))
         try:
             tmp.rename(folder)

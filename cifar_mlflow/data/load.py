@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cifar_mlflow.data.dataset import Dataset
 from cifar_mlflow.data.digits import DIGITS_LAYOUT, build_digits
+from cifar_mlflow.data.digits import is_current as digits_is_current
 from cifar_mlflow.data.download import download_cifar10
 from cifar_mlflow.data.layout import LAYOUT, read_layout
 from cifar_mlflow.data.synthetic import synthetic_dataset
@@ -28,6 +29,7 @@ def load_dataset(
     if name == "synthetic":
         return synthetic_dataset(max_train, max_test, test_only)
     layouts = {"cifar10": (LAYOUT, download), "digits": (DIGITS_LAYOUT, build_digits)}
+    current = {"cifar10": lambda folder: True, "digits": digits_is_current}
     if name not in layouts:
         raise DataError(f"dataset={name!r} is not allowed: expected one of {', '.join(layouts)}, synthetic")
     folder_name, make = layouts[name]
@@ -35,6 +37,6 @@ def load_dataset(
     folder = root / folder_name
     if folder.exists() and not folder.is_dir():
         raise DataError(f"{folder} is a file; the {name} python layout is a folder of that name")
-    if not folder.is_dir():
+    if not folder.is_dir() or not current[name](folder):
         make(root)
     return read_layout(folder, name, max_train, max_test, test_only)
