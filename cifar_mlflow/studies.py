@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -73,6 +74,13 @@ def open_storage(url: str) -> RDBStorage:
             if attempt + 1 < CREATE_ATTEMPTS and _lost_creation_race(exc):
                 time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
                 continue
+            if "optuna storage upgrade" in str(exc):  # a storage an older Optuna made: Optuna's own remedy, whole
+                made = re.search(r"set up by optuna ([\w.]+)", str(exc))
+                by = f"Optuna {made.group(1)}" if made else "an older Optuna"
+                raise TrackingError(
+                    f"storage={redacted(url)!r} was made by {by}, whose tables Optuna {optuna.__version__} no "
+                    f"longer reads; take a backup of it, then run `optuna storage upgrade --storage {redacted(url)}`"
+                ) from None
             raise TrackingError(f"storage={redacted(url)!r} cannot be opened ({first_line(exc, 200)})") from None
     raise AssertionError("unreachable")
 
@@ -134,6 +142,12 @@ def open_study(
 
 
 def _joined(study: optuna.Study, name: str, direction: str, recipe: dict[str, Any]) -> str:
+    if "recipe" not in study.user_attrs and study.trials:
+        # our creator records the recipe before its first trial: this study was made by something else
+        raise ConfigError(
+            f"study={name!r} exists in this storage but was not made by a cifar-mlflow sweep ({len(study.trials)} "
+            "trials, no recipe); choose another study name"
+        )
     deadline = time.monotonic() + JOIN_WAIT_S
     while "parent_run_id" not in study.user_attrs:
         if time.monotonic() > deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Iterator
 from importlib import metadata
@@ -34,6 +35,13 @@ def check_tracking_server(timeout: float = 5.0) -> None:
         with _sqlite_lock(uri):
             MlflowClient(uri)  # MLflow's own registry of store schemes; creates and migrates a new sqlite file
     except (MlflowException, ImportError, OSError) as exc:
+        if "out-of-date database schema" in str(exc):  # MLflow's own advice, whole: back up, then upgrade
+            found = re.search(r"found version (\w+), but expected (\w+)", str(exc))
+            versions = f" (schema {found.group(1)}, this MLflow's is {found.group(2)})" if found else ""
+            raise TrackingError(
+                f"MLFLOW_TRACKING_URI={uri!r} was written by an older MLflow{versions}; take a backup of it, then "
+                f"run `mlflow db upgrade {uri}`"
+            ) from None
         raise TrackingError(
             f"MLFLOW_TRACKING_URI={uri!r} is not a tracking store MLflow can open "
             f"({_store_problem(exc)}); use sqlite:///<file>, postgresql://, mysql:// or "
