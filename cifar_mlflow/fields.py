@@ -76,10 +76,19 @@ def as_param(value: Any) -> Any:
     return str(value).lower() if isinstance(value, bool) else value
 
 
+SHOWN_CHARS = 120  # what a one-line error quotes of a bad value: enough to recognise it, never a flood
+
+
+def shown(value: Any) -> str:
+    """repr() for an error line, capped at SHOWN_CHARS (a 60 KB string or a huge list is cut, marked '...')."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[: SHOWN_CHARS - 3]}..."
+
+
 def check(f: dataclasses.Field, value: Any) -> Any:
     """Return the value coerced to the field's type, or raise ConfigError naming the field and what is allowed."""
     kind, m = field_type(f), f.metadata
-    bad = ConfigError(f"{f.name}={value!r} is not allowed: expected {allowed(f)}")
+    bad = ConfigError(f"{f.name}={shown(value)} is not allowed: expected {allowed(f)}")
     if isinstance(value, str) and value in m["also"]:
         return value
     if isinstance(value, bool) != (kind is bool):

@@ -15,14 +15,16 @@ must be one the parameter allows in `main`."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cifar_mlflow.config import TrainConfig, check_loader
 from cifar_mlflow.errors import ConfigError
-from cifar_mlflow.fields import check, field_type
+from cifar_mlflow.fields import check, field_type, shown
 
 # `main` parameters a sweep may search: the recipe, not where the data lives, how long a trial runs or how the
 # machine computes it (those are the sweep's fixed base).
@@ -70,12 +72,11 @@ def load_space(path: str, base: TrainConfig) -> list[Dim]:
     """The space a YAML file describes (module docstring), checked against the base recipe."""
     import yaml
 
-    where = f"space={path!r}"
-    file = Path(path)
+    where = f"space={shown(path)}"
     try:
-        if file.stat().st_size > MAX_SPACE_BYTES:
-            raise ConfigError(f"{where}: the file is over {MAX_SPACE_BYTES // 1024} KB; a space is a short list")
-        raw = yaml.load(file.read_text(), Loader=_loader())
+        text = _read_capped(Path(path), where)
+        _plain_yaml(text, where)
+        raw = yaml.load(text, Loader=_loader())
     except OSError as exc:
         raise ConfigError(f"{where} cannot be read ({exc.strerror or exc}): expected a YAML space file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -84,6 +85,43 @@ def load_space(path: str, base: TrainConfig) -> list[Dim]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{where}: expected a non-empty YAML list of {{name, type, ...}} entries")
     return checked([_dim(entry, i, where) for i, entry in enumerate(raw, start=1)], base, where)
+
+
+def _read_capped(file: Path, where: str) -> str:
+    """The text of a regular file of at most MAX_SPACE_BYTES, reading no more than that + 1 bytes: a device
+    (/dev/zero), a FIFO or a file growing while it is read never makes it read on (the size a stat gives is 0
+    for a device or a FIFO). Opened without blocking, so that a FIFO with no writer does not hang the open."""
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{where} is not a regular file: expected a YAML space file")
+        raw = fh.read(MAX_SPACE_BYTES + 1)
+    if len(raw) > MAX_SPACE_BYTES:
+        raise ConfigError(f"{where}: the file is over {MAX_SPACE_BYTES // 1024} KB; a space is a short list")
+    return raw.decode("utf-8")
+
+
+MAX_SPACE_DEPTH = 3  # the list of entries, an entry's mapping, a choices list
+
+
+def _plain_yaml(text: str, where: str) -> None:
+    """Refuse anchors and aliases (a 300-byte 'billion laughs' expands to gigabytes) and nesting past a space's
+    three levels, from PyYAML's event stream: before anything is expanded, built (the composer recurses: 20,000
+    levels are a RecursionError) or printed."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise ConfigError(f"{where}: uses YAML anchors or aliases (&name, *name); write each value out")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_SPACE_DEPTH:
+                raise ConfigError(
+                    f"{where}: nested deeper than {MAX_SPACE_DEPTH} levels; a space is a list of flat entries"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def _loader() -> Any:
@@ -108,23 +146,23 @@ def _dim(entry: Any, i: int, where: str) -> Dim:
         raise ConfigError(f"{at}: expected a mapping like {{name: lr, type: float, low: 0.01, high: 0.4}}")
     name, kind = entry.get("name"), entry.get("type")
     if name not in SEARCHABLE:
-        raise ConfigError(f"{at}: name={name!r} is not allowed: expected one of {', '.join(SEARCHABLE)}")
+        raise ConfigError(f"{at}: name={shown(name)} is not allowed: expected one of {', '.join(SEARCHABLE)}")
     if kind not in TYPES:
-        raise ConfigError(f"{at} ({name}): type={kind!r} is not allowed: expected one of {', '.join(TYPES)}")
+        raise ConfigError(f"{at} ({name}): type={shown(kind)} is not allowed: expected one of {', '.join(TYPES)}")
     unknown = sorted(set(entry) - {"name", "type"} - SPACE_KEYS[kind])
     if unknown:
         raise ConfigError(
-            f"{at} ({name}): key {unknown[0]!r} is not allowed for type {kind}: expected "
+            f"{at} ({name}): key {shown(unknown[0])} is not allowed for type {kind}: expected "
             f"{', '.join(sorted(SPACE_KEYS[kind]))}"
         )
     if kind == "categorical":
         choices = entry.get("choices")
         if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{at} ({name}): choices={choices!r} is not allowed: expected a non-empty list")
+            raise ConfigError(f"{at} ({name}): choices={shown(choices)} is not allowed: expected a non-empty list")
         return Dim(name, kind, choices=tuple(choices))
     log = entry.get("log", False)
     if not isinstance(log, bool):
-        raise ConfigError(f"{at} ({name}): log={log!r} is not allowed: expected true or false")
+        raise ConfigError(f"{at} ({name}): log={shown(log)} is not allowed: expected true or false")
     for key in ("low", "high"):
         if key not in entry:
             raise ConfigError(f"{at} ({name}): {key} is missing: a {kind} range needs low and high")
@@ -144,7 +182,7 @@ def checked(dims: list[Dim], base: TrainConfig, where: str) -> list[Dim]:
         f = fields[dim.name]
         if dim.type == "categorical":
             if len(set(map(repr, dim.choices))) != len(dim.choices):
-                raise ConfigError(f"{at}: choices {list(dim.choices)} repeat a value")
+                raise ConfigError(f"{at}: choices {shown(list(dim.choices))} repeat a value")
             for choice in dim.choices:
                 _allowed(f, choice, at, "choice")
                 _with_base(base, dim.name, check(f, choice), at)
@@ -157,13 +195,13 @@ def checked(dims: list[Dim], base: TrainConfig, where: str) -> list[Dim]:
             )
         for key, value in (("low", dim.low), ("high", dim.high)):
             if dim.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{at}: {key}={value!r} is not allowed: expected an integer")
+                raise ConfigError(f"{at}: {key}={shown(value)} is not allowed: expected an integer")
             _allowed(f, value, at, key)
         assert dim.low is not None and dim.high is not None
         if not dim.low < dim.high:
-            raise ConfigError(f"{at}: low={dim.low!r} is not allowed: expected a number < high={dim.high!r}")
+            raise ConfigError(f"{at}: low={shown(dim.low)} is not allowed: expected a number < high={shown(dim.high)}")
         if dim.log and dim.low <= 0:
-            raise ConfigError(f"{at}: low={dim.low!r} is not allowed with log: true: expected a number > 0")
+            raise ConfigError(f"{at}: low={shown(dim.low)} is not allowed with log: true: expected a number > 0")
     return dims
 
 

@@ -84,6 +84,62 @@ def test_bad_space_file_is_refused_with_one_line(tmp_path, text, expected):
     assert expected in message and "\n" not in message, message
 
 
+def _alias_bomb(levels: int = 9) -> str:
+    """The 313-byte 'billion laughs': nine anchors, each nine aliases of the one before (9**9 strings)."""
+    lines = ['a0: &a0 "lol"'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (
+            lambda tmp: _space(tmp, "- {name: &n lr, type: float, low: 0.1, high: 1}\n- {name: *n, type: float}"),
+            "uses YAML anchors or aliases (&name, *name); write each value out",
+        ),
+        (
+            lambda tmp: _space(tmp, _alias_bomb().replace("a8: &a8", "- name: &a8") + "\n  type: categorical"),
+            "uses YAML anchors or aliases (&name, *name); write each value out",
+        ),
+        (
+            lambda tmp: _space(
+                tmp,
+                "- name: augment\n  type: categorical\n  choices: [&a0 lol, "
+                + ", ".join(f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9))
+                + "]",
+            ),
+            "uses YAML anchors or aliases",
+        ),
+        (lambda tmp: _space(tmp, "[" * 20_000 + "]" * 20_000), "nested deeper than 3 levels"),
+        (lambda tmp: "/dev/zero", "space='/dev/zero' is not a regular file: expected a YAML space file"),
+        (lambda tmp: (os.mkfifo(tmp / "fifo"), str(tmp / "fifo"))[1], "is not a regular file"),
+        (lambda tmp: _space(tmp, "x" * (64 * 1024 + 1)), "the file is over 64 KB; a space is a short list"),
+        (lambda tmp: _space(tmp, f"- {{name: {'x' * 60_000}, type: float}}"), "is not allowed: expected one of"),
+        (lambda tmp: _space(tmp, f"- {{name: lr, type: float, low: '{'9' * 60_000}', high: 1}}"), "not allowed"),
+    ],
+    ids=[
+        "alias",
+        "bomb-as-name",
+        "bomb-in-choices",
+        "deep",
+        "dev-zero",
+        "fifo",
+        "over-64kb",
+        "long-name",
+        "long-value",
+    ],
+)
+def test_hostile_space_files_are_one_short_line_before_anything_is_expanded(tmp_path, make, expected):
+    """Issue 26: a 313-byte alias bomb grew to GB (as a name) or printed a 312 MB "one-line" error (in choices);
+    /dev/zero passed the size guard and was read until memory ran out; 20,000 levels were a RecursionError."""
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load_space(make(tmp_path), TrainConfig())
+    message = str(err.value)
+    assert expected in message and "\n" not in message and len(message) < 600, message[:1000]
+    assert time.monotonic() - start < 5
+
+
 def test_numbers_read_as_yaml_1_2_and_every_other_yaml_tool_reads_them(tmp_path):
     """PyYAML follows YAML 1.1, where 1e-3 (no dot) is a string; a space written by hand or by a YAML 1.2 tool
     (ruamel, yq, JavaScript's yaml) means the number."""
