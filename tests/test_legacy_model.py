@@ -1,8 +1,11 @@
-"""A model registered before the tracking package existed still loads: its MLmodel names the loader module
-`cifar_mlflow.tracking` by path (tests/fixtures/model-9a1ef61/README.md)."""
+"""Model folders other versions wrote still load: one registered before the tracking package existed (its MLmodel
+names the loader module `cifar_mlflow.tracking` by path; tests/fixtures/model-9a1ef61/README.md), and the same
+model as MLflow 2.22's pyfunc.log_model writes it (no model_id, no input example; its README says how it was made;
+it borrows the first fixture's weights file rather than committing 45 MB twice)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -15,26 +18,41 @@ from entrypoints.analyze import analyze
 from tests.conftest import cli_args
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model-9a1ef61"
+MLFLOW2 = Path(__file__).parent / "fixtures" / "model-mlflow-2.22.5"
+WEIGHTS = Path("data") / "model_files" / "weights.safetensors"
 
 
-def test_its_mlmodel_names_the_old_loader_module():
+@pytest.fixture(params=["model-9a1ef61", "model-mlflow-2.22.5"])
+def folder(request, tmp_path) -> Path:
+    """The model folder as its producer wrote it (the MLflow 2.22 one completed with the shared weights)."""
+    if request.param == "model-9a1ef61":
+        return FIXTURE / "model"
+    model = Path(shutil.copytree(MLFLOW2 / "model", tmp_path / "model"))
+    shutil.copy(FIXTURE / "model" / WEIGHTS, model / WEIGHTS)
+    return model
+
+
+def test_their_mlmodels_are_what_their_producers_wrote():
     assert "loader_module: cifar_mlflow.tracking\n" in (FIXTURE / "model" / "MLmodel").read_text()
+    mlmodel = (MLFLOW2 / "model" / "MLmodel").read_text()
+    assert "mlflow_version: 2.22.5\n" in mlmodel and "model_id" not in mlmodel
+    assert not (MLFLOW2 / "model" / WEIGHTS).exists()
 
 
-def test_pyfunc_load_model_predicts_what_it_predicted_when_logged():
-    model = mlflow.pyfunc.load_model(str(FIXTURE / "model"))
+def test_pyfunc_load_model_predicts_what_it_predicted_when_logged(folder):
+    model = mlflow.pyfunc.load_model(str(folder))
     proba = model.predict(np.load(FIXTURE / "inputs.npy"))
     np.testing.assert_allclose(proba, np.load(FIXTURE / "expected_proba.npy"), rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture
-def legacy_version(store) -> str:
+def legacy_version(store, folder) -> str:
     """The fixture's folder registered as version 1 of `legacy` in a fresh store, from a run that trained on the
     synthetic set (as the analysis reads the dataset and batch size from the training run's params)."""
     client = mlflow.MlflowClient()
     with mlflow.start_run() as run:
         mlflow.log_params({"dataset": "synthetic", "batch_size": 64})
-        mlflow.log_artifacts(str(FIXTURE / "model"), "model")
+        mlflow.log_artifacts(str(folder), "model")
     client.create_registered_model("legacy")
     mv = client.create_model_version("legacy", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     return f"models:/legacy/{mv.version}"
