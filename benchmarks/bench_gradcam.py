@@ -69,7 +69,7 @@ def _trained_model(uri: str) -> str:
         )
         example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
         return registry.log_and_register_model(
-            log, model, spec, example, "bench-gradcam", result.history[-1]["test/accuracy"], 2
+            log, model, spec, example, "bench-gradcam", result.history[-1]["test/accuracy"], 2, test_size=len(test)
         ).model_uri
 
 

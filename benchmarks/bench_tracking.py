@@ -97,7 +97,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 t = time.perf_counter()
                 example = (test.images[:2].transpose(0, 3, 1, 2) / 255.0).astype("float32")
                 registry.log_and_register_model(
-                    log, model, spec, example, "bench", result.history[-1]["test/accuracy"], args.epochs
+                    log,
+                    model,
+                    spec,
+                    example,
+                    "bench",
+                    result.history[-1]["test/accuracy"],
+                    args.epochs,
+                    test_size=len(test),
                 )
                 registration.append(time.perf_counter() - t)
         return elapsed

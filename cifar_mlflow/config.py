@@ -37,6 +37,17 @@ DATA_FILES = (
 )
 
 
+# lr=scaled (TrainConfig.lr): the linear scaling rule from the batch-512 reference, the batch held to the range
+# Goyal et al. 2017 validated (up to 8k, with the warm-up one-cycle has) and to >= 16 (BatchNorm).
+REFERENCE_LR, REFERENCE_BATCH, SCALED_BATCHES = 0.2, 512, (16, 8192)
+
+
+def scaled_lr(batch_size: int) -> float:
+    """The peak LR lr=scaled resolves to at this (global) batch size."""
+    low, high = SCALED_BATCHES
+    return REFERENCE_LR * min(max(batch_size, low), high) / REFERENCE_BATCH
+
+
 @config()
 class TrainConfig(Validated):
     """Parameters of the `main` entry point. Defaults follow the short-schedule ResNet18 recipe (SGD + Nesterov,
@@ -61,13 +72,15 @@ class TrainConfig(Validated):
         low=1,
     )
     lr: float | str = param(
-        0.2,
-        "Peak learning rate of the schedule; 0.2 = He et al.'s 0.1 per 256 images, scaled linearly to batch 512 "
-        "(Goyal et al. 2017). For other batch sizes scale it (0.05 at 64 is what the digits figures use). "
-        "auto = run the LR range test first and use its suggestion (clamped to a safe range).",
+        "scaled",
+        "Peak learning rate of the schedule. scaled = 0.2 x batch_size / 512: He et al.'s 0.1 per 256 images at "
+        "the batch-512 reference, scaled linearly with the batch (Goyal et al. 2017), the batch held to 16-8192 "
+        "(the range that rule was shown for; below 16 BatchNorm's statistics get noisy), logged as lr/resolved: "
+        "0.025 at batch 64, 0.2 at 512. A number is taken as given. auto = run the LR range test first and use "
+        "its suggestion (clamped to a safe range).",
         low=0.0,
         low_open=True,
-        also=("auto",),
+        also=("auto", "scaled"),
     )
     optimizer: str = param(
         "sgd",
@@ -298,7 +311,7 @@ class PipelineConfig(Composed):
 
 SWEEP_METRICS = ("test/accuracy", "test/loss")
 PRUNERS = ("median", "halving", "none")
-REGISTER = ("best", "none")
+REGISTER = ("best", "always", "none")
 # Every `main` parameter is the sweep's fixed base; the GradCAM panel is the sweep's own (off by default: one panel
 # per trial and epoch would cost more than a short trial).
 SWEEP_BASE = [name for name in TrainConfig.__dataclass_fields__ if name != "log_images_every"]
@@ -362,8 +375,9 @@ class SweepConfig(Composed):
     )
     register: str = param(
         "best",
-        "best = register the best trial's model as one version once the study is done (the champion rule "
-        "unchanged); none = register nothing.",
+        "best = register the best trial's model as one version once the study is done (the champion rule as in "
+        "main), unless that trial is at chance (it learned nothing: then nothing is registered and the sweep says "
+        "so); always = register the best trial even at chance (never @champion then); none = register nothing.",
         choices=REGISTER,
     )
     log_images_every: int = param(

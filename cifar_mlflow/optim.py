@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.config import TrainConfig, scaled_lr
 
 # One-cycle shape: linear warm-up over the first 20% of steps, then linear decay to ~0 (Smith 2018; the
 # DAWNBench ResNet recipes peak at epoch ~5 of 24). Start at peak/25 and end at peak/25/1e4 ~ 0.
@@ -19,8 +19,8 @@ ONECYCLE_FINAL_DIV_FACTOR = 1e4
 
 
 def build_optimizer(cfg: Any, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
-    """cfg: any config with optimizer, momentum and weight_decay; lr defaults to cfg.lr."""
-    lr = cfg.lr if lr is None else lr
+    """cfg: any config with optimizer, momentum and weight_decay; lr defaults to cfg's peak LR."""
+    lr = _peak_lr(cfg) if lr is None else lr
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
@@ -57,8 +57,11 @@ class Schedule:
 
 
 def _peak_lr(cfg: TrainConfig) -> float:
-    # cfg.lr is a number or "auto"; training replaces "auto" with the range test's value (jobs.train) before
-    # it builds the scheduler, and config validation makes every number a float
+    # cfg.lr is a number, "scaled" (a function of the batch size) or "auto"; training replaces "auto" with the
+    # range test's value (jobs.train) before it builds the scheduler, and config validation makes every number a
+    # float
+    if cfg.lr == "scaled":
+        return scaled_lr(cfg.batch_size)
     assert isinstance(cfg.lr, float), f"lr={cfg.lr!r} must be resolved to a number before a schedule is built"
     return cfg.lr
 

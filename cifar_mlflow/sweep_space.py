@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_mlflow.config import TrainConfig, check_loader
+from cifar_mlflow.config import TrainConfig, check_loader, scaled_lr
 from cifar_mlflow.errors import ConfigError
 from cifar_mlflow.fields import check, field_type, shown
 
@@ -55,11 +55,12 @@ class Dim:
 
 def default_space(base: TrainConfig) -> list[Dim]:
     """Small and sensible around the base recipe: peak LR log-uniform from a quarter to four times the base's
-    (not searched when lr=auto: the range test picks it), weight decay log-uniform over two decades around 5e-4,
+    (lr=scaled: its value at the base's batch size; not searched when lr=auto: the range test picks it), weight decay log-uniform over two decades around 5e-4,
     label smoothing 0-0.2, and the augmentation presets the device loader also has."""
     dims = []
-    if isinstance(base.lr, float):
-        dims.append(Dim("lr", "float", base.lr / 4, min(base.lr * 4, 10.0), log=True))
+    if base.lr != "auto":  # centred on the LR the base trains with: lr=scaled's value at the base's batch size
+        centre = scaled_lr(base.batch_size) if base.lr == "scaled" else float(base.lr)
+        dims.append(Dim("lr", "float", centre / 4, min(centre * 4, 10.0), log=True))
     dims += [
         Dim("weight_decay", "float", 5e-5, 5e-3, log=True),
         Dim("label_smoothing", "float", 0.0, 0.2),

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from cifar_mlflow.config import PipelineConfig, TrainConfig
 from cifar_mlflow.errors import ConfigError
@@ -10,9 +11,23 @@ from cifar_mlflow.errors import ConfigError
 
 def test_defaults_are_valid_and_follow_the_recipe():
     cfg = TrainConfig()
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.optimizer, cfg.scheduler) == (20, 512, 0.2, "sgd", "onecycle")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.optimizer, cfg.scheduler) == (20, 512, "scaled", "sgd", "onecycle")
     assert (cfg.weight_decay, cfg.label_smoothing, cfg.augment, cfg.arch) == (5e-4, 0.1, "standard", "resnet18")
     assert cfg.registered_model_name == "cifar10-resnet18" and cfg.data_dir == "data"
+
+
+@pytest.mark.parametrize(
+    "batch, lr", [(512, 0.2), (64, 0.025), (16, 0.00625), (8, 0.00625), (1, 0.00625), (8192, 3.2), (16384, 3.2)]
+)
+def test_lr_scaled_follows_the_batch_linearly_within_its_bounds(batch, lr):
+    """Issue 26: lr 0.2 is a batch-512 value; at batch 64 it learned nothing in short runs."""
+    from cifar_mlflow import optim
+    from cifar_mlflow.config import scaled_lr
+
+    assert scaled_lr(batch) == pytest.approx(lr)
+    opt = optim.build_optimizer(TrainConfig(batch_size=batch), [torch.nn.Parameter(torch.zeros(1))])
+    assert opt.defaults["lr"] == pytest.approx(lr)
+    assert TrainConfig(batch_size=batch, lr=0.3).lr == 0.3  # a number is taken as given
 
 
 def test_every_field_has_help_with_a_reason():

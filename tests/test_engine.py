@@ -217,7 +217,8 @@ def test_l1_penalty_shrinks_weights():
 def test_fit_records_every_step_lr():
     model, tr, te, cfg = _setup(epochs=2, n_train=64, scheduler="cosine")
     result = engine.fit(model, tr, te, cfg, CPU, "fp32", log=lambda s: None)
-    assert len(result.lr_steps) == 2 * len(tr) and result.lr_steps[0] == pytest.approx(cfg.lr)
+    # lr=scaled at this batch size (32): 0.2 * 32 / 512
+    assert len(result.lr_steps) == 2 * len(tr) and result.lr_steps[0] == pytest.approx(0.0125)
 
 
 def test_flip_tta_accuracy_is_a_fraction_and_sees_the_mirror():

@@ -584,7 +584,7 @@ def registered(store):
     net = models.build_model(SPEC).eval()
     example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
     with runs.open_run() as log:
-        version = registry.log_and_register_model(log, net, SPEC, example, "tamper-me", 0.5, epochs=1)
+        version = registry.log_and_register_model(log, net, SPEC, example, "tamper-me", 0.5, epochs=1, test_size=300)
     source = MlflowClient().get_model_version("tamper-me", version.version).source  # models:/m-<id>
     folder = Path(mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
     assert (folder / "MLmodel").is_file()

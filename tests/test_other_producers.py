@@ -64,7 +64,9 @@ def test_a_store_mlflow_2_wrote_keeps_its_runs_and_champion_when_this_project_re
     results = []
     for accuracy in (0.5, 0.9):
         with runs.open_run() as log:
-            results.append(registry.log_and_register_model(log, net, SPEC, example, "cifar10-resnet18", accuracy, 2))
+            results.append(
+                registry.log_and_register_model(log, net, SPEC, example, "cifar10-resnet18", accuracy, 2, test_size=300)
+            )
     # the version MLflow 2 registered takes part in the champion rule: 0.5 does not beat its 0.75, 0.9 does
     assert [(v.version, v.is_champion) for v in results] == [("2", False), ("3", True)]
     assert str(registry.current_champion("cifar10-resnet18").version) == "3"

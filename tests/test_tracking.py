@@ -61,7 +61,7 @@ def net():
 def _register(net, accuracy, name="reg-test"):
     example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
     with runs.open_run() as log:
-        version = registry.log_and_register_model(log, net, SPEC, example, name, accuracy, epochs=2)
+        version = registry.log_and_register_model(log, net, SPEC, example, name, accuracy, epochs=2, test_size=300)
     return log.run_id, version
 
 
@@ -74,10 +74,43 @@ def test_registry_versions_tags_and_champion_alias(store, net):
     assert (v1.is_champion, v2.is_champion, v3.is_champion) == (True, False, True)
     assert str(client.get_model_version_by_alias("reg-test", "champion").version) == "3"
     mv2 = client.get_model_version("reg-test", "2")
-    assert mv2.tags == {"test_accuracy": "0.400000", "epochs": "2", "run_id": run2}
+    assert mv2.tags == {
+        "test_accuracy": "0.400000",
+        "epochs": "2",
+        "run_id": run2,
+        "test_size": "300",
+        "above_chance": "true",
+    }
     assert mv2.run_id == run2
     assert client.get_run(run2).data.tags["champion"] == "false"
     assert client.get_run(run3).data.tags["registered_model_version"] == "3"
+
+
+def test_the_chance_bar_is_three_standard_errors_and_never_under_five_points():
+    assert registry.chance_bar(10, 300) == pytest.approx(0.1 + 3 * (0.09 / 300) ** 0.5)  # 0.152 on digits
+    assert registry.chance_bar(10, 10_000) == pytest.approx(0.15)  # CIFAR-10's test set: the 5-point floor
+    assert registry.chance_bar(2, 100) == pytest.approx(0.65)
+
+
+def test_a_model_at_chance_is_registered_but_never_champion(store, net):
+    """Issue 26: a sweep crowned a 0.097 model on digits. Registration still happens (versions compare), the
+    alias is withheld and the run and version say why; the first model that learned takes it."""
+    client = MlflowClient()
+    run1, v1 = _register(net, 0.097, name="chance")
+    reason = (
+        "test accuracy 0.0970 is not clearly above chance (0.100 for 10 classes; it must exceed 0.152 on 300 test "
+        "images): the model learned nothing"
+    )
+    assert (v1.version, v1.is_champion, v1.withheld) == ("1", False, reason)
+    assert registry.current_champion("chance") is None
+    tags = client.get_run(run1).data.tags
+    assert (tags["champion"], tags["champion_withheld"]) == ("false", reason)
+    version = client.get_model_version("chance", "1")
+    assert (version.tags["above_chance"], version.tags["champion_withheld"]) == ("false", reason)
+    _run2, v2 = _register(net, 0.15, name="chance")  # below the bar too, though higher
+    _run3, v3 = _register(net, 0.16, name="chance")
+    assert [(v.is_champion, v.withheld is None) for v in (v2, v3)] == [(False, False), (True, True)]
+    assert str(registry.current_champion("chance").version) == "3"
 
 
 def test_champion_rule_skips_versions_other_tools_tagged(store, net):

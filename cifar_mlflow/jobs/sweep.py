@@ -17,12 +17,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from cifar_mlflow import studies
+from cifar_mlflow import data, studies
 from cifar_mlflow.config import SweepConfig, TrainConfig
 from cifar_mlflow.errors import RunBusy, StoppedEarly, Terminated, TrainingDiverged
 from cifar_mlflow.prepare import prepare
 from cifar_mlflow.sweep_space import Dim
-from cifar_mlflow.tracking import runs
+from cifar_mlflow.tracking import registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.run_lease import RunLease
 from cifar_mlflow.tracking.store import beside_store
@@ -222,7 +222,14 @@ class Sweep:
         info = {"number": best.number, "value": best.value, "params": best.params, "run_id": run_id}
         self.parent.log_dict(info, "sweep/best.json")
         registered = None
-        if self.cfg.register == "best":
+        chance = self._at_chance(run_id)
+        if chance and self.cfg.register == "best":
+            print(
+                f"sweep: the best trial ({best.number}) is at chance: {chance}; nothing registered (register=always "
+                "registers it anyway, never as @champion)"
+            )
+            self.parent.set_tags({"best/at_chance": chance})
+        elif self.cfg.register != "none":
             registered = self._register(best, run_id)
         print(
             f"\nsweep finished: {len(done)} trials ({summary['sweep/trials_pruned']} pruned), {epochs_run} of "
@@ -231,6 +238,14 @@ class Sweep:
             + (f"; registered {registered}" if registered else "")
         )
         return info, registered
+
+    def _at_chance(self, run_id: str) -> str | None:
+        """Why the best trial's model learned nothing (registry's chance rule on its final test accuracy), or None."""
+        run = self.parent.client.get_run(run_id)
+        accuracy, size = run.data.metrics.get("test/accuracy"), run.data.params.get("data/test_size", "")
+        if accuracy is None or not size.isdigit():
+            return None
+        return registry.at_chance(accuracy, data.NUM_CLASSES, int(size))
 
     def _register(self, best: Any, run_id: str) -> str | None:
         """The best trial's model as one registered version, from its run's last checkpoint (the champion rule

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cifar_mlflow import augment, data, distributed, engine, gradcam_panel, hardware, lr_finder, plots
-from cifar_mlflow.config import LRFindConfig, TrainConfig
+from cifar_mlflow.config import LRFindConfig, TrainConfig, scaled_lr
 from cifar_mlflow.errors import TrackingError
 from cifar_mlflow.jobs.lr_find import log_range_test, range_test
 from cifar_mlflow.prepare import TrainingSetup, prepare
@@ -42,7 +42,7 @@ class Start:
 
     done: bool  # the run finished and registered its version already: nothing to train
     resume: dict | None = None  # the checkpoint to resume from
-    lr: float | str = "auto"  # the peak LR to train with (lr=auto resolved by a range test)
+    lr: float | str = "auto"  # the peak LR to train with (lr=auto and lr=scaled resolved)
 
 
 def run_training(cfg: TrainConfig) -> TrainOutcome | None:
@@ -93,7 +93,14 @@ def register_from_checkpoint(cfg: TrainConfig, log: RunLogger) -> RegisteredVers
     data.shutdown_workers(p.train_loader)
     accuracy = float(state["history"][-1]["test/accuracy"])
     return registry.log_and_register_model(
-        log, p.model, p.spec, _input_example(p), cfg.registered_model_name, accuracy, cfg.epochs
+        log,
+        p.model,
+        p.spec,
+        _input_example(p),
+        cfg.registered_model_name,
+        accuracy,
+        cfg.epochs,
+        test_size=len(p.dataset.test),
     )
 
 
@@ -138,7 +145,14 @@ def _start(cfg: TrainConfig, p: TrainingSetup, log: Logger, shards: list[list[in
         checkpoints.backfill_epochs(log.run_id, resume["history"])
         log.set_tags({"resumed_from_epoch": str(resume["epoch"])})
         print(f"resuming run {log.run_id} after epoch {resume['epoch']} of {cfg.epochs}")
-    lr = _resolve_auto_lr(cfg, p, log, run.data.params.get("lr/resolved")) if cfg.lr == "auto" else cfg.lr
+    if cfg.lr == "auto":
+        lr: float | str = _resolve_auto_lr(cfg, p, log, run.data.params.get("lr/resolved"))
+    elif cfg.lr == "scaled":
+        lr = scaled_lr(cfg.batch_size)
+        log.log_params({"lr/resolved": lr})
+        print(f"lr=scaled: peak lr {lr:.4g} for batch {cfg.batch_size} (0.2 at 512, scaled linearly)")
+    else:
+        lr = cfg.lr
     return Start(done=False, resume=resume, lr=lr)
 
 
@@ -191,7 +205,14 @@ def _fit_and_register(
 
     version = (
         registry.log_and_register_model(
-            log, p.model, p.spec, _input_example(p), cfg.registered_model_name, last["test/accuracy"], cfg.epochs
+            log,
+            p.model,
+            p.spec,
+            _input_example(p),
+            cfg.registered_model_name,
+            last["test/accuracy"],
+            cfg.epochs,
+            test_size=len(p.dataset.test),
         )
         if register
         else None
@@ -302,7 +323,9 @@ def _print_summary(final: dict[str, float], version: RegisteredVersion | None, u
                 "training finished",
                 f"  test accuracy {final['test/accuracy']:.4f} (flip TTA {final['test/accuracy_tta']:.4f})"
                 f"   test loss {final['test/loss']:.4f}",
-                f"  registered {version.model_uri}" + ("  (now @champion)" if version.is_champion else "")
+                f"  registered {version.model_uri}"
+                + ("  (now @champion)" if version.is_champion else "")
+                + (f"  (not @champion: {version.withheld})" if version.withheld else "")
                 if version
                 else "  no model registered (a sweep registers only its best trial)",
                 f"  view: {url}",

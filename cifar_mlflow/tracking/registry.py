@@ -3,6 +3,7 @@ the `champion` alias on the best version, race-safe."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +23,12 @@ from cifar_mlflow.tracking import serving
 from cifar_mlflow.tracking.logger import RunLogger
 
 CHAMPION = "champion"
+# "Clearly above chance": a model that guesses (accuracy 1/C on average) scores above chance + 3 standard errors of
+# a binomial proportion on n test images with probability ~0.13% (one-sided normal tail), so a version below that
+# bar has shown no learning. The bar never sits closer to chance than 5 points: on CIFAR-10's 10,000 test images
+# 3 standard errors are 0.9 points, and a model 1 point above chance is as useless as one at it.
+CHANCE_SIGMAS = 3.0
+CHANCE_MIN_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,25 @@ class RegisteredVersion:
     version: str
     model_uri: str
     is_champion: bool
+    withheld: str | None = None  # why `champion` was withheld from it (a model at chance), or None
+
+
+def chance_bar(num_classes: int, test_size: int) -> float:
+    """The test accuracy a model must exceed to count as having learned (CHANCE_SIGMAS above)."""
+    chance = 1.0 / num_classes
+    error = math.sqrt(chance * (1 - chance) / max(test_size, 1))
+    return chance + max(CHANCE_SIGMAS * error, CHANCE_MIN_MARGIN)
+
+
+def at_chance(test_accuracy: float, num_classes: int, test_size: int) -> str | None:
+    """Why a model with this test accuracy may not be champion (one line), or None when it clearly learned."""
+    bar = chance_bar(num_classes, test_size)
+    if test_accuracy > bar:
+        return None
+    return (
+        f"test accuracy {test_accuracy:.4f} is not clearly above chance ({1 / num_classes:.3f} for {num_classes} "
+        f"classes; it must exceed {bar:.3f} on {test_size} test images): the model learned nothing"
+    )
 
 
 def log_and_register_model(
@@ -40,9 +66,12 @@ def log_and_register_model(
     registered_name: str,
     test_accuracy: float,
     epochs: int,
+    *,
+    test_size: int,
 ) -> RegisteredVersion:
     """Log the model to the run, register it as a new version tagged with its test accuracy, and move the
-    `champion` alias to it if it beats the current champion (or there is none). A run that registered a version
+    `champion` alias to it if it beats the current champion (or there is none) and is clearly above chance (a
+    version at chance is registered, for comparison, but never champion). A run that registered a version
     already (killed right after registering, then resumed) keeps that version: none is added.
     The run must be the active one (tracking.runs.open_run): MLflow's log_model takes no run id."""
     mv = version_of_run(registered_name, log.run_id)
@@ -65,7 +94,15 @@ def log_and_register_model(
                     "output": "class probabilities (N, C)",
                 },
             )
-        tags = {"test_accuracy": f"{test_accuracy:.6f}", "epochs": str(epochs), "run_id": log.run_id}
+        reason = at_chance(test_accuracy, spec.num_classes, test_size)
+        tags = {
+            "test_accuracy": f"{test_accuracy:.6f}",
+            "epochs": str(epochs),
+            "run_id": log.run_id,
+            "test_size": str(test_size),
+            "above_chance": str(reason is None).lower(),
+            **({"champion_withheld": reason} if reason else {}),
+        }
         mv = mlflow.register_model(info.model_uri, registered_name, tags=tags)
     return _settle_and_tag(registered_name, str(mv.version), log.run_id)
 
@@ -77,19 +114,24 @@ def finish_registration(registered_name: str, run_id: str) -> RegisteredVersion:
 
 
 def _settle_and_tag(registered_name: str, version: str, run_id: str) -> RegisteredVersion:
+    client = MlflowClient()
     is_champion = settle_champion(registered_name) == version
-    MlflowClient().log_batch(
-        run_id,
-        tags=[
-            RunTag(k, v)
-            for k, v in {
-                "registered_model_name": registered_name,
-                "registered_model_version": version,
-                "champion": str(is_champion).lower(),
-            }.items()
-        ],
-    )
-    return RegisteredVersion(registered_name, version, f"models:/{registered_name}/{version}", is_champion)
+    withheld = _withheld(client.get_model_version(registered_name, version))
+    tags = {
+        "registered_model_name": registered_name,
+        "registered_model_version": version,
+        "champion": str(is_champion).lower(),
+        **({"champion_withheld": withheld} if withheld else {}),
+    }
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return RegisteredVersion(registered_name, version, f"models:/{registered_name}/{version}", is_champion, withheld)
+
+
+def _withheld(version: Any) -> str | None:
+    """Why the champion rule passes this version over (it was registered at chance), or None."""
+    if version.tags.get("above_chance") != "false":
+        return None
+    return version.tags.get("champion_withheld", "its test accuracy is not clearly above chance")
 
 
 def _quoted(value: str) -> str:
@@ -129,7 +171,7 @@ def _best_version(client: MlflowClient, name: str) -> str | None:
     scored = [
         (accuracy, -int(v.version), str(v.version))
         for v in versions_of(client, name)
-        if (accuracy := _accuracy_tag(v)) is not None
+        if (accuracy := _accuracy_tag(v)) is not None and v.tags.get("above_chance") != "false"
     ]
     return max(scored)[2] if scored else None
 
