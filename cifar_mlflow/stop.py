@@ -51,6 +51,21 @@ def check() -> None:
         raise exc
 
 
+def request(exc: BaseException) -> None:
+    """Ask the loops to stop with `exc` at their next check(), from any thread: the epoch reporter's, whose
+    failed checkpoint must stop training at the next batch, not after another whole epoch."""
+    global _pending
+    if _pending is None:
+        _pending = exc
+
+
+def withdraw(exc: BaseException) -> None:
+    """Forget a stop that request(exc) asked for and no check() has raised (the loop had ended already)."""
+    global _pending
+    if _pending is exc:
+        _pending = None
+
+
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """While inside, a first signal waits for the next check() (or the end of the block) to raise."""

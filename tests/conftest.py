@@ -193,7 +193,10 @@ def cli_args(params: dict[str, object]) -> list[str]:
     return [x for key, value in params.items() for x in (f"--{key}", str(value))]
 
 
-TINY = {"epochs": 2, "batch_size": 64, "num_workers": 0, "max_train_samples": 256, "max_test_samples": 128}
+# Batch 16: 32 steps at lr=scaled (0.00625), enough for the synthetic shapes to be learnt (0.78 test accuracy
+# measured) and so clearly above chance that a registered tiny model takes @champion; batch 64 (8 steps) stays at
+# chance, and the champion rule rightly withholds the alias from it.
+TINY = {"epochs": 2, "batch_size": 16, "num_workers": 0, "max_train_samples": 256, "max_test_samples": 128}
 
 
 @pytest.fixture

@@ -211,3 +211,38 @@ def test_pickle_planted_as_the_checkpoint_is_refused_not_executed(store, tmp_pat
     )
     with pytest.raises(ModelError, match="does not match the SHA-256"):
         checkpoints.load_latest_checkpoint(run_id)
+
+
+def test_a_read_only_artifact_store_mid_run_stops_training_at_once_with_the_right_advice(
+    store, cifar_root, monkeypatch, capsys
+):
+    """Issue 26: the second epoch's checkpoint fails (the artifact store went read-only: EROFS from the write).
+    The advice was "free space" for any OSError, and training went on for another whole epoch before the error
+    surfaced; now the next batch stops it, and the run ends FAILED with the reason and its epoch-1 checkpoint."""
+    import errno
+
+    from cifar_mlflow import checkpoint
+
+    real_save = checkpoint.save
+
+    def read_only_from_epoch_2(state, path):
+        if state["epoch"] >= 2:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        real_save(state, path)
+
+    monkeypatch.setattr(checkpoint, "save", read_only_from_epoch_2)
+    code, message = invoke(train, cli_args({**FOUR, "data_dir": cifar_root, "registered_model_name": "ro"}))
+    client = MlflowClient(store.uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id], "params.registered_model_name = 'ro'"
+    )
+    assert (code, message) == (
+        1,
+        "cannot write the checkpoint of epoch 2 (Read-only file system); make the artifact store writable again "
+        f"(it is mounted read-only), then resume the run (mlflow run --run-id {run.info.run_id})",
+    )
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == f"StorageError: {message}"
+    out = capsys.readouterr().out
+    assert "epoch 2/4" in out and "epoch 3/4" not in out, "training stopped in epoch 3, at its next batch"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [1]
+    assert checkpoints.load_latest_checkpoint(run.info.run_id)["epoch"] == 1

@@ -5,6 +5,7 @@ verified; the epochs a run has logged, for a resume."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import re
 import tempfile
@@ -52,8 +53,8 @@ def log_checkpoint(
             client.log_dict(run_id, manifest, MANIFEST)
         except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its writer
             raise StorageError(
-                f"cannot write the checkpoint of epoch {epoch} ({_storage_reason(exc)}); free "
-                f"space, then resume the run (mlflow run --run-id {run_id})"
+                f"cannot write the checkpoint of epoch {epoch} ({_storage_reason(exc)}); {_storage_advice(exc)}, "
+                f"then resume the run (mlflow run --run-id {run_id})"
             ) from None
     return entry
 
@@ -62,6 +63,21 @@ def _storage_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or first_line(exc)
     return "the write failed: is the disk full?"  # torch's zip writer reports no errno ("unexpected pos ...")
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _storage_advice(exc: BaseException) -> str:
+    """What to do about it: free space only where space is what ran out."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None or code in _FULL:
+        return "free space"
+    if code == errno.EROFS:
+        return "make the artifact store writable again (it is mounted read-only)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "give this user write access to the artifact store"
+    return "fix the artifact store"
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from cifar_mlflow import stop
 from cifar_mlflow.tracking.checkpoints import entry_of, log_checkpoint
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.run_lease import RunLease
@@ -33,6 +34,7 @@ class EpochReporter:
         self._pending: list[Future] = []
         self._previous: dict[str, Any] | None = None  # the manifest entry of the epoch before
         self.cpu_seconds = 0.0  # CPU time the reporting thread has spent (what tracking takes from training)
+        self._failure: BaseException | None = None  # the first report that failed
 
     def __call__(
         self, epoch: int, metrics: dict[str, float], capture: Any, images: dict[str, Callable[[], Figure]] | None = None
@@ -48,18 +50,27 @@ class EpochReporter:
     ) -> None:
         start = time.thread_time()
         try:
-            if self.lease is not None:
-                self.lease.check()
-            if self._previous is None and epoch > 1:  # the first epoch this process reports, on a resume
-                self._previous = entry_of(self.run_id, epoch - 1)
-            self._previous = log_checkpoint(self.run_id, state, epoch, self._previous)
-            if epoch <= self.logged_through:
-                return
-            self.log.log_metrics(metrics, step=epoch)
-            for key, build in images.items():
-                self.log.log_image(build, key=key, step=epoch)
+            self._report_epoch(epoch, metrics, state, images)
+        except BaseException as exc:  # training stops at its next batch with this error, not an epoch later
+            self._failure = exc
+            stop.request(exc)
+            raise
         finally:
             self.cpu_seconds += time.thread_time() - start
+
+    def _report_epoch(
+        self, epoch: int, metrics: dict[str, float], state: dict[str, Any], images: dict[str, Callable[[], Figure]]
+    ) -> None:
+        if self.lease is not None:
+            self.lease.check()
+        if self._previous is None and epoch > 1:  # the first epoch this process reports, on a resume
+            self._previous = entry_of(self.run_id, epoch - 1)
+        self._previous = log_checkpoint(self.run_id, state, epoch, self._previous)
+        if epoch <= self.logged_through:
+            return
+        self.log.log_metrics(metrics, step=epoch)
+        for key, build in images.items():
+            self.log.log_image(build, key=key, step=epoch)
 
     def _raise_finished_errors(self) -> None:
         for fut in [f for f in self._pending if f.done()]:
@@ -73,3 +84,5 @@ class EpochReporter:
         finally:
             self._pending.clear()
             self._pool.shutdown(wait=True)
+            if self._failure is not None:  # raised here (or by the loop already): not again by a later loop
+                stop.withdraw(self._failure)
