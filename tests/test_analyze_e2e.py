@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -167,3 +168,47 @@ def test_runs_uri_is_accepted(trained, cifar_root):
     run = _analysis_runs(store, train_run.info.run_id)[-1]
     assert run.data.tags["model_uri"].startswith("runs:/") and "model_version" not in run.data.tags
     assert run.data.metrics["test/accuracy"] == train_run.data.metrics["test/accuracy"]
+
+
+def test_models_that_are_not_ours_are_refused_in_words_before_any_data_is_fetched(store, tmp_path, monkeypatch):
+    """Issue 26: analyze of another kind of model fetched CIFAR-10 first (offline: a download error), then said
+    `not a cifar-mlflow model ('data')`. The model is checked first now, and the line says what is missing."""
+    import socket
+
+    import mlflow
+    from sklearn.linear_model import LogisticRegression
+
+    from cifar_mlflow import data
+    from cifar_mlflow.cli import invoke
+    from entrypoints.analyze import analyze
+
+    with socket.socket() as s:  # offline: any download attempt would fail with a download error instead
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv(data.URL_ENV, f"http://127.0.0.1:{s.getsockname()[1]}/{data.ARCHIVE}")
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    fit = LogisticRegression().fit(np.random.default_rng(0).random((20, 3)), np.arange(20) % 2)
+    with mlflow.start_run() as run:
+        mlflow.sklearn.log_model(fit, name="model", registered_model_name="sk")
+    with mlflow.start_run():
+        mlflow.pyfunc.log_model(name="model", python_model=Echo(), registered_model_name="py")
+    no_data = "its MLmodel names no python_function data folder, where this project keeps model_config.json and "
+    cases = {
+        "models:/sk/1": f"models:/sk/1: not a cifar-mlflow model ({no_data}weights.safetensors; its flavors: "
+        "python_function, sklearn)",
+        "models:/py/1": f"models:/py/1: not a cifar-mlflow model ({no_data}weights.safetensors; its flavors: "
+        "python_function)",
+        f"runs:/{run.info.run_id}/../..": f"model_uri 'runs:/{run.info.run_id}/../..': name the model's folder "
+        f"inside the run (runs:/{run.info.run_id}/model); a path that is empty or climbs out with '..' is not a model",
+        "runs:/0123456789abcdef0123456789abcdef/model": "model_uri 'runs:/0123456789abcdef0123456789abcdef/model': "
+        "no run '0123456789abcdef0123456789abcdef' in this tracking store",
+        "models:/sk@noalias": "model_uri 'models:/sk@noalias': 'sk' has no alias @noalias; versions: 1; aliases: none",
+    }
+    empty = tmp_path / "no-data"
+    for uri, message in cases.items():
+        assert invoke(analyze, ["--model_uri", uri, "--data_dir", str(empty)]) == (1, message)
+    assert not empty.exists(), "no dataset was read, built or downloaded"
+    assert not mlflow.search_runs(filter_string="tags.model_uri != ''", output_format="list"), "no analysis run"

@@ -33,8 +33,9 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     precision = trained_with.get("env/precision") or hardware.resolve_precision("auto", device)
     batch_size = cfg.batch_size or int(trained_with.get("batch_size", DEFAULT_BATCH))
     dataset_name = trained_with.get("dataset", "cifar10") if cfg.dataset == "auto" else cfg.dataset
-    dataset = data.load_dataset(dataset_name, cfg.data_dir, max_test=cfg.max_test_samples, test_only=True)
+    # the model first: one that is not ours is refused before any dataset is read, built or downloaded
     model, spec = serving.load_torch_model(ref.uri, device=str(device))
+    dataset = data.load_dataset(dataset_name, cfg.data_dir, max_test=cfg.max_test_samples, test_only=True)
     if tuple(spec.class_names) != tuple(dataset.class_names):
         raise DataError(
             f"dataset={dataset_name}: its classes {list(dataset.class_names)} are not the model's "

@@ -39,7 +39,12 @@ def resolve_model(uri: str) -> ModelRef:
     An unknown name, version or alias is a one-line ModelError naming what exists."""
     client = MlflowClient()
     if uri.startswith("runs:/"):
-        run_id = uri[len("runs:/") :].split("/", 1)[0]
+        run_id, _, path = uri[len("runs:/") :].partition("/")
+        if ".." in path.split("/") or not path.strip("/"):
+            raise ModelError(
+                f"model_uri {uri!r}: name the model's folder inside the run (runs:/{run_id}/model); a path that is "
+                "empty or climbs out with '..' is not a model"
+            )
         try:
             client.get_run(run_id)
         except MlflowException:

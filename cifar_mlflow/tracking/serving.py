@@ -83,12 +83,29 @@ def _model_files_dir(model_uri: str, dst: Path) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst))).resolve()
     except MlflowException as exc:
         raise ModelError(f"cannot load {model_uri}: {exc.message.splitlines()[0]}") from None
+    if not (local / "MLmodel").is_file():
+        raise ModelError(f"{model_uri}: not a cifar-mlflow model (it has no MLmodel file: not an MLflow model)")
     try:
         if (local / "MLmodel").stat().st_size > MAX_MLMODEL_BYTES:
             raise ModelError(f"{model_uri}: its MLmodel file is over {MAX_MLMODEL_BYTES:,} bytes; not parsed")
-        files = (local / str(Model.load(str(local)).flavors["python_function"]["data"])).resolve()
-    except (OSError, KeyError, TypeError, ValueError, MlflowException) as exc:
-        raise ModelError(f"{model_uri}: not a cifar-mlflow model ({exc})") from None
+        flavors = Model.load(str(local)).flavors
+    except (OSError, TypeError, ValueError, MlflowException) as exc:
+        raise ModelError(f"{model_uri}: not a cifar-mlflow model (its MLmodel cannot be read: {exc})") from None
+    pyfunc = flavors.get("python_function") if isinstance(flavors, dict) else None
+    data = pyfunc.get("data") if isinstance(pyfunc, dict) else None
+    if not isinstance(data, str):
+        found = ", ".join(sorted(map(str, flavors))) if isinstance(flavors, dict) and flavors else "none"
+        raise ModelError(
+            f"{model_uri}: not a cifar-mlflow model (its MLmodel names no python_function data folder, where this "
+            f"project keeps model_config.json and weights.safetensors; its flavors: {found})"
+        )
+    files = (local / data).resolve()
+    if files.is_relative_to(local) and not (files / models.CONFIG_FILE).is_file():
+        loader = pyfunc.get("loader_module") if isinstance(pyfunc, dict) else None
+        raise ModelError(
+            f"{model_uri}: not a cifar-mlflow model (its data {str(data)[:80]!r} holds no {models.CONFIG_FILE}; "
+            f"it is loaded by {str(loader)[:80]})"
+        )
     if not files.is_relative_to(local):
         raise ModelError(f"{model_uri}: its MLmodel points the model's data outside the model's folder; refused")
     return files
