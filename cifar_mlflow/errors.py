@@ -41,6 +41,13 @@ class TrackingError(CifarMlflowError):
     """The tracking server cannot be reached or refuses access; the message names its URI."""
 
 
+class TrackingUnavailable(TrackingError):
+    """The tracking server stopped answering mid-run for longer than MLflow's retries wait: the process ends,
+    leaving the run resumable, exiting with EX_TEMPFAIL (try again later)."""
+
+    exit_code = 75
+
+
 class RunBusy(CifarMlflowError):
     """Another live process holds the run's lease: this one stops without touching the run (no status, no tag),
     exiting with EX_TEMPFAIL (try again later)."""

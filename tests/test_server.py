@@ -92,6 +92,108 @@ def test_server_restarted_mid_run_loses_nothing(server, cifar_root):
     assert client.get_model_version_by_alias("restart-test", "champion").run_id == run_id
 
 
+def _running_run(client, proc, name, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = client.search_runs(["0"], f"attributes.status = 'RUNNING' and params.registered_model_name = '{name}'")
+        if runs:
+            return runs[0].info.run_id
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no RUNNING run for {name} within {timeout} s")
+
+
+def _wait_metric(client, run_id, key, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(m.step >= step for m in client.get_metric_history(run_id, key)):
+            return
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{key} step {step} not logged within {timeout} s")
+
+
+OUTAGE_S = 35  # issue 26: a 30-60 s outage must cost nothing
+
+
+def test_outages_of_35_s_mid_run_and_at_registration_cost_nothing(server, cifar_root):
+    """The server stopped for 35 s after epoch 1, then for 35 s as the model is being registered, and started
+    again on the same store each time: the run finishes with every epoch's metrics once, and one version."""
+    client = MlflowClient(server.uri)
+    proc = _train(
+        server.uri,
+        cifar_root,
+        *("--epochs", "3", "--max_train_samples", "160", "--registered_model_name", "outage-test"),
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+    )
+    try:
+        run_id = _running_run(client, proc, "outage-test")
+        _wait_metric(client, run_id, "test/accuracy", 1, proc)
+        server.stop()
+        time.sleep(OUTAGE_S)  # training goes on meanwhile; reports wait and retry
+        server.start()
+        _wait_metric(client, run_id, "test/accuracy_tta", 3, proc)  # logged just before the figures and the model
+        server.stop()
+        stopped_at = time.time()
+        time.sleep(OUTAGE_S)
+        server.start()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
+    for key in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+    (version,) = client.search_model_versions("name='outage-test'")
+    assert version.run_id == run_id and version.creation_timestamp / 1000 > stopped_at, "registered after the outage"
+    assert checkpoints_epoch(client, run_id) == 3
+
+
+def checkpoints_epoch(client, run_id):
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(open(client.download_artifacts(run_id, "checkpoints/latest.json", tmp)).read())["epoch"]
+
+
+def test_an_outage_past_mlflows_retries_ends_the_process_resumably_in_one_line(server, cifar_root):
+    """With MLflow's retries cut to seconds (the bound; by default MLflow retries a request for minutes), a
+    server that stays down ends the process in one line (exit 75, EX_TEMPFAIL), and --run-id completes the run."""
+    client = MlflowClient(server.uri)
+    args = ("--epochs", "3", "--max_train_samples", "160", "--registered_model_name", "long-outage")
+    budget = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    proc = _train(server.uri, cifar_root, *args, MLFLOW_HTTP_REQUEST_TIMEOUT="5", **budget)
+    try:
+        run_id = _running_run(client, proc, "long-outage")
+        _wait_metric(client, run_id, "test/accuracy", 1, proc)
+        server.stop()
+        start = time.time()
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.start()
+    assert proc.returncode == 75, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: tracking server {server.uri} stopped answering and MLflow's retries ran out "
+        "(MLFLOW_HTTP_REQUEST_MAX_RETRIES=1, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1); run "
+        f"{run_id} stays resumable with the checkpoints it reported: once the server is back, resume it with "
+        f"`mlflow run --run-id {run_id}` and the same parameters"
+    ), err[-3000:]
+    assert "Traceback" not in err and time.time() - start < 120
+    resumed = _train(server.uri, cifar_root, *args, MLFLOW_RUN_ID=run_id)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed_from_epoch") in ("1", "2")
+    for key in ("train/loss", "test/accuracy", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+    assert [v.run_id for v in client.search_model_versions("name='long-outage'")] == [run_id]
+
+
 def test_two_runs_at_once_register_distinct_versions_and_champion_is_the_better(server, cifar_root):
     client = MlflowClient(server.uri)
     procs = [

@@ -13,11 +13,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from cifar_mlflow.errors import StoppedEarly, Terminated, TrackingError
+from cifar_mlflow.errors import StoppedEarly, Terminated, TrackingError, TrackingUnavailable
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.params import as_param
 from cifar_mlflow.tracking.run_lease import RunLease
-from cifar_mlflow.tracking.store import read_run
+from cifar_mlflow.tracking.store import give_up_quickly, read_run, retry_settings, server_down
 
 FAILURE_TAG = "failure_reason"
 DIVERGED_TAG = "diverged_at_step"
@@ -72,19 +72,38 @@ def open_run(held: RunLease | None = None, run_id: str | None = None) -> Iterato
                 log.set_tags({FAILURE_TAG: why})
                 mlflow.end_run("KILLED")
             raise
-        except BaseException as exc:
+        except MlflowException as exc:
+            if not server_down():
+                _tag_failure(log, exc)
+                raise
+            # The server has been gone for longer than MLflow's retries wait (a report, or the registration, gave
+            # up): end here, fast, and leave the run to be resumed (its lease lapses as this process exits).
+            retries = retry_settings()
+            give_up_quickly()
             with contextlib.suppress(Exception):
-                step = getattr(exc, "step", None)
-                log.set_tags(
-                    {
-                        FAILURE_TAG: f"{type(exc).__name__}: {exc}"[:5000],
-                        **({DIVERGED_TAG: str(step)} if step is not None else {}),
-                    }
-                )
+                mlflow.end_run("FAILED")  # leaves MLflow's active-run stack at once; the server does not hear it
+            raise TrackingUnavailable(
+                f"tracking server {mlflow.get_tracking_uri()} stopped answering and MLflow's retries ran out "
+                f"({retries}); run {log.run_id} stays resumable with the checkpoints it reported: once the server is "
+                f"back, resume it with `mlflow run --run-id {log.run_id}` and the same parameters"
+            ) from None
+        except BaseException as exc:
+            _tag_failure(log, exc)
             raise
         finally:
             if held is not None:  # no renewal may race the run's end (it would set the status back)
                 held.stop()
+
+
+def _tag_failure(log: RunLogger, exc: BaseException) -> None:
+    with contextlib.suppress(Exception):
+        step = getattr(exc, "step", None)
+        log.set_tags(
+            {
+                FAILURE_TAG: f"{type(exc).__name__}: {exc}"[:5000],
+                **({DIVERGED_TAG: str(step)} if step is not None else {}),
+            }
+        )
 
 
 def clear_failure(log: RunLogger) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -72,6 +73,47 @@ def _sqlite_lock(uri: str) -> Iterator[None]:
     with open(path, "ab") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         yield
+
+
+def server_down(timeout: float = 5.0) -> bool:
+    """Is the tracking store a server that does not answer now (one request, no retries)? False for local
+    stores and for a server that answers, whatever it answers."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return False
+    try:
+        http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            max_retries=0,
+            timeout=timeout,
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
+    except MlflowException:
+        return True
+    return False
+
+
+def give_up_quickly() -> None:
+    """From now on, this process's MLflow requests try once, for 5 s: the server is known to be down, and the
+    clean-up after it (ending the run, the lease) must not wait through MLflow's retries again."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+
+
+def retry_settings() -> str:
+    """MLflow's retry budget for one request, as this process has it (its env vars, or MLflow's defaults)."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    return (
+        f"MLFLOW_HTTP_REQUEST_MAX_RETRIES={MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()}, "
+        f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR={MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()}"
+    )
 
 
 def _probe_server(uri: str, timeout: float) -> None:
