@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -119,6 +120,9 @@ def run_cli(command: click.Command) -> None:
     KILLED, stopping training between two steps (cifar_mlflow.stop)."""
     stop.install()
     code, message = invoke(command)
+    # Loader workers still alive are stopped at exit; torch's SIGCHLD handler would then raise "DataLoader worker
+    # ... killed by signal" from inside that clean-up, a traceback after the run ended as it should.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     if code:
         _fail(message, code)
 

@@ -325,8 +325,10 @@ class SweepConfig(Composed):
     n_trials: int = param(
         10,
         "Trials in the study, over all its workers (finished or pruned ones count; a failed one is retried); the "
-        "first is the base recipe itself, so the best is never worse than the defaults.",
+        "first is the base recipe itself, so the best is never worse than the defaults. At most 10,000: TPE's "
+        "suggestions slow with every trial it has seen, and each trial keeps two checkpoints (~90 MB).",
         low=1,
+        high=10_000,
     )
     metric: str = param(
         "test/accuracy",

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from cifar_mlflow.errors import Terminated
 
 _pending: BaseException | None = None
+_pending_at = 0.0  # when the pending stop was asked for (time.monotonic)
 _deferring = 0
+# A signal within this long of the first is the same request, not a second press: `timeout`, `kill -- -PGID`
+# together with the pid, and init systems deliver one SIGTERM to the process and another to its group at once.
+SAME_REQUEST_S = 1.0
 
 
 def _exception(signum: int) -> BaseException:
@@ -29,10 +34,12 @@ def _exception(signum: int) -> BaseException:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    global _pending
+    global _pending, _pending_at
     if _deferring and _pending is None:
-        _pending = _exception(signum)
+        _pending, _pending_at = _exception(signum), time.monotonic()
         return
+    if _deferring and time.monotonic() - _pending_at < SAME_REQUEST_S:
+        return  # the same stop, delivered twice
     _pending = None
     raise _exception(signum)
 

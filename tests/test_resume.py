@@ -134,28 +134,42 @@ def _direct(store, *args):
 
 
 @pytest.mark.parametrize(
-    "sig, status_reason, code",
-    [(signal.SIGTERM, "terminated by SIGTERM", 143), (signal.SIGINT, "interrupted (Ctrl-C)", 130)],
+    "sig, status_reason, code, group",
+    [
+        (signal.SIGTERM, "terminated by SIGTERM", 143, False),
+        (signal.SIGINT, "interrupted (Ctrl-C)", 130, False),
+        # as `timeout`, `kill -- -PGID` and init systems deliver it: to the process and to its whole group at once,
+        # loader workers included (they had died, and torch raised "DataLoader worker ... killed by signal")
+        (signal.SIGTERM, "terminated by SIGTERM", 143, True),
+    ],
+    ids=["sigterm", "ctrl-c", "sigterm-to-the-group-with-workers"],
 )
-def test_sigterm_and_ctrl_c_end_the_run_killed_keeping_the_checkpoint(store, cifar_root, sig, status_reason, code):
+def test_sigterm_and_ctrl_c_end_the_run_killed_keeping_the_checkpoint(
+    store, cifar_root, sig, status_reason, code, group
+):
     client = MlflowClient(store.uri)
-    proc = _direct(store, "--data_dir", str(cifar_root), "--registered_model_name", f"killed-{sig.name}")
+    name = f"killed-{sig.name}-{'group' if group else 'pid'}"
+    workers = ["--num_workers", "2"] if group else []
+    proc = _direct(store, "--data_dir", str(cifar_root), "--registered_model_name", name, *workers)
     holder = []
     try:
         _wait_for_epoch(client, holder, 1, proc)
         proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == code
+    assert proc.returncode == code, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("error: ") and "the run is KILLED" in err
+    assert "Traceback" not in err, err[-3000:]
     run = client.get_run(holder[0])
     assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == status_reason
     state = checkpoints.load_latest_checkpoint(run.info.run_id)  # valid, and loads safely
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test/accuracy")}
     assert state["epoch"] == max(logged) and logged[state["epoch"]] == state["history"][-1]["test/accuracy"]
-    assert not client.search_model_versions(f"name='killed-{sig.name}'")
+    assert not client.search_model_versions(f"name='{name}'")
 
 
 def test_nan_loss_fails_the_run_tagged_with_the_step(store, cifar_root):

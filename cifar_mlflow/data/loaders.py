@@ -102,6 +102,12 @@ def _worker_init(_: int) -> None:
     # Ctrl-C gets Python's KeyboardInterrupt, which torch's worker loop expects.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A process group of its own: a SIGTERM or Ctrl-C sent to the entry point's whole group (`timeout`, `kill --
+    # -PGID`, a container stop, a terminal) reaches the entry point alone, which ends the run KILLED and stops
+    # its workers itself. In its group the worker died at once and torch raised "DataLoader worker ... killed by
+    # signal" wherever the main process was: a traceback, the run FAILED. A worker whose parent dies without
+    # stopping it (SIGKILL) exits by torch's own watchdog within seconds.
+    os.setpgid(0, 0)
 
 
 def shutdown_workers(loader: Any) -> None:
