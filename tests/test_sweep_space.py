@@ -176,9 +176,35 @@ def test_bad_sweep_parameters_are_one_line_before_any_work(tmp_path):
         ({"storage": "redis://db"}, "storage='redis://db' is not allowed: expected auto, or an RDB URL"),
         ({"study": "my study"}, "study='my study' is not allowed"),
         ({"metric": "train/loss"}, "'train/loss' is not one of 'test/accuracy', 'test/loss'"),
+        # issue 26's probes: an absurd trial count (it used to start, and run for ever), odd study names
+        ({"n_trials": 10**9}, "1000000000 is not in the range 1<=x<=10000"),
+        ({"n_trials": -1}, "-1 is not in the range 1<=x<=10000"),
+        ({"study": "../../etc"}, "study='../../etc' is not allowed: expected letters, digits, '_', '-' and '.'"),
+        ({"study": "x" * 129}, "is not allowed: expected letters, digits, '_', '-' and '.' (at most 128)"),
+        ({"study": "naïve"}, "study='naïve' is not allowed"),
+        ({"storage": "sqlite"}, "storage='sqlite' is not allowed: expected auto, or an RDB URL"),
     ):
         code, message = invoke(sweep, cli_args(params))
         assert code != 0 and expected in message and "\n" not in message, (params, message)
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("sqlite:////sys/optuna.db", "(sqlite3.OperationalError) unable to open database file"),
+        ("sqlite:///{tmp}/no/such/folder/optuna.db", "(sqlite3.OperationalError) unable to open database file"),
+        ("sqlite:///{tmp}/garbage.db", "(sqlite3.DatabaseError) file is not a database"),
+        ("postgresql+psycopg2://u@127.0.0.1:9/db", "Connection refused"),
+    ],
+    ids=["unwritable", "missing-folder", "garbage-file", "no-server"],
+)
+def test_a_storage_that_cannot_be_used_is_one_line(tmp_path, url, reason):
+    (tmp_path / "garbage.db").write_bytes(b"this is not sqlite" * 100)
+    url = url.format(tmp=tmp_path)
+    with pytest.raises(studies.TrackingError) as err:
+        studies.open_storage(url)
+    message = str(err.value)
+    assert message.startswith(f"storage={url!r} cannot be opened (") and reason in message and "\n" not in message
 
 
 def test_sweep_help_lists_its_parameters_and_mains():
