@@ -52,12 +52,14 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
             )
             return steps[entry]
 
-        found = step("lr_find", sweep.to_params(), lambda r: SUGGESTED in r.data.metrics)
+        # A finished step is reused only while what it made is still there: a deleted run is never found, and a
+        # run whose artifacts or registered version were removed since is run again.
+        found = step("lr_find", sweep.to_params(), lambda r: SUGGESTED in r.data.metrics and _kept(r, LR_FIND_FILES))
         suggested = found.data.metrics[SUGGESTED]
         lr = lr_finder.clamp_lr(suggested, train.optimizer)
-        trained = step("main", {**train.to_params(), "lr": lr}, lambda r: VERSION_TAG in r.data.tags)
+        trained = step("main", {**train.to_params(), "lr": lr}, lambda r: _registered(r, cfg.registered_model_name))
         model_uri = f"models:/{cfg.registered_model_name}/{trained.data.tags[VERSION_TAG]}"
-        analysed = step("analyze", {**analyze.to_params(), "model_uri": model_uri}, lambda r: True)
+        analysed = step("analyze", {**analyze.to_params(), "model_uri": model_uri}, lambda r: _kept(r, ANALYSIS_FILES))
 
         summary = {
             SUGGESTED: suggested,
@@ -72,6 +74,21 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
         parent.set_tags({"model_uri": model_uri})
         _print_summary(steps, reused, suggested, lr, model_uri, analysed, runs.run_url(parent))
         return PipelineOutcome(parent.run_id, {k: r.info.run_id for k, r in steps.items()}, reused, lr, model_uri)
+
+
+LR_FIND_FILES = ("lr_find/curve.json",)
+TRAIN_FILES = ("checkpoints/latest.json",)
+ANALYSIS_FILES = ("confusion_matrix.png",)
+
+
+def _kept(run: Any, files: tuple[str, ...]) -> bool:
+    return runs.has_artifacts(run.info.run_id, *files)
+
+
+def _registered(run: Any, name: str) -> bool:
+    """A training step is reusable while its version is registered and its model and checkpoints are there."""
+    version = run.data.tags.get(VERSION_TAG)
+    return version is not None and runs.model_version_exists(name, version) and _kept(run, TRAIN_FILES)
 
 
 def project_dir() -> Path:

@@ -145,6 +145,30 @@ def finished_runs(experiment_id: str, entry_point: str) -> list:
     return MlflowClient().search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
 
 
+def has_artifacts(run_id: str, *paths: str) -> bool:
+    """Does the run still hold each of these artifact files (`folder/name`)? False for one deleted from the
+    artifact store since, or a run whose artifacts cannot be listed."""
+    client = MlflowClient()
+    try:
+        for path in paths:
+            folder, _, _name = path.rpartition("/")
+            if path not in {a.path for a in client.list_artifacts(run_id, folder or None)}:
+                return False
+    except (MlflowException, OSError):
+        return False
+    return True
+
+
+def model_version_exists(name: str, version: str) -> bool:
+    """Is the version registered, with its model's files (MLmodel) still in the artifact store?"""
+    try:
+        MlflowClient().get_model_version(name, version)
+        files = mlflow.artifacts.list_artifacts(artifact_uri=f"models:/{name}/{version}")
+    except (MlflowException, OSError):
+        return False
+    return any(f.path.rsplit("/", 1)[-1] == "MLmodel" for f in files)
+
+
 def run_entry_point(project: Path, entry_point: str, params: dict, parent: RunLogger):
     """Run an entry point of the project as a child of `parent` (`mlflow run` semantics: a fresh process and a
     run of its own, tagged with mlflow.parentRunId) and return the run as it ended. A step that failed is a
