@@ -26,7 +26,7 @@ _pending_at = 0.0  # when the pending stop was asked for (time.monotonic)
 _deferring = 0
 # A signal within this long of the first is the same request, not a second press: `timeout`, `kill -- -PGID`
 # together with the pid, and init systems deliver one SIGTERM to the process and another to its group at once.
-SAME_REQUEST_S = 1.0
+SAME_REQUEST_S = 0.1
 
 
 def _exception(signum: int) -> BaseException:

@@ -10,7 +10,7 @@ import sys
 import mlflow
 import pytest
 
-from benchmarks import bench_accuracy, bench_cuda, bench_startup, bench_train
+from benchmarks import bench_accuracy, bench_batch_lr, bench_cuda, bench_startup, bench_train
 from tests.conftest import REPO
 
 
@@ -51,6 +51,16 @@ def test_accuracy_benchmark_runs_both_contenders_and_the_ablation(tmp_path, caps
     assert "digits, 1 epochs, batch 32, peak lr 0.05, seeds [0]" in printed and "median by epoch" in printed
     ablation = bench_accuracy.main([*tiny[:-2], "--ablation", "--variants", "0", "6"])
     assert set(ablation) == {bench_accuracy.ABLATION[0].name, bench_accuracy.ABLATION[6].name}
+
+
+def test_batch_lr_benchmark_trains_the_defaults_at_each_batch_size(tmp_path, capsys):
+    finals = bench_batch_lr.main(
+        ["--batch-sizes", "16", "32", "--seeds", "0", "--epochs", "1", "--max-train", "64", "--max-test", "32"]
+        + ["--jobs", "1", "--data-dir", str(tmp_path)]
+    )
+    assert set(finals) == {16, 32} and all(0 <= a <= 1 for accs in finals.values() for a in accs)
+    out = capsys.readouterr().out
+    assert re.search(r"\|\s*16\s*\|\s*0\.00625\s*\|", out) and re.search(r"\|\s*32\s*\|\s*0\.0125\s*\|", out)
 
 
 def test_train_benchmark_reports_every_ratio(capsys):

@@ -65,7 +65,7 @@ def test_torchrun_two_processes_one_run_reduced_metrics_disjoint_shards(store, c
     run_id, m = run.info.run_id, run.data.metrics
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert (p["env/world_size"], p["env/backend"], p["env/per_process_batch_size"]) == ("2", "gloo", "32")
+    assert (p["env/world_size"], p["env/backend"], p["env/per_process_batch_size"]) == ("2", "gloo", "8")
 
     # one version, registered by rank 0 only
     versions = client.search_model_versions("name='cifar10-resnet18'")

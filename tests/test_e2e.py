@@ -23,7 +23,7 @@ def _runs(store):
 
 
 def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
-    proc = mlflow_run(store, {**TINY, "data_dir": cifar_root, "lr": "1e-1"})
+    proc = mlflow_run(store, {**TINY, "data_dir": cifar_root, "lr": "6.25e-3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = _runs(store)
     client = MlflowClient(store.uri)
@@ -33,7 +33,7 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     # params: every config field (the -P spelling kept), plus derived values
     params = run.data.params
     assert set(f for f in TrainConfig.__dataclass_fields__) <= set(params)
-    assert params["lr"] == "1e-1" and params["epochs"] == "2" and params["optimizer"] == "sgd"
+    assert params["lr"] == "6.25e-3" and params["epochs"] == "2" and params["optimizer"] == "sgd"
     assert params["model/num_params"] == "11173962"
     assert params["data/train_size"] == "256" and params["data/test_size"] == "128"
     assert len(params["data/mean"].split(",")) == 3 and len(params["data/std"].split(",")) == 3
@@ -163,7 +163,7 @@ def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
 
 
 def _direct_train(store, *args):
-    fixed = "--dataset synthetic --epochs 1 --batch_size 64 --max_train_samples 128 --max_test_samples 64"
+    fixed = "--dataset synthetic --epochs 2 --batch_size 16 --max_train_samples 256 --max_test_samples 64"
     fixed += " --num_workers 0 --registered_model_name synthetic-test"
     cmd = [sys.executable, "-m", "entrypoints.train", *fixed.split(), *args]
     return subprocess.run(cmd, cwd=REPO, env=store.env(), capture_output=True, text=True, timeout=300)
@@ -176,7 +176,7 @@ def test_direct_run_on_synthetic_data(store):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = _runs(store)
     assert run.info.status == "FINISHED" and run.data.params["dataset"] == "synthetic"
-    assert run.data.params["data/train_size"] == "128" and run.data.tags["registered_model_version"] == "1"
+    assert run.data.params["data/train_size"] == "256" and run.data.tags["registered_model_version"] == "1"
     assert MlflowClient(store.uri).get_model_version_by_alias("synthetic-test", "champion").run_id == run.info.run_id
 
 

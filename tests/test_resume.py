@@ -5,6 +5,7 @@ NaN loss stops the run FAILED; a pickle planted as a checkpoint is refused."""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ModelError
 from cifar_mlflow.tracking import checkpoints, serving
 from entrypoints.train import train
-from tests.conftest import cli_args, make_store, mlflow_run_cmd, mlflow_run_process, train_process
+from tests.conftest import REPO, cli_args, make_store, mlflow_run_cmd, mlflow_run_process, train_process
 
 FOUR = {"epochs": 4, "batch_size": 32, "num_workers": 0, "max_train_samples": 192, "max_test_samples": 64, "seed": 3}
 METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec")
@@ -88,7 +89,8 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # (MLflow removes it itself when that run ends)
     assert code == 1
     assert (
-        f"run {run_id} was logged with other parameters: epochs (run: '4', now: 5); lr (run: '0.2', now: 0.1)" in line
+        f"run {run_id} was logged with other parameters: epochs (run: '4', now: 5); lr (run: 'scaled', now: 0.1)"
+        in line
     )
 
     resumed = subprocess.run(
@@ -260,3 +262,46 @@ def test_a_read_only_artifact_store_mid_run_stops_training_at_once_with_the_righ
     assert "epoch 2/4" in out and "epoch 3/4" not in out, "training stopped in epoch 3, at its next batch"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [1]
     assert checkpoints.load_latest_checkpoint(run.info.run_id)["epoch"] == 1
+
+
+def test_sigterm_during_registration_then_resume_gives_exactly_one_version(store, cifar_root):
+    """Issue 26's probe: SIGTERM while the model is being logged and registered (after the last epoch's flip-TTA
+    metric, which is logged just before), then `--run-id` resume: one version, @champion on it."""
+    client = MlflowClient(store.uri)
+    name = "sigterm-at-registration"
+    args = ["--data_dir", str(cifar_root), "--registered_model_name", name, "--epochs", "2", "--batch_size", "16"]
+    args += ["--max_train_samples", "256", "--max_test_samples", "128"]  # TINY's sizes: a model that learns
+    proc = _direct(store, *args)
+    exp = client.get_experiment_by_name("tests").experiment_id
+    try:
+        deadline = time.time() + 300
+        run_id = None
+        while time.time() < deadline and proc.poll() is None:
+            found = client.search_runs([exp], f"params.registered_model_name = '{name}'")
+            if found and "test/accuracy_tta" in found[0].data.metrics:
+                run_id = found[0].info.run_id
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert run_id is not None and proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and client.get_run(run_id).info.status == "KILLED"
+    assert len(client.search_model_versions(f"name='{name}'")) <= 1
+    fixed = "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32".split()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "entrypoints.train", *fixed, *args],
+        cwd=REPO,
+        env=store.env(MLFLOW_RUN_ID=run_id),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    versions = client.search_model_versions(f"name='{name}'")
+    assert [v.run_id for v in versions] == [run_id]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(versions[0].version)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["registered_model_version"] == str(versions[0].version)

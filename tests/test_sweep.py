@@ -199,3 +199,36 @@ def test_ui_groups_the_trials_under_the_sweeps_run(swept, ui, page, tmp_path):
             RUN_LINKS_JS,
         )
     page.screenshot(path=tmp_path / "sweep_runs.png")
+
+
+def test_a_sweep_whose_best_trial_is_at_chance_registers_nothing_unless_asked(tmp_path):
+    """Issue 26: three trials at chance, and the sweep registered the 0.097 model and made it champion. At lr
+    1e-5 no trial learns in one epoch: the sweep says so in one line and registers nothing; register=always
+    registers the best trial anyway, never as champion."""
+    (tmp_path / "space.yaml").write_text("- {name: label_smoothing, type: float, low: 0.0, high: 0.2}\n")
+    hopeless = {
+        **PARAMS,
+        "n_trials": 2,
+        "epochs": 1,
+        "lr": 0.00001,
+        "max_train_samples": 64,
+        "space": tmp_path / "space.yaml",
+        "data_dir": tmp_path / "data",
+        "registered_model_name": "hopeless",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for store in make_store(tmp_path, mp):
+            client = MlflowClient(store.uri)
+            proc = mlflow_run(store, hopeless, entry="sweep", timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            (line,) = [x for x in proc.stdout.splitlines() if "is at chance" in x]
+            assert line.startswith("sweep: the best trial (") and line.endswith(
+                "the model learned nothing; nothing registered (register=always registers it anyway, never as "
+                "@champion)"
+            ), line
+            assert not client.search_model_versions("name='hopeless'")
+            proc = mlflow_run(store, {**hopeless, "register": "always", "study": "asked"}, entry="sweep", timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            (version,) = client.search_model_versions("name='hopeless'")
+            assert version.tags["above_chance"] == "false" and "champion_withheld" in version.tags
+            assert not client.get_registered_model("hopeless").aliases

@@ -5,6 +5,7 @@ training run (3 epochs) and its analysis run, both through the real `mlflow run`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,8 +60,8 @@ def trained(tmp_path_factory, cifar_root) -> Trained:
                 {
                     **TINY,
                     "epochs": EPOCHS,
-                    "max_train_samples": 64,
-                    "max_test_samples": 32,
+                    "max_train_samples": 128,  # 24 steps: a model that clearly learns, so @champion
+                    "max_test_samples": 64,
                     "dataset": "cifar10",
                     "data_dir": cifar_root,
                 },
@@ -247,6 +248,45 @@ def test_served_model_answers_what_real_clients_send(trained, served_model, tmp_
         assert status == 400 and body["error_code"] == "BAD_REQUEST", (payload, status, body)
         assert body["message"].startswith("Invalid input. Ensure that input is a valid JSON formatted string.")
         assert "Traceback" not in body["message"], body
+
+
+def test_served_model_under_50_concurrent_requests_and_an_empty_batch(served_model):
+    """Issue 26's probes: a 0-image batch is refused with the reason; 50 requests at once are all answered, the
+    server stays up and its memory stays bounded (the one worker holds one model)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    status, body = _post(f"{served_model}/invocations", b'{"inputs": []}')
+    assert status == 400 and body["message"].endswith(f"input of shape (0,) is not allowed: {EXPECTED_INPUT}"), body
+    batch = json.dumps({"inputs": np.full((2, 3, 32, 32), 0.5).tolist()}).encode()
+    peak = [0]
+    port = served_model.rsplit(":", 1)[1]
+    server = [p for p in psutil.process_iter(["cmdline"]) if port in " ".join(p.info["cmdline"] or [])]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss = 0
+            for proc in server:
+                with contextlib.suppress(psutil.Error):
+                    rss += proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+            peak[0] = max(peak[0], rss)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(lambda _: _post(f"{served_model}/invocations", batch), range(50)))
+    finally:
+        done.set()
+        sampler.join()
+    assert [status for status, _ in answers] == [200] * 50
+    assert all(np.asarray(body["predictions"]).shape == (2, 10) for _, body in answers)
+    assert urllib.request.urlopen(f"{served_model}/ping", timeout=10).status == 200
+    assert server and 0 < peak[0] < 4 * 1024**3, f"server memory peaked at {peak[0] / 1024**2:.0f} MB"
 
 
 EXPECTED_INPUT = "expected float32 images (N, 3, 32, 32) with values in [0, 1] (pixel / 255)"
