@@ -1,5 +1,6 @@
 """Against a real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by the server): a server that is
-down fails in seconds, a server restarted mid-run loses nothing, two runs at once both register and `champion`
+down fails in seconds, a server stopped for 35 s mid-run and at registration loses nothing (one that stays down ends
+the process resumably), two runs at once both register and `champion`
 ends on the better one, and basic-auth works with credentials and fails clearly without."""
 
 import os
@@ -52,45 +53,6 @@ def test_unreachable_server_fails_within_seconds(cifar_root):
         f"error: tracking server {uri} is unreachable (connection refused); "
         "start it, or point MLFLOW_TRACKING_URI at one that is up"
     )
-
-
-def test_server_restarted_mid_run_loses_nothing(server, cifar_root):
-    client = MlflowClient(server.uri)
-    # MLflow retries failed requests with exponential backoff (factor 2 by default: minutes of patience); a
-    # smaller factor only makes the retries, and so the test, quicker once the server is back.
-    proc = _train(
-        server.uri,
-        cifar_root,
-        "--epochs",
-        "4",
-        "--max_train_samples",
-        "160",
-        "--registered_model_name",
-        "restart-test",
-        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
-    )
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:  # wait for epoch 1 to be reported, then pull the server away
-            runs = client.search_runs(["0"], "attributes.status = 'RUNNING'")
-            if runs and client.get_metric_history(runs[0].info.run_id, "test/accuracy"):
-                break
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            time.sleep(0.2)
-        run_id = runs[0].info.run_id
-        server.stop()
-        time.sleep(3)  # training goes on meanwhile; reports wait and retry
-        server.start()
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    for key in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4], key
-    assert client.get_model_version_by_alias("restart-test", "champion").run_id == run_id
 
 
 def _running_run(client, proc, name, timeout=180):
@@ -149,6 +111,7 @@ def test_outages_of_35_s_mid_run_and_at_registration_cost_nothing(server, cifar_
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
     (version,) = client.search_model_versions("name='outage-test'")
     assert version.run_id == run_id and version.creation_timestamp / 1000 > stopped_at, "registered after the outage"
+    assert client.get_model_version_by_alias("outage-test", "champion").run_id == run_id
     assert checkpoints_epoch(client, run_id) == 3
 
 

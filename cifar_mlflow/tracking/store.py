@@ -78,25 +78,31 @@ def _sqlite_lock(uri: str) -> Iterator[None]:
 def server_down(timeout: float = 5.0) -> bool:
     """Is the tracking store a server that does not answer now (one request, no retries)? False for local
     stores and for a server that answers, whatever it answers."""
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return False
     try:
-        http_request(
-            get_default_host_creds(uri),
-            "/api/2.0/mlflow/experiments/search",
-            "GET",
-            max_retries=0,
-            timeout=timeout,
-            raise_on_status=False,
-            params={"max_results": 1},
-        )
+        _ask(uri, timeout)
     except MlflowException:
         return True
     return False
+
+
+def _ask(uri: str, timeout: float) -> Any:
+    """One question to the server through MLflow's own HTTP client (its credentials and TLS settings), no
+    retries: the response, whatever its status; MlflowException if nothing answered."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    return http_request(
+        get_default_host_creds(uri),
+        "/api/2.0/mlflow/experiments/search",
+        "GET",
+        max_retries=0,
+        timeout=timeout,
+        raise_on_status=False,
+        params={"max_results": 1},
+    )
 
 
 def give_up_quickly() -> None:
@@ -120,19 +126,10 @@ def _probe_server(uri: str, timeout: float) -> None:
     """One request through MLflow's own HTTP client (so token, basic auth, TLS and auth-plugin settings apply, as
     for every later call), without retries."""
     from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
 
     creds = get_default_host_creds(uri)
     try:
-        resp = http_request(
-            creds,
-            "/api/2.0/mlflow/experiments/search",
-            "GET",
-            max_retries=0,
-            timeout=timeout,
-            raise_on_status=False,
-            params={"max_results": 1},
-        )
+        resp = _ask(uri, timeout)
     except MlflowException as exc:
         text = exc.message.lower()
         reason = (
