@@ -338,7 +338,8 @@ class SweepConfig(Composed):
     )
     space: str = param(
         "default",
-        "Search space: default = peak lr log-uniform from lr/4 to 4*lr, weight_decay log-uniform 5e-5-5e-3, "
+        "Search space: default = peak lr log-uniform from lr/4 to 4*lr (lr: the base's peak LR, lr=scaled's value "
+        "at the base's batch size), weight_decay log-uniform 5e-5-5e-3, "
         "label_smoothing 0-0.2, augment in {standard, flip-cutout, none}; or a YAML file (README: *Sweeps*).",
     )
     pruner: str = param(
