@@ -234,7 +234,8 @@ def test_a_read_only_artifact_store_mid_run_stops_training_at_once_with_the_righ
 ):
     """Issue 26: the second epoch's checkpoint fails (the artifact store went read-only: EROFS from the write).
     The advice was "free space" for any OSError, and training went on for another whole epoch before the error
-    surfaced; now the next batch stops it, and the run ends FAILED with the reason and its epoch-1 checkpoint."""
+    surfaced; now the next batch stops it, and the run ends FAILED with the reason and its epoch-1 checkpoint, from
+    which it resumes (in an upgraded environment: see the end)."""
     import errno
 
     from cifar_mlflow import checkpoint
@@ -262,6 +263,23 @@ def test_a_read_only_artifact_store_mid_run_stops_training_at_once_with_the_righ
     assert "epoch 2/4" in out and "epoch 3/4" not in out, "training stopped in epoch 3, at its next batch"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [1]
     assert checkpoints.load_latest_checkpoint(run.info.run_id)["epoch"] == 1
+
+    # The store is writable again; the resume runs where torch has been upgraded meanwhile (another machine, a
+    # pip upgrade after the crash): a resume, not another run. The new environment is tagged, not refused.
+    from cifar_mlflow.jobs import train as train_job
+
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    upgraded = {**train_job.versions(), "torch": "9.9.9"}
+    monkeypatch.setattr(train_job, "versions", lambda: upgraded)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    code, message = invoke(train, cli_args({**FOUR, "data_dir": cifar_root, "registered_model_name": "ro"}))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # (MLflow removes it itself as that run ends)
+    assert (code, message) == (0, "")
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "1"
+    assert run.data.params["env/torch_version"] != "9.9.9" and run.data.tags["resumed_env/torch_version"] == "9.9.9"
+    assert "note: resuming in another environment (env/torch_version " in capsys.readouterr().out
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [1, 2, 3, 4]
 
 
 def test_sigterm_during_registration_then_resume_gives_exactly_one_version(store, cifar_root):

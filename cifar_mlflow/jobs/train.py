@@ -18,6 +18,7 @@ from cifar_mlflow.jobs.lr_find import log_range_test, range_test
 from cifar_mlflow.prepare import TrainingSetup, prepare
 from cifar_mlflow.tracking import checkpoints, registry, runs
 from cifar_mlflow.tracking.logger import Logger, NullLogger, RunLogger
+from cifar_mlflow.tracking.params import as_param, same
 from cifar_mlflow.tracking.registry import RegisteredVersion
 from cifar_mlflow.tracking.reporter import EpochReporter
 from cifar_mlflow.tracking.run_lease import RunLease
@@ -121,7 +122,9 @@ def _start(cfg: TrainConfig, p: TrainingSetup, log: Logger, shards: list[list[in
     """Rank 0, in the open run: log the params (on a resumed run this also refuses parameters that differ from
     the logged ones), find the checkpoint to resume from, and resolve lr=auto."""
     assert isinstance(log, RunLogger), "only rank 0 decides"
-    log.log_params({**cfg.to_params(), **p.derived_params(), **{f"env/{k}_version": v for k, v in versions().items()}})
+    _log_params(
+        log, {**cfg.to_params(), **p.derived_params(), **{f"env/{k}_version": v for k, v in versions().items()}}
+    )
     resume = checkpoints.load_latest_checkpoint(log.run_id)
     run = log.run()
     tagged = run.data.tags.get("registered_model_version")
@@ -247,6 +250,27 @@ def with_panels(
             after_epoch(epoch, metrics)
 
     return on_epoch_end
+
+
+ENV_ON_RESUME = "resumed_env"  # tag prefix: what the environment was when a resume ran in another one
+
+
+def _log_params(log: RunLogger, params: dict[str, Any]) -> None:
+    """The run's params; on a resumed run (an earlier process of ours logged its env/*) the recipe and the data
+    must be the same (one line naming what differs), while the environment may have changed: another machine,
+    device or library version after a crash is a resume, not another run. Its new values are tagged
+    resumed_env/<key> (params cannot change) and printed."""
+    logged = log.run().data.params
+    env = {k: v for k, v in params.items() if k.startswith("env/")}
+    if not any(k.startswith("env/") for k in logged):
+        log.log_params(params)
+        return
+    log.log_params({k: v for k, v in params.items() if k not in env})
+    changed = {k: v for k, v in env.items() if k not in logged or not same(logged[k], v)}
+    if changed:
+        log.set_tags({f"{ENV_ON_RESUME}/{k.removeprefix('env/')}": as_param(v) for k, v in changed.items()})
+        was = ", ".join(f"{k} {logged.get(k, '-')} -> {as_param(v)}" for k, v in changed.items())
+        print(f"note: resuming in another environment ({was}); tagged {ENV_ON_RESUME}/*")
 
 
 def _process_start() -> float:
