@@ -28,15 +28,18 @@ def load_dataset(
     data_dir. test_only: read only the test split (analysis), leaving the training split empty."""
     if name == "synthetic":
         return synthetic_dataset(max_train, max_test, test_only)
-    layouts = {"cifar10": (LAYOUT, download), "digits": (DIGITS_LAYOUT, build_digits)}
-    current = {"cifar10": lambda folder: True, "digits": digits_is_current}
+    # name -> (folder, how to make it, whether a folder there is one to read: digits of older versions are not)
+    layouts = {
+        "cifar10": (LAYOUT, download, lambda folder: True),
+        "digits": (DIGITS_LAYOUT, build_digits, digits_is_current),
+    }
     if name not in layouts:
         raise DataError(f"dataset={name!r} is not allowed: expected one of {', '.join(layouts)}, synthetic")
-    folder_name, make = layouts[name]
+    folder_name, make, usable = layouts[name]
     root = Path(data_dir)
     folder = root / folder_name
     if folder.exists() and not folder.is_dir():
         raise DataError(f"{folder} is a file; the {name} python layout is a folder of that name")
-    if not folder.is_dir() or not current[name](folder):
+    if not folder.is_dir() or not usable(folder):
         make(root)
     return read_layout(folder, name, max_train, max_test, test_only)

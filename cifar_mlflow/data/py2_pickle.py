@@ -28,17 +28,19 @@ class _Writer:
         self.memoized = 0  # cPickle's memo ids start at 1
         self.globals: dict[bytes, int] = {}  # a global written once is fetched again by its memo id
 
+    def memo(self, n: int, short: bytes, long: bytes) -> None:
+        """A memo opcode with its id: one byte up to 255, else four (BINPUT/LONG_BINPUT, BINGET/LONG_BINGET)."""
+        self.out += short + bytes([n]) if n < 256 else long + struct.pack("<I", n)
+
     def put(self) -> int:
         """Memoize what was just written (BINPUT / LONG_BINPUT), as cPickle does for long-lived objects."""
         self.memoized += 1
-        n = self.memoized
-        self.out += b"q" + bytes([n]) if n < 256 else b"r" + struct.pack("<I", n)
-        return n
+        self.memo(self.memoized, b"q", b"r")
+        return self.memoized
 
     def global_(self, spelled: bytes) -> None:
         if spelled in self.globals:  # BINGET
-            n = self.globals[spelled]
-            self.out += b"h" + bytes([n]) if n < 256 else b"j" + struct.pack("<I", n)
+            self.memo(self.globals[spelled], b"h", b"j")
             return
         self.out += spelled
         self.globals[spelled] = self.put()

@@ -171,7 +171,7 @@ def _best_version(client: MlflowClient, name: str) -> str | None:
     scored = [
         (accuracy, -int(v.version), str(v.version))
         for v in versions_of(client, name)
-        if (accuracy := _accuracy_tag(v)) is not None and v.tags.get("above_chance") != "false"
+        if (accuracy := _accuracy_tag(v)) is not None and _withheld(v) is None
     ]
     return max(scored)[2] if scored else None
 
