@@ -16,14 +16,13 @@ from functools import partial
 from pathlib import Path
 from typing import cast
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from cifar_mlflow import inference
 from cifar_mlflow.config import NORMS
-from cifar_mlflow.errors import ModelError
+from cifar_mlflow.errors import ModelError, first_line
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -108,11 +107,16 @@ def save_model_files(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(asdict(spec), indent=2))
+    write_spec(spec, folder)
     # safetensors wants contiguous tensors; channels_last conv weights are not, so copy to the default layout.
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "cifar-mlflow", "arch": spec.arch})
+
+
+def write_spec(spec: ModelSpec, folder: Path) -> None:
+    """model_config.json in folder (created if missing)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(asdict(spec), indent=2))
 
 
 # A config lists a handful of class names (< 1 KB): anything bigger is not ours, and is refused before parsing.
@@ -187,22 +191,33 @@ def _channels(value: object, name: str, path: Path, low: float, low_open: bool =
 def load_model_files(folder: Path, device: str | torch.device = "cpu") -> tuple[CifarResNet, ModelSpec]:
     """Rebuild the model from model_config.json and load weights.safetensors into it (strictly, in eval mode).
     Nothing is unpickled, and the file's tensor names and shapes are checked against the config's network before
-    any tensor is read."""
+    any tensor is read. The format of models registered before the `pytorch` flavor (tracking.serving)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     spec = read_spec(folder)
-    model = build_model(spec)
     path = Path(folder) / WEIGHTS_FILE
     try:
         with safe_open(str(path), framework="pt") as fh:
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        _check_shapes(shapes, model, spec, path)
-        model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not loadable weights for {spec.arch} ({first_line})") from None
-    return model.to(device).eval(), spec
+        _check_shapes(shapes, build_model(spec), spec, path)
+        return with_weights(spec, load_file(str(path), device=str(device)), path, device), spec
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path}: not loadable weights for {spec.arch} ({first_line(exc)})") from None
+
+
+def with_weights(
+    spec: ModelSpec, state: dict[str, torch.Tensor], path: Path, device: str | torch.device = "cpu"
+) -> CifarResNet:
+    """The network spec describes with `state` loaded into it, strictly, in eval mode on `device`: names and
+    shapes are checked first (one line naming the first that does not fit; `path` names where they came from)."""
+    model = build_model(spec)
+    _check_shapes({k: tuple(v.shape) for k, v in state.items()}, model, spec, path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: not loadable weights for {spec.arch} ({first_line(exc)})") from None
+    return model.to(device).eval()
 
 
 def _check_shapes(shapes: dict[str, tuple[int, ...]], model: nn.Module, spec: ModelSpec, path: Path) -> None:
@@ -216,61 +231,6 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], model: nn.Module, spec: Mo
     ]
     if problems:
         raise ModelError(f"{path}: not loadable weights for {spec.arch} ({problems[0]})")
-
-
-# A served request of more images is refused before any of it is converted or computed: 1024 images are ~60 MB of
-# JSON and ~10 s of CPU; larger batches belong in-process (mlflow.pyfunc.load_model has no such limit).
-MAX_REQUEST_IMAGES = 1024
-IMAGE_SHAPE = (3, 32, 32)
-_INPUT = "float32 images (N, 3, 32, 32) with values in [0, 1] (pixel / 255)"
-
-
-def as_images(value: object, max_images: int | None = None) -> np.ndarray:
-    """Model input checked and converted: float32 (N, 3, 32, 32), finite, in [0, 1]. `value` is an array
-    (in-process) or nested lists as JSON parsed them (served: `max_images` caps the request); anything else is a
-    ModelError naming what is wrong."""
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind != "f":
-            raise ModelError(f"input of dtype {value.dtype} is not allowed: expected {_INPUT}")
-        x = value
-    elif isinstance(value, list):
-        if max_images is not None and len(value) > max_images:
-            raise ModelError(
-                f"a request of {len(value)} images is too large: at most {max_images} per request "
-                "(send several, or predict in-process with mlflow.pyfunc.load_model)"
-            )
-        x = _json_numbers(value)
-    else:
-        raise ModelError(f"input of type {type(value).__name__} is not allowed: expected {_INPUT}")
-    if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
-        raise ModelError(f"input of shape {x.shape} is not allowed: expected {_INPUT}")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        raise ModelError(f"input holds {int(bad.sum())} NaN or infinite values: expected {_INPUT}")
-    outside = (x < 0) | (x > 1)
-    if outside.any():
-        raise ModelError(
-            f"input holds {int(outside.sum())} values outside [0, 1], e.g. {x[outside][0]:g}: expected {_INPUT}"
-        )
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _json_numbers(value: list) -> np.ndarray:
-    """Nested lists -> float64 array, refusing what JSON would carry but is not a pixel value: booleans, strings,
-    null, objects. Integers pass (JSON has one number type: a JavaScript client sends 0.0 as 0); the range check
-    refuses 0-255 pixel values."""
-    try:
-        cells = np.array(value, dtype=object)
-    except ValueError as exc:  # ragged beyond what an object array can hold
-        raise ModelError(f"input is not a regular nested list ({exc}): expected {_INPUT}") from None
-    if cells.ndim != 4 or cells.shape[1:] != IMAGE_SHAPE:
-        raise ModelError(f"input of shape {cells.shape} is not allowed: expected {_INPUT}")
-    kinds = set(map(type, cells.flat))
-    if not kinds <= {float, int}:
-        names = {bool: "booleans", str: "strings", type(None): "nulls", list: "ragged lists", dict: "objects"}
-        found = ", ".join(sorted(names.get(k, k.__name__) for k in kinds - {float, int}))
-        raise ModelError(f"input holds {found}, which are not pixel values: expected {_INPUT}")
-    return cells.astype(np.float64)
 
 
 def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

@@ -68,11 +68,19 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_cifar_layout(tmp_path_factory.mktemp("cifar"))
 
 
+WITHOUT_PROJECT = Path(__file__).parent / "without_project"
+
+
 @dataclass
 class Store:
     root: Path
     uri: str
     experiment: str
+
+    def env_without_project(self, **extra: str) -> dict[str, str]:
+        """env() for a process that behaves as on a machine where this project is not installed
+        (tests/without_project/sitecustomize.py): a stock MLflow user's."""
+        return self.env(PYTHONPATH=str(WITHOUT_PROJECT), **extra)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)

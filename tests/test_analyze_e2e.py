@@ -176,6 +176,7 @@ def test_models_that_are_not_ours_are_refused_in_words_before_any_data_is_fetche
     import socket
 
     import mlflow
+    import torch
     from sklearn.linear_model import LogisticRegression
 
     from cifar_mlflow import data
@@ -195,12 +196,17 @@ def test_models_that_are_not_ours_are_refused_in_words_before_any_data_is_fetche
         mlflow.sklearn.log_model(fit, name="model", registered_model_name="sk")
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="model", python_model=Echo(), registered_model_name="py")
-    no_data = "its MLmodel names no python_function data folder, where this project keeps model_config.json and "
+    with mlflow.start_run() as other:
+        mlflow.pytorch.log_model(torch.nn.Linear(3, 2), name="model", serialization_format="pickle")
+    neither = (
+        "it has neither a pytorch flavor holding model.pt2 and model_config.json nor, as older cifar-mlflow models, "
+        "a python_function data folder holding model_config.json and weights.safetensors; its flavors: "
+    )
     cases = {
-        "models:/sk/1": f"models:/sk/1: not a cifar-mlflow model ({no_data}weights.safetensors; its flavors: "
-        "python_function, sklearn)",
-        "models:/py/1": f"models:/py/1: not a cifar-mlflow model ({no_data}weights.safetensors; its flavors: "
-        "python_function)",
+        "models:/sk/1": f"models:/sk/1: not a cifar-mlflow model ({neither}python_function, sklearn)",
+        "models:/py/1": f"models:/py/1: not a cifar-mlflow model ({neither}python_function)",
+        f"runs:/{other.info.run_id}/model": f"runs:/{other.info.run_id}/model: not a cifar-mlflow model (its pytorch "
+        "flavor holds no model.pt2; a pickled model.pth is never loaded here)",
         f"runs:/{run.info.run_id}/../..": f"model_uri 'runs:/{run.info.run_id}/../..': name the model's folder "
         f"inside the run (runs:/{run.info.run_id}/model); a path that is empty or climbs out with '..' is not a model",
         "runs:/0123456789abcdef0123456789abcdef/model": "model_uri 'runs:/0123456789abcdef0123456789abcdef/model': "

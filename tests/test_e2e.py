@@ -78,7 +78,8 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     assert float(mv.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test/accuracy"], abs=1e-6)
     assert "registered models:/cifar10-resnet18/1  (now @champion)" in proc.stdout
 
-    # a fresh process loads models:/cifar10-resnet18@champion both ways and predicts probabilities
+    # a fresh process loads models:/cifar10-resnet18@champion both ways and predicts probabilities (stock MLflow
+    # without the project: tests/test_stock_mlflow.py)
     script = textwrap.dedent(f"""
         import json, numpy as np, mlflow, torch
         from cifar_mlflow import data, models
@@ -87,7 +88,7 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
         test = data.read_cifar10({str(cifar_root)!r}, max_test=128).test
         x = (test.images.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
         pyfunc = mlflow.pyfunc.load_model(uri)
-        p = pyfunc.predict(x)
+        p = np.asarray(pyfunc.predict(list(x)))
         net, spec = load_torch_model(uri)
         q = models.predict_proba(net, torch.from_numpy(x)).numpy()
         print(json.dumps({{"shape": p.shape, "sums": [float(p.sum(1).min()), float(p.sum(1).max())],

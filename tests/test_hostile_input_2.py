@@ -50,12 +50,12 @@ ISSUE_15 = [
     (
         "2. a line appended to the model's code/cifar_mlflow/__init__.py ran on every pyfunc load",
         "test_registered_model_ships_no_code_so_code_planted_in_the_store_never_runs",
-        "(models ship no code: pyfunc and load_torch_model load, nothing planted runs)",
+        "(models name no code folder: a package planted beside the model is never imported)",
     ),
     (
         "2. README states what each loading path executes",
         "test_mlmodel_naming_planted_code_runs_as_pyfunc_but_never_in_load_torch_model",
-        "(a rewritten MLmodel's loader runs under pyfunc, as the README says; load_torch_model runs nothing)",
+        "(the model's served_model.py, rewritten, runs under pyfunc as the README says; load_torch_model runs nothing)",
     ),
     (
         "3. two `mlflow run --run-id R` at once on a crashed run both trained and registered",
@@ -604,7 +604,7 @@ def model_dir(registered, tmp_path):
 _LOAD_PYFUNC = """
 import mlflow, numpy as np
 model = mlflow.pyfunc.load_model("models:/tamper-me/1")
-print(model.predict(np.zeros((2, 3, 32, 32), np.float32)).shape)
+print(np.asarray(model.predict([np.zeros((3, 32, 32), np.float32)] * 2)).shape)
 """
 
 
@@ -616,11 +616,12 @@ def _load_pyfunc_in_a_fresh_process(store, cwd: Path) -> subprocess.CompletedPro
 
 def test_registered_model_ships_no_code_so_code_planted_in_the_store_never_runs(store, model_dir, tmp_path):
     """The issue's attack: a line appended to the model's code/cifar_mlflow/__init__.py in the artifact store ran
-    on every pyfunc load. Models no longer ship code (MLmodel names none), so a file planted there is inert."""
+    on every pyfunc load. MLmodel names no code folder (the model's one code file is served_model.py, executed by
+    path), so a package planted there is never imported."""
     import yaml
 
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    assert mlmodel["flavors"]["python_function"]["loader_module"] == "cifar_mlflow.tracking.serving"
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     marker = tmp_path / "PWNED"
     package = model_dir / "code" / "cifar_mlflow"
     package.mkdir(parents=True, exist_ok=True)
@@ -636,31 +637,24 @@ def test_registered_model_ships_no_code_so_code_planted_in_the_store_never_runs(
 
 
 def test_mlmodel_naming_planted_code_runs_as_pyfunc_but_never_in_load_torch_model(store, model_dir, tmp_path):
-    """What the README states: a pyfunc model is code by MLflow's design (a rewritten MLmodel can name a loader
-    module shipped in the store, and mlflow.pyfunc.load_model imports it); load_torch_model reads MLmodel only to
-    find the data files, and imports nothing."""
-    import yaml
-
+    """What the README states: a pyfunc model is code by MLflow's design (mlflow.pyfunc.load_model executes the
+    model's served_model.py, so whoever can rewrite it in the store runs code there); load_torch_model reads
+    MLmodel, the config and the weights, and executes nothing of the model's."""
     marker = tmp_path / "PWNED"
-    (model_dir / "code").mkdir(exist_ok=True)
-    (model_dir / "code" / "planted_loader.py").write_text(
-        PWNED.format(marker=str(marker)) + "from cifar_mlflow.tracking import _load_pyfunc\n"
-    )
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    mlmodel["flavors"]["python_function"].update(loader_module="planted_loader", code="code")
-    (model_dir / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with open(model_dir / "served_model.py", "a") as fh:
+        fh.write("\n" + PWNED.format(marker=str(marker)))
 
     serving.load_torch_model("models:/tamper-me/1")
     assert not marker.exists()
     proc = _load_pyfunc_in_a_fresh_process(store, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert marker.exists(), "the README says pyfunc loading runs the loader MLmodel names; it did not"
+    assert marker.exists(), "the README says pyfunc loading executes the model's served_model.py; it did not"
 
 
 def _edit_config(model_dir: Path, **changes) -> None:
     import json
 
-    path = model_dir / "data" / "model_files" / models.CONFIG_FILE
+    path = model_dir / serving.PYTORCH_DATA / models.CONFIG_FILE
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
@@ -691,13 +685,13 @@ def _analyze_line(*extra: str) -> str:
 def test_tampered_model_config_is_one_line(store, model_dir, change, reason):
     _edit_config(model_dir, **change)
     message = _analyze_line()
-    file = models.WEIGHTS_FILE if reason.startswith("not loadable") else models.CONFIG_FILE
-    assert message.endswith(f"/model_files/{file}: {reason}"), message
+    file = serving.EXPORTED_FILE if reason.startswith("not loadable") else models.CONFIG_FILE
+    assert message.endswith(f"/{serving.PYTORCH_DATA}/{file}: {reason}"), message
 
 
 def test_huge_model_config_is_refused_before_parsing(store, model_dir):
     """The issue's 5 MB config with a million class names allocated 2.8 GB before it was refused."""
-    path = model_dir / "data" / "model_files" / models.CONFIG_FILE
+    path = model_dir / serving.PYTORCH_DATA / models.CONFIG_FILE
     _edit_config(model_dir, class_names=[f"c{i}" for i in range(1_000_000)])
     size = path.stat().st_size
     import resource
@@ -705,7 +699,7 @@ def test_huge_model_config_is_refused_before_parsing(store, model_dir):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     message = _analyze_line()
     assert message.endswith(
-        f"/model_files/{models.CONFIG_FILE}: {size:,} bytes is not a model config (at most "
+        f"/{serving.PYTORCH_DATA}/{models.CONFIG_FILE}: {size:,} bytes is not a model config (at most "
         "65,536); refused before parsing"
     ), message
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
@@ -716,7 +710,7 @@ def test_mlmodel_pointing_the_data_outside_the_model_is_refused(store, model_dir
     import yaml
 
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    mlmodel["flavors"]["python_function"]["data"] = "../../../../../../../../etc"
+    mlmodel["flavors"]["pytorch"]["model_data"] = "../../../../../../../../etc"
     (model_dir / "MLmodel").write_text(yaml.safe_dump(mlmodel))
     assert _analyze_line() == (
         "models:/tamper-me/1: its MLmodel points the model's data outside the model's folder; refused"

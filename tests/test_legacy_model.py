@@ -1,7 +1,8 @@
 """Model folders other versions wrote still load: one registered before the tracking package existed (its MLmodel
-names the loader module `cifar_mlflow.tracking` by path; tests/fixtures/model-9a1ef61/README.md), and the same
-model as MLflow 2.22's pyfunc.log_model writes it (no model_id, no input example; its README says how it was made;
-it borrows the first fixture's weights file rather than committing 45 MB twice)."""
+names the loader module `cifar_mlflow.tracking` by path; tests/fixtures/model-9a1ef61/README.md), the same model
+as MLflow 2.22's pyfunc.log_model writes it (no model_id, no input example), and as main registered it until the
+`pytorch` flavor (e82b9ac's own code, MLflow 3.17; tests/fixtures/model-e82b9ac/make.py). The last two borrow the
+first fixture's weights file rather than committing 45 MB again (their READMEs say how they were made)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,17 @@ from tests.conftest import cli_args
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model-9a1ef61"
 MLFLOW2 = Path(__file__).parent / "fixtures" / "model-mlflow-2.22.5"
+MAIN_E82B9AC = Path(__file__).parent / "fixtures" / "model-e82b9ac"
 WEIGHTS = Path("data") / "model_files" / "weights.safetensors"
 
 
-@pytest.fixture(params=["model-9a1ef61", "model-mlflow-2.22.5"])
+@pytest.fixture(params=["model-9a1ef61", "model-mlflow-2.22.5", "model-e82b9ac"])
 def folder(request, tmp_path) -> Path:
-    """The model folder as its producer wrote it (the MLflow 2.22 one completed with the shared weights)."""
+    """The model folder as its producer wrote it (the other two completed with the shared weights)."""
     if request.param == "model-9a1ef61":
         return FIXTURE / "model"
-    model = Path(shutil.copytree(MLFLOW2 / "model", tmp_path / "model"))
+    source = MLFLOW2 if request.param == "model-mlflow-2.22.5" else MAIN_E82B9AC
+    model = Path(shutil.copytree(source / "model", tmp_path / "model"))
     shutil.copy(FIXTURE / "model" / WEIGHTS, model / WEIGHTS)
     return model
 
@@ -37,6 +40,9 @@ def test_their_mlmodels_are_what_their_producers_wrote():
     mlmodel = (MLFLOW2 / "model" / "MLmodel").read_text()
     assert "mlflow_version: 2.22.5\n" in mlmodel and "model_id" not in mlmodel
     assert not (MLFLOW2 / "model" / WEIGHTS).exists()
+    mlmodel = (MAIN_E82B9AC / "model" / "MLmodel").read_text()
+    assert "loader_module: cifar_mlflow.tracking.serving\n" in mlmodel and "mlflow_version: 3.17.2\n" in mlmodel
+    assert "model_id: m-" in mlmodel and not (MAIN_E82B9AC / "model" / WEIGHTS).exists()
 
 
 def test_pyfunc_load_model_predicts_what_it_predicted_when_logged(folder):

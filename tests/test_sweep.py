@@ -146,7 +146,7 @@ def test_only_the_best_trial_registers_and_its_version_reproduces_the_trial(swep
     assert float(version.tags["test_accuracy"]) == pytest.approx(accuracy)
     test = data.load_dataset("synthetic", str(swept.store.root / "data"), 256, 128).test
     model = pyfunc.load_model(f"models:/{MODEL}/{version.version}")
-    probs = np.asarray(model.predict(test.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0))
+    probs = np.asarray(model.predict(list(test.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)))
     assert float((probs.argmax(1) == test.labels).mean()) == pytest.approx(accuracy, abs=1e-6)
 
 

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from tests.conftest import (
     RUN_LINKS_JS,
     TINY,
+    UI_TIMEOUT_MS,
     Store,
     free_port,
     make_store,
@@ -93,7 +94,7 @@ def trained(tmp_path_factory, cifar_root) -> Trained:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Serving: `mlflow models serve -m models:/cifar10-resnet18@champion --env-manager local`
+# Serving: `mlflow models serve -m models:/cifar10-resnet18@champion --env-manager local`, without the project
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
@@ -124,7 +125,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def served_model(trained, tmp_path_factory):
-    """The champion served on 127.0.0.1 by the MLflow CLI, the registry read from the store: its base URL."""
+    """The champion served on 127.0.0.1 by the MLflow CLI, the registry read from the store: its base URL. The
+    server runs as on a machine where this project is not installed (tests/without_project: cifar_mlflow,
+    torchvision, safetensors and the training libraries cannot be imported), with the model's own code."""
     port = free_port()
     tmp_path = tmp_path_factory.mktemp("serve")
     log = tmp_path / "serve.log"
@@ -146,10 +149,15 @@ def served_model(trained, tmp_path_factory):
         "1",
     ]
     with open(log, "wb") as fh:
-        # store.env(): MLFLOW_TRACKING_URI = the store, and this environment's bin/ first on PATH (the CLI execs
-        # `uvicorn` from PATH)
+        # MLFLOW_TRACKING_URI = the store, and this environment's bin/ first on PATH (the CLI execs `uvicorn` from
+        # PATH)
         proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=trained.store.env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=tmp_path,
+            env=trained.store.env_without_project(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         _wait_http(f"http://127.0.0.1:{port}/ping", proc, log, "mlflow models serve", timeout=90)
@@ -192,7 +200,7 @@ def test_served_champion_answers_like_the_model_in_process(trained, served_model
     np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
 
     model = mlflow.pyfunc.load_model(CHAMPION_URI)
-    expected = model.predict(x)
+    expected = np.asarray(model.predict(list(x)))
     np.testing.assert_allclose(
         served, expected, atol=1e-5, rtol=0, err_msg="served probabilities differ from the in-process pyfunc's"
     )
@@ -331,8 +339,8 @@ def test_served_model_refuses_values_that_are_not_pixels(served_model, body, rea
 
 def test_served_model_refuses_an_oversized_request_before_computing(served_model):
     """Issue 15: a 250 MB request answered 504 after 60 s while the worker computed for 90 s more. More than
-    models.MAX_REQUEST_IMAGES images are refused once parsed, before any conversion or computation."""
-    from cifar_mlflow.models import MAX_REQUEST_IMAGES
+    served_model.MAX_REQUEST_IMAGES images are refused once parsed, before any conversion or computation."""
+    from cifar_mlflow.tracking.served_model import MAX_REQUEST_IMAGES
 
     n = MAX_REQUEST_IMAGES + 1
     body = ('{"inputs": [' + ",".join([json.dumps(np.zeros((3, 32, 32), int).tolist())] * n) + "]}").encode()
@@ -341,11 +349,51 @@ def test_served_model_refuses_an_oversized_request_before_computing(served_model
     assert status == 400, (status, str(answer)[:500])
     assert answer["message"].endswith(
         f"a request of {n} images is too large: at most {MAX_REQUEST_IMAGES} per "
-        "request (send several, or predict in-process with mlflow.pyfunc.load_model)"
+        "request (send several, or predict in-process with mlflow.pytorch.load_model)"
     )
     assert time.time() - start < 30
     ok, answer = _post(f"{served_model}/invocations", json.dumps({"inputs": _image_with(0)}).encode())
     assert ok == 200 and len(answer["predictions"]) == 1, "the server is still answering"
+
+
+def test_the_runs_and_the_model_are_linked_as_mlflow_3_links_them(trained):
+    """The champion's logged model carries the training run's final test metrics on the evaluation dataset and is
+    what search_logged_models ranks first by test/accuracy; the analysis run has the model as an input and its
+    metrics are the model's too; both runs have a description (mlflow.note.content) saying what they found."""
+    import mlflow
+
+    client = MlflowClient(trained.store.uri)
+    mlflow.set_tracking_uri(trained.store.uri)
+    champion = client.get_model_version(MODEL, trained.version)
+    model_id = champion.source.removeprefix("models:/")
+    model = client.get_logged_model(model_id)
+    assert model.source_run_id == trained.train_run_id and model.status == "READY"
+    final = {m.key: m for m in model.metrics if m.run_id == trained.train_run_id}
+    train_run = client.get_run(trained.train_run_id)
+    assert final["test/accuracy"].value == pytest.approx(train_run.data.metrics["test/accuracy"])
+    assert final["test/accuracy"].step == EPOCHS and final["test/accuracy"].dataset_name == "cifar10"
+    assert "test/accuracy_tta" in final and "test/loss" in final
+    (best,) = mlflow.search_logged_models(
+        experiment_ids=[trained.experiment_id],
+        order_by=[{"field_name": "metrics.test/accuracy", "ascending": False}],
+        max_results=1,
+        output_format="list",
+    )
+    assert best.model_id == model_id
+
+    analysis = client.get_run(trained.analysis_run_id)
+    assert [m.model_id for m in analysis.inputs.model_inputs] == [model_id]
+    from_analysis = {m.key: m.value for m in model.metrics if m.run_id == trained.analysis_run_id}
+    assert from_analysis["test/accuracy"] == pytest.approx(analysis.data.metrics["test/accuracy"])
+    assert set(from_analysis) == {k for k in analysis.data.metrics if not k.startswith("system/")}
+
+    note = train_run.data.tags["mlflow.note.content"]
+    assert note.startswith("**ResNet18** (batch norm) on **cifar10** (128 training / 64 test images): 3 epochs")
+    assert f"Test accuracy **{train_run.data.metrics['test/accuracy']:.4f}**" in note
+    assert f"Registered as `models:/{MODEL}/{trained.version}`, now @champion." in note
+    note = analysis.data.tags["mlflow.note.content"]
+    assert note.startswith(f"Analysis of version {trained.version} of `{MODEL}` (`{CHAMPION_URI}`")
+    assert f"test accuracy **{analysis.data.metrics['test/accuracy']:.4f}**" in note
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,3 +554,59 @@ def test_ui_run_page_steps_through_the_gradcam_panels(trained, ui, page, tmp_pat
         )
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.first.element_handle())
         dialog.screenshot(path=tmp_path / f"gradcam_panel_epoch{step}.png")
+
+
+# the grid's rows as {row index: {column id: text}} (its pinned left part and its body are separate row elements)
+MODEL_ROWS_JS = """() => { const rows = {};
+    for (const r of document.querySelectorAll('[role="row"][row-index]')) {
+        const cells = rows[r.getAttribute('row-index')] ||= {};
+        for (const c of r.querySelectorAll('[role="gridcell"]'))
+            cells[c.getAttribute('col-id').replaceAll('&quot;', '"')] = c.innerText.trim();
+    }
+    return rows; }"""
+# The grid renders only the columns in view: scroll its body right, a screen at a time, until the column shows
+SCROLL_RIGHT_JS = """() => { const v = document.querySelector('.ag-center-cols-viewport, .ag-body-horizontal-scroll-viewport');
+    const before = v.scrollLeft; v.scrollLeft += v.clientWidth * 0.8; return v.scrollLeft > before; }"""
+
+
+def test_ui_models_tab_lists_the_champions_model_with_its_test_accuracy(trained, ui, browser, tmp_path):
+    """The experiment's Models tab (MLflow 3's logged models, the "Model training" view): the champion's model is
+    listed with its registered version, its source run, and its test accuracy on the evaluation dataset in a
+    column of that dataset."""
+    client = MlflowClient(trained.store.uri)
+    model_id = client.get_model_version(MODEL, trained.version).source.removeprefix("models:/")
+    (linked,) = [
+        m
+        for m in client.get_logged_model(model_id).metrics
+        if m.key == "test/accuracy" and m.run_id == trained.train_run_id
+    ]
+    column = f'"metricKey":"test/accuracy","datasetName":"cifar10","datasetDigest":"{linked.dataset_digest}"'
+    context = browser.new_context(viewport={"width": 1600, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    try:
+        page.goto(f"{ui.uri}/#/experiments/{trained.experiment_id}/runs")
+        training_view = page.get_by_text("Model training", exact=True)
+        shown(page, tmp_path, training_view, "the 'Model training' view switch", "() => document.body.innerText")
+        training_view.click()
+        page.get_by_role("link", name="Models", exact=True).first.click()
+        _expect(page.get_by_role("heading", name="Models"), "the Models tab's title").to_be_visible()
+        version = page.get_by_text(f"v{trained.version}", exact=True)
+        shown(page, tmp_path, version, f"the registered version v{trained.version} in the models table", MODEL_ROWS_JS)
+        page.screenshot(path=tmp_path / "models_tab.png")
+        rows = page.evaluate(MODEL_ROWS_JS)
+        index = next((i for i, r in rows.items() if r.get("registered_models") == f"{MODEL}\nv{trained.version}"), None)
+        assert index is not None, f"no row lists {MODEL} v{trained.version}: {rows}"
+        assert rows[index]["source_run_id"] == trained.train_run_name, rows[index]
+        accuracy = None
+        for _ in range(40):
+            cells = page.evaluate(MODEL_ROWS_JS).get(index, {})
+            accuracy = next((v for k, v in cells.items() if column in k), None)
+            if accuracy is not None or not page.evaluate(SCROLL_RIGHT_JS):
+                break
+            page.wait_for_timeout(250)
+        assert accuracy is not None, f"no test/accuracy column of the evaluation dataset ({column}) in {cells}"
+        page.screenshot(path=tmp_path / "models_tab_test_accuracy.png")
+        assert float(accuracy) == pytest.approx(linked.value, abs=0.005), (accuracy, linked.value)
+    finally:
+        context.close()

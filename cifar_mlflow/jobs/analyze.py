@@ -11,7 +11,7 @@ import torch
 from cifar_mlflow import analysis, data, hardware, plots
 from cifar_mlflow.config import AnalyzeConfig
 from cifar_mlflow.errors import DataError
-from cifar_mlflow.tracking import lineage, runs, serving
+from cifar_mlflow.tracking import lineage, notes, runs, serving
 
 DEFAULT_BATCH = 256  # when the training run's batch size is unknown (runs logged elsewhere)
 CONFUSED_PAIRS = 10
@@ -57,6 +57,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
             }
         )
         log.log_dataset(dataset, dataset.test, "evaluation")
+        log.measured_on("test/", dataset, dataset.test)
         pred = analysis.predict(model, loader, device, precision)
         cm = analysis.confusion_matrix(pred.labels, pred.predicted, spec.num_classes)
         stats = analysis.per_class_stats(cm)
@@ -109,6 +110,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
                     ),
                     f"gradcam/{layer_name}.png",
                 )
+        notes.analysis_finished(log, ref, dataset_name, pred.accuracy, len(wrong), len(dataset.test))
         print(
             f"\nanalysis of {ref.uri}: test accuracy {pred.accuracy:.4f}, {len(wrong)} misclassified\n"
             f"  view: {runs.run_url(log)}\n"

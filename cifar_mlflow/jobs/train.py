@@ -16,7 +16,7 @@ from cifar_mlflow.config import LRFindConfig, TrainConfig, scaled_lr
 from cifar_mlflow.errors import TrackingError
 from cifar_mlflow.jobs.lr_find import log_range_test, range_test
 from cifar_mlflow.prepare import TrainingSetup, prepare
-from cifar_mlflow.tracking import checkpoints, registry, runs
+from cifar_mlflow.tracking import checkpoints, notes, registry, runs
 from cifar_mlflow.tracking.logger import Logger, NullLogger, RunLogger
 from cifar_mlflow.tracking.params import as_param, same
 from cifar_mlflow.tracking.registry import RegisteredVersion
@@ -90,6 +90,7 @@ def register_from_checkpoint(cfg: TrainConfig, log: RunLogger) -> RegisteredVers
     if state is None or state["epoch"] < cfg.epochs:
         raise TrackingError(f"run {log.run_id} has no checkpoint of its last epoch ({cfg.epochs}) to register")
     p = prepare(cfg, cfg.max_test_samples)
+    _measured_on(log, p)
     p.model.load_state_dict(state["model"])
     data.shutdown_workers(p.train_loader)
     accuracy = float(state["history"][-1]["test/accuracy"])
@@ -103,6 +104,12 @@ def register_from_checkpoint(cfg: TrainConfig, log: RunLogger) -> RegisteredVers
         cfg.epochs,
         test_size=len(p.dataset.test),
     )
+
+
+def _measured_on(log: RunLogger, p: TrainingSetup) -> None:
+    """The datasets the run's metrics are measured on (shown beside them, and carried to the logged model)."""
+    log.measured_on("train/", p.dataset, p.dataset.train)
+    log.measured_on("test/", p.dataset, p.dataset.test)
 
 
 def _input_example(p: TrainingSetup):
@@ -125,6 +132,7 @@ def _start(cfg: TrainConfig, p: TrainingSetup, log: Logger, shards: list[list[in
     _log_params(
         log, {**cfg.to_params(), **p.derived_params(), **{f"env/{k}_version": v for k, v in versions().items()}}
     )
+    _measured_on(log, p)
     resume = checkpoints.load_latest_checkpoint(log.run_id)
     run = log.run()
     tagged = run.data.tags.get("registered_model_version")
@@ -156,6 +164,7 @@ def _start(cfg: TrainConfig, p: TrainingSetup, log: Logger, shards: list[list[in
         print(f"lr=scaled: peak lr {lr:.4g} for batch {cfg.batch_size} (0.2 at 512, scaled linearly)")
     else:
         lr = cfg.lr
+    notes.training_started(log, cfg, p.dataset, lr)
     return Start(done=False, resume=resume, lr=lr)
 
 
@@ -220,6 +229,7 @@ def _fit_and_register(
         if register
         else None
     )
+    notes.training_finished(log, cfg, p.dataset, log.run().data.params.get("lr", cfg.lr), final | last, version)
     # what a user waits for after the last epoch: TTA, figures, model logging and registration
     log.log_metrics({"perf/seconds_after_last_epoch": time.time() - trained_at})
     _print_summary({**last, "test/accuracy_tta": tta}, version, runs.run_url(log))

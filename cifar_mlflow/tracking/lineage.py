@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelInput
 from mlflow.exceptions import MlflowException
 
 from cifar_mlflow.errors import ModelError
 from cifar_mlflow.tracking.logger import RunLogger
-from cifar_mlflow.tracking.registry import versions_of
+from cifar_mlflow.tracking.registry import logged_model_id, versions_of
 from cifar_mlflow.tracking.runs import open_run
 
 
@@ -25,6 +26,7 @@ class ModelRef:
     name: str | None
     version: str | None
     run_id: str | None
+    model_id: str | None = None  # the MLflow 3 logged model (None for models logged by MLflow 2)
 
 
 def _describe_versions(client: MlflowClient, name: str) -> str:
@@ -49,12 +51,12 @@ def resolve_model(uri: str) -> ModelRef:
             client.get_run(run_id)
         except MlflowException:
             raise ModelError(f"model_uri {uri!r}: no run {run_id!r} in this tracking store") from None
-        return ModelRef(uri, None, None, run_id)
+        return ModelRef(uri, None, None, run_id, _run_model_id(client, run_id, path))
     rest = uri[len("models:/") :]
     name, sep, ref = rest.partition("@") if "@" in rest else rest.partition("/")
     if not sep:  # models:/<logged model id> (MLflow 3)
         try:
-            return ModelRef(uri, None, None, mlflow.get_logged_model(name).source_run_id)
+            return ModelRef(uri, None, None, mlflow.get_logged_model(name).source_run_id, name)
         except MlflowException:
             pass
     try:
@@ -69,7 +71,17 @@ def resolve_model(uri: str) -> ModelRef:
     except MlflowException:
         what = f"alias @{ref}" if sep == "@" else f"version {ref}"
         raise ModelError(f"model_uri {uri!r}: {name!r} has no {what}; {_describe_versions(client, name)}") from None
-    return ModelRef(uri, name, str(mv.version), mv.run_id)
+    return ModelRef(uri, name, str(mv.version), mv.run_id, logged_model_id(mv))
+
+
+def _run_model_id(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """The logged model a run logged under this name (runs:/<run>/model), or None (MLflow 2 runs)."""
+    outputs = client.get_run(run_id).outputs
+    for output in (outputs.model_outputs if outputs else None) or []:
+        with contextlib.suppress(MlflowException):
+            if client.get_logged_model(output.model_id).name == path.strip("/"):
+                return str(output.model_id)
+    return None
 
 
 def run_params(run_id: str | None) -> dict[str, str]:
@@ -91,4 +103,8 @@ def analysis_run(ref: ModelRef) -> Iterator[RunLogger]:
         )
         if ref.name:
             log.client.set_model_version_tag(ref.name, ref.version, "analysis_run_id", log.run_id)
+        if ref.model_id:
+            # MLflow 3's link: the model is an input of this run, and the metrics logged here are the model's too
+            log.client.log_inputs(log.run_id, models=[LoggedModelInput(ref.model_id)])
+            log.model_id = ref.model_id
         yield log

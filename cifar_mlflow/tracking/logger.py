@@ -35,6 +35,16 @@ class RunLogger:
     def __init__(self, run_id: str, experiment_id: str, client: MlflowClient | None = None) -> None:
         self.run_id, self.experiment_id = run_id, experiment_id
         self.client = client or MlflowClient()
+        # metric-name prefix -> (dataset name, digest) it is measured on (measured_on); MLflow shows the dataset
+        # beside the metric and carries it to the logged model
+        self.datasets: dict[str, tuple[str, str]] = {}
+        self.model_id: str | None = None  # metrics logged after set_model are the logged model's too
+
+    def measured_on(self, prefix: str, dataset: data.Dataset, split: data.Split) -> None:
+        """Metrics whose names start with prefix ("test/") are logged as measured on this split."""
+        from cifar_mlflow import data as data_mod
+
+        self.datasets[prefix] = (dataset.name, data_mod.array_digest(split))
 
     def run(self) -> Any:
         """The run as the store holds it now (params, tags, status)."""
@@ -79,7 +89,27 @@ class RunLogger:
             }
         now = int(time.time() * 1000)
         if metrics:
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            self.client.log_batch(self.run_id, metrics=[self._metric(k, v, now, step) for k, v in metrics.items()])
+
+    def _metric(self, key: str, value: float, now: int, step: int, model_id: str | None = None) -> Metric:
+        name, digest = next((d for prefix, d in self.datasets.items() if key.startswith(prefix)), (None, None))
+        model_id = model_id or self.model_id
+        return Metric(key, float(value), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+
+    def link_metrics(self, model_id: str, step: int) -> None:
+        """Link the run's metrics at `step` to a logged model, each with the dataset it was measured on
+        (measured_on). The same points (key, step, timestamp, value): the run's history gains none. Points linked
+        already (a resumed run) are skipped."""
+        linked = {(m.key, m.step, m.timestamp) for m in self.client.get_logged_model(model_id).metrics or []}
+        points = [
+            m
+            for key in self.run().data.metrics
+            for m in self.client.get_metric_history(self.run_id, key)
+            if m.step == step and (m.key, m.step, m.timestamp) not in linked
+        ]
+        if points:
+            metrics = [self._metric(m.key, m.value, m.timestamp, m.step, model_id) for m in points]
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

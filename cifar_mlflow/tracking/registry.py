@@ -4,11 +4,8 @@ the `champion` alias on the best version, race-safe."""
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -38,6 +35,7 @@ class RegisteredVersion:
     model_uri: str
     is_champion: bool
     withheld: str | None = None  # why `champion` was withheld from it (a model at chance), or None
+    model_id: str | None = None  # its MLflow 3 logged model (None for versions registered before MLflow 3)
 
 
 def chance_bar(num_classes: int, test_size: int) -> float:
@@ -73,27 +71,10 @@ def log_and_register_model(
     `champion` alias to it if it beats the current champion (or there is none) and is clearly above chance (a
     version at chance is registered, for comparison, but never champion). A run that registered a version
     already (killed right after registering, then resumed) keeps that version: none is added.
-    The run must be the active one (tracking.runs.open_run): MLflow's log_model takes no run id."""
+    The logged model (tracking.serving) carries the run's metrics of its last epoch, test/accuracy among them."""
     mv = version_of_run(registered_name, log.run_id)
     if mv is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            files = Path(tmp) / "model_files"
-            models.save_model_files(model, spec, files)
-            # No code_paths: the loader module is imported from the environment, never from the artifact store.
-            info = mlflow.pyfunc.log_model(
-                name=serving.MODEL_NAME_IN_RUN,
-                loader_module=serving.__name__,
-                data_path=str(files),
-                signature=serving.signature(spec.num_classes),
-                input_example=input_example,
-                pip_requirements=[f"{p}=={metadata.version(p)}" for p in serving.SERVING_PACKAGES],
-                metadata={
-                    "class_names": list(spec.class_names),
-                    "arch": spec.arch,
-                    "input": "float32 (N, 3, 32, 32) in [0, 1]",
-                    "output": "class probabilities (N, C)",
-                },
-            )
+        model_id = serving.log_model(log, model, spec, input_example, step=epochs)
         reason = at_chance(test_accuracy, spec.num_classes, test_size)
         tags = {
             "test_accuracy": f"{test_accuracy:.6f}",
@@ -103,7 +84,7 @@ def log_and_register_model(
             "above_chance": str(reason is None).lower(),
             **({"champion_withheld": reason} if reason else {}),
         }
-        mv = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+        mv = mlflow.register_model(f"models:/{model_id}", registered_name, tags=tags)
     return _settle_and_tag(registered_name, str(mv.version), log.run_id)
 
 
@@ -116,7 +97,8 @@ def finish_registration(registered_name: str, run_id: str) -> RegisteredVersion:
 def _settle_and_tag(registered_name: str, version: str, run_id: str) -> RegisteredVersion:
     client = MlflowClient()
     is_champion = settle_champion(registered_name) == version
-    withheld = _withheld(client.get_model_version(registered_name, version))
+    mv = client.get_model_version(registered_name, version)
+    withheld = _withheld(mv)
     tags = {
         "registered_model_name": registered_name,
         "registered_model_version": version,
@@ -124,7 +106,18 @@ def _settle_and_tag(registered_name: str, version: str, run_id: str) -> Register
         **({"champion_withheld": withheld} if withheld else {}),
     }
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    return RegisteredVersion(registered_name, version, f"models:/{registered_name}/{version}", is_champion, withheld)
+    uri = f"models:/{registered_name}/{version}"
+    return RegisteredVersion(registered_name, version, uri, is_champion, withheld, logged_model_id(mv))
+
+
+def logged_model_id(version: Any) -> str | None:
+    """The MLflow 3 logged model a version was registered from: its model_id, or the id its source names
+    (models:/<model id>); None for versions registered from a run's artifact path (MLflow 2)."""
+    if getattr(version, "model_id", None):
+        return str(version.model_id)
+    source = str(getattr(version, "source", "") or "")
+    rest = source.removeprefix("models:/")
+    return rest if source.startswith("models:/m-") and "/" not in rest else None
 
 
 def _withheld(version: Any) -> str | None:
