@@ -1,6 +1,7 @@
 """The one inference loop: batches -> device -> autocast -> fp32 logits, optionally with horizontal-flip TTA.
-Training's test metrics, flip TTA, the analysis entry point and the served model (models.predict_proba) all go
-through it, so they compute alike."""
+Training's test metrics, flip TTA, the analysis entry point and models.predict_proba all go through it, so they
+compute alike. (The served model runs its own few lines, tracking/served_model.py, as it must not import this
+package; tests compare its probabilities with predict_proba's.)"""
 
 from __future__ import annotations
 

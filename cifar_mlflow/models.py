@@ -235,7 +235,7 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], model: nn.Module, spec: Mo
 
 def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Class probabilities (N, C) in fp32 on the CPU for float images in [0, 1] (N, 3, 32, 32), batched, no grad,
-    on the model's device. The served model's call (tracking's pyfunc wrapper), through the one inference loop."""
+    on the model's device, through the one inference loop: what the served model answers (tests compare the two)."""
     device = next(model.parameters()).device
     batches = ((images[i : i + batch_size], None) for i in range(0, len(images), batch_size))
     out = [torch.softmax(z, dim=1).cpu() for z, _ in inference.logits(model, batches, device, "fp32")]

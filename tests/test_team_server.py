@@ -158,7 +158,7 @@ def test_artifacts_are_files_in_the_servers_artifacts_destination(flow, team_ser
     assert (training / "curves.png").read_bytes()[:8] == PNG
     assert (training / "checkpoints" / "latest.json").is_file()
     # the registered model's files (MLflow 3 keeps logged models under <experiment>/models/)
-    assert [p.name for p in (dest / flow.experiment_id / "models").rglob("weights.safetensors")]
+    assert [p.name for p in (dest / flow.experiment_id / "models").rglob("model.pt2")] == ["model.pt2"]
     # and nothing was written next to the team member's working directory
     assert not (flow.work / "mlruns").exists() and not (flow.work / "mlflow.db").exists()
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
-from cifar_mlflow import models
+from cifar_mlflow import models, stop
 from cifar_mlflow.errors import ModelError
 from cifar_mlflow.tracking import serving
 from cifar_mlflow.tracking.logger import RunLogger
@@ -72,9 +72,26 @@ def log_and_register_model(
     version at chance is registered, for comparison, but never champion). A run that registered a version
     already (killed right after registering, then resumed) keeps that version: none is added.
     The logged model (tracking.serving) carries the run's metrics of its last epoch, test/accuracy among them."""
+    # A stop (Ctrl-C, SIGTERM) waits for the next step: raised inside torch.export or MLflow's client it can land in
+    # a lock, or in a weakref callback that swallows it (seen in CI: a SIGTERM'd registration that went on).
+    with stop.deferred():
+        return _log_and_register(log, model, spec, input_example, registered_name, test_accuracy, epochs, test_size)
+
+
+def _log_and_register(
+    log: RunLogger,
+    model: Any,
+    spec: models.ModelSpec,
+    input_example: np.ndarray,
+    registered_name: str,
+    test_accuracy: float,
+    epochs: int,
+    test_size: int,
+) -> RegisteredVersion:
     mv = version_of_run(registered_name, log.run_id)
     if mv is None:
         model_id = serving.log_model(log, model, spec, input_example, step=epochs)
+        stop.check()
         reason = at_chance(test_accuracy, spec.num_classes, test_size)
         tags = {
             "test_accuracy": f"{test_accuracy:.6f}",
@@ -85,6 +102,7 @@ def log_and_register_model(
             **({"champion_withheld": reason} if reason else {}),
         }
         mv = mlflow.register_model(f"models:/{model_id}", registered_name, tags=tags)
+        stop.check()
     return _settle_and_tag(registered_name, str(mv.version), log.run_id)
 
 

@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from cifar_mlflow import models
+from cifar_mlflow import models, stop
 from cifar_mlflow.errors import ModelError, first_line
 from cifar_mlflow.tracking import served_model
 from cifar_mlflow.tracking.logger import RunLogger
@@ -81,6 +81,7 @@ def log_model(log: RunLogger, model: Any, spec: models.ModelSpec, input_example:
                 model_id=logged.model_id,
             )
             save_model(str(folder), mlflow_model, model, spec, input_example)
+            stop.check()  # a stop asked for while exporting (registry.log_and_register_model defers it)
             client.log_model_artifacts(logged.model_id, str(folder))
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     except BaseException:
