@@ -75,35 +75,22 @@ def log_and_register_model(
     # A stop (Ctrl-C, SIGTERM) waits for the next step: raised inside torch.export or MLflow's client it can land in
     # a lock, or in a weakref callback that swallows it (seen in CI: a SIGTERM'd registration that went on).
     with stop.deferred():
-        return _log_and_register(log, model, spec, input_example, registered_name, test_accuracy, epochs, test_size)
-
-
-def _log_and_register(
-    log: RunLogger,
-    model: Any,
-    spec: models.ModelSpec,
-    input_example: np.ndarray,
-    registered_name: str,
-    test_accuracy: float,
-    epochs: int,
-    test_size: int,
-) -> RegisteredVersion:
-    mv = version_of_run(registered_name, log.run_id)
-    if mv is None:
-        model_id = serving.log_model(log, model, spec, input_example, step=epochs)
-        stop.check()
-        reason = at_chance(test_accuracy, spec.num_classes, test_size)
-        tags = {
-            "test_accuracy": f"{test_accuracy:.6f}",
-            "epochs": str(epochs),
-            "run_id": log.run_id,
-            "test_size": str(test_size),
-            "above_chance": str(reason is None).lower(),
-            **({"champion_withheld": reason} if reason else {}),
-        }
-        mv = mlflow.register_model(f"models:/{model_id}", registered_name, tags=tags)
-        stop.check()
-    return _settle_and_tag(registered_name, str(mv.version), log.run_id)
+        mv = version_of_run(registered_name, log.run_id)
+        if mv is None:
+            model_id = serving.log_model(log, model, spec, input_example, step=epochs)
+            stop.check()
+            reason = at_chance(test_accuracy, spec.num_classes, test_size)
+            tags = {
+                "test_accuracy": f"{test_accuracy:.6f}",
+                "epochs": str(epochs),
+                "run_id": log.run_id,
+                "test_size": str(test_size),
+                "above_chance": str(reason is None).lower(),
+                **({"champion_withheld": reason} if reason else {}),
+            }
+            mv = mlflow.register_model(f"models:/{model_id}", registered_name, tags=tags)
+            stop.check()
+        return _settle_and_tag(registered_name, str(mv.version), log.run_id)
 
 
 def finish_registration(registered_name: str, run_id: str) -> RegisteredVersion:
