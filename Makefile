@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # The entry point command in MLproject calls `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv system-packages train lint test clean
+.PHONY: venv system-packages train lint check test coverage clean
 
 venv: $(STAMP)
 
@@ -40,8 +40,17 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python scripts/gen_params.py --check
 
+# The fast loop while working: lint, the tests not marked slow and one end-to-end smoke (tests/conftest.py).
+check: lint
+	$(BIN)/python -m pytest -m "not slow" --durations=10
+
 test: lint system-packages
 	$(BIN)/python -m pytest
 
+# The whole suite with line coverage of cifar_mlflow/ and entrypoints/ (children included): the figure issue 24 keeps.
+coverage: $(STAMP) system-packages
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(abspath .coverage) $(BIN)/python -m pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .coverage .coverage.* htmlcov

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, TINY, make_store, mlflow_run
+from entrypoints.analyze import analyze
+from tests.conftest import REPO, TINY, make_store, mlflow_run, one_line
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ANALYZE = {"max_test_samples": 128, "num_images": 10}
@@ -119,13 +120,13 @@ def test_analyze_by_version_directly(trained, cifar_root):
         ),
     ],
 )
-def test_unknown_model_names_what_exists(trained, cifar_root, uri, message):
+def test_unknown_model_names_what_exists(trained, cifar_root, uri, message, monkeypatch):
+    """In this process (the one-line stderr of the command line: test_bad_uri_form)."""
     store, train_run = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     before = len(_analysis_runs(store, train_run.info.run_id))
-    proc = _direct(store, "--model_uri", uri, "--data_dir", str(cifar_root))
-    assert proc.returncode != 0
-    (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("error: ") and message in line, line
+    line = one_line(["--model_uri", uri, "--data_dir", str(cifar_root)], command=analyze)
+    assert message in line, line
     assert len(_analysis_runs(store, train_run.info.run_id)) == before  # nothing opened
 
 
@@ -145,12 +146,12 @@ def test_bad_target_layer_through_mlflow_run_fails_the_run(trained, cifar_root):
 
 
 def test_bad_uri_form(trained):
+    """Through the command line: the refusal is stderr's one line, after `error: `."""
     store, _ = trained
     proc = _direct(store, "--model_uri", "cifar10-resnet18")
-    assert (
-        proc.returncode != 0
-        and "model_uri='cifar10-resnet18' is not allowed: expected models:/<name>/<version>" in proc.stderr
-    )
+    assert proc.returncode != 0
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: model_uri='cifar10-resnet18' is not allowed: expected models:/<name>/<version>")
 
 
 def test_runs_uri_is_accepted(trained, cifar_root):

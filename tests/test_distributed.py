@@ -16,14 +16,9 @@ from mlflow import MlflowClient
 
 from cifar_mlflow import data, engine
 from cifar_mlflow.tracking.serving import load_torch_model
-from tests.conftest import TINY, mlflow_run_cmd
+from tests.conftest import TINY, mlflow_run_cmd, runs_of
 
 DDP = {**TINY, "nproc_per_node": 2, "max_test_samples": 100}
-
-
-def _runs(store):
-    client = MlflowClient(store.uri)
-    return client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
 
 
 def _mlflow_run_ddp(store, params, run_id=None):
@@ -60,7 +55,7 @@ def test_torchrun_two_processes_one_run_reduced_metrics_disjoint_shards(store, c
     proc = _mlflow_run_ddp(store, {**DDP, "data_dir": cifar_root})
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
-    (run,) = _runs(store)
+    (run,) = runs_of(store)
     client = MlflowClient(store.uri)
     run_id, m = run.info.run_id, run.data.metrics
     assert run.info.status == "FINISHED"
@@ -104,7 +99,7 @@ def test_killed_ddp_run_resumes_from_its_checkpoint(store, cifar_root):
     client = MlflowClient(store.uri)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for epoch 1's checkpoint + metrics, then kill everything
-        runs = _runs(store)
+        runs = runs_of(store)
         if runs and client.get_metric_history(runs[0].info.run_id, "test/accuracy"):
             break
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -117,7 +112,7 @@ def test_killed_ddp_run_resumes_from_its_checkpoint(store, cifar_root):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
-    (run,) = _runs(store)
+    (run,) = runs_of(store)
     run_id = run.info.run_id
     client.set_terminated(run_id, "FAILED")  # what a dead process leaves: the run is not FINISHED
 
@@ -146,4 +141,4 @@ def test_batch_that_does_not_split_over_the_processes_is_refused_first(store, tm
         "batch_size=64 is not allowed with 3 processes: expected a multiple of 3 (each process "
         "takes batch_size/3 images per step)"
     )
-    assert _runs(store) == [] and list(work.iterdir()) == []
+    assert runs_of(store) == [] and list(work.iterdir()) == []

@@ -10,22 +10,16 @@ import textwrap
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
-from tests.conftest import REPO, TINY, mlflow_run
+from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, SweepConfig, TrainConfig
+from tests.conftest import REPO, TINY, mlflow_run, runs_of
 
 METRICS = {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"}
-
-
-def _runs(store):
-    client = MlflowClient(store.uri)
-    exp = client.get_experiment_by_name(store.experiment)
-    return client.search_runs([exp.experiment_id])
 
 
 def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     proc = mlflow_run(store, {**TINY, "data_dir": cifar_root, "lr": "6.25e-3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = _runs(store)
+    (run,) = runs_of(store)
     client = MlflowClient(store.uri)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
@@ -131,7 +125,7 @@ def test_bad_parameters_fail_before_training(store, cifar_root, params, message)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    (run,) = _runs(store)
+    (run,) = runs_of(store)
     assert run.info.status == "FAILED" and message in run.data.tags["failure_reason"]
     assert "train/loss" not in run.data.metrics
 
@@ -149,7 +143,7 @@ def test_bad_parameters_without_mlflow_run_create_no_run(store, args, message):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.split('error: ', 1)[1].strip()}"]
     assert message in proc.stderr
-    assert _runs(store) == []
+    assert runs_of(store) == []
 
 
 def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
@@ -159,7 +153,7 @@ def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
     assert proc.returncode != 0
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     assert "could not download CIFAR-10" in line and str(tmp_path / "nodata" / "cifar-10-batches-py") in line
-    (run,) = _runs(store)
+    (run,) = runs_of(store)
     assert run.info.status == "FAILED"
 
 
@@ -175,7 +169,7 @@ def test_direct_run_on_synthetic_data(store):
     tests/test_resume.py compares two separate `mlflow run`s weight for weight.)"""
     proc = _direct_train(store, "--seed", "5")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = _runs(store)
+    (run,) = runs_of(store)
     assert run.info.status == "FINISHED" and run.data.params["dataset"] == "synthetic"
     assert run.data.params["data/train_size"] == "256" and run.data.tags["registered_model_version"] == "1"
     assert MlflowClient(store.uri).get_model_version_by_alias("synthetic-test", "champion").run_id == run.info.run_id
@@ -188,22 +182,24 @@ def test_direct_run_on_synthetic_data(store):
         ("entrypoints.analyze", AnalyzeConfig),
         ("entrypoints.lr_find", LRFindConfig),
         ("entrypoints.pipeline", PipelineConfig),
+        ("entrypoints.sweep", SweepConfig),
     ],
 )
 def test_help_lists_every_option_without_importing_torch(module, config):
+    """The one `--help` check of every entry point (its speed: tests/test_benchmarks.py). -X importtime lists on
+    stderr every module the process imported."""
     proc = subprocess.run(
-        [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0
-    for name in config.__dataclass_fields__:
-        assert f"--{name}" in proc.stdout
-    # every option explains itself: its reason, what is allowed, and its default
-    assert proc.stdout.count("Allowed:") == proc.stdout.count("[default:") == len(config.__dataclass_fields__)
-    loaded = subprocess.run(
-        [sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
+        [sys.executable, "-X", "importtime", "-m", module, "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
-    ).stdout.split()
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in config.__dataclass_fields__:
+        assert f"--{name}" in proc.stdout
+    # every option explains itself: its reason, what is allowed, and its default
+    assert proc.stdout.count("Allowed:") == proc.stdout.count("[default:") == len(config.__dataclass_fields__)
+    loaded = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "click" in loaded, "no import listed: -X importtime did not report"
     assert "torch" not in loaded and "mlflow" not in loaded

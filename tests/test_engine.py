@@ -16,12 +16,47 @@ CPU = torch.device("cpu")
 AUTO = hardware.resolve_precision("auto", CPU)
 
 
-def _setup(n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standard", norm="batch", **cfg_kw):
+class TinyNet(torch.nn.Module):
+    """ResNet18's interface in ~6,000 parameters (normalisation inside, conv feature maps, logits out): engine.fit
+    takes any nn.Module, so the tests of its plumbing (schedules, callbacks, precision, host syncs, determinism,
+    resume) run this one; ResNet18 itself is built in test_models.py, overfits a batch here and learns real
+    images in test_learning.py."""
+
+    def __init__(self, num_classes: int, mean, std, norm: str = "batch") -> None:
+        super().__init__()
+        norm_layer = models.norm_layer(norm)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            norm_layer(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+            norm_layer(16),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
+            norm_layer(32),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
+        self.fc = torch.nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features((x - self.mean) / self.std))
+
+
+def _setup(
+    n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standard", norm="batch", arch="tiny", **cfg_kw
+):
     split = data.make_synthetic(n_train, seed=1)
     test = data.make_synthetic(n_test, seed=2)
     mean, std = data.channel_stats(split.images)
     engine.seed_everything(seed)
-    model = models.build_model(models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std, norm))
+    if arch == "tiny":
+        model = TinyNet(len(data.SYNTHETIC_CLASSES), mean, std, norm)
+    else:
+        model = models.build_model(models.ModelSpec(arch, data.SYNTHETIC_CLASSES, mean, std, norm))
     model = model.to(memory_format=torch.channels_last)
     tf = augment.build_train_transform(augment_preset, mean)
     train_loader = data.make_loader(split, batch_size=batch_size, train=True, transform=tf, seed=seed)
@@ -32,6 +67,7 @@ def _setup(n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standar
 
 def test_overfits_a_tiny_batch():
     model, train_loader, _, cfg = _setup(
+        arch="resnet18",
         n_train=16,
         batch_size=16,
         augment_preset="none",
@@ -229,7 +265,7 @@ def test_flip_tta_accuracy_is_a_fraction_and_sees_the_mirror():
 
 @pytest.mark.parametrize("norm", ["group", "layer"])
 def test_norm_variants_train(norm):
-    model, tr, te, cfg = _setup(n_train=16, n_test=8, batch_size=8, epochs=1, norm=norm)
+    model, tr, te, cfg = _setup(n_train=16, n_test=8, batch_size=8, epochs=1, norm=norm, arch="resnet18")
     result = engine.fit(model, tr, te, cfg, CPU, AUTO, log=lambda s: None)
     assert result.history[-1]["train/loss"] > 0
 

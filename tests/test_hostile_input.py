@@ -23,7 +23,6 @@ from entrypoints.analyze import analyze
 from entrypoints.lr_find import lr_find
 from entrypoints.pipeline import pipeline
 from entrypoints.train import train
-from tests.conftest import make_store
 
 COMMANDS = {
     "main": (train, TrainConfig),
@@ -66,10 +65,9 @@ PARAM_CASES = [
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(module_store):
     """One store for the module: every case checks that it stays without runs."""
-    with pytest.MonkeyPatch.context() as mp:
-        yield from make_store(tmp_path_factory.mktemp("hostile"), mp)
+    return module_store
 
 
 @pytest.fixture

@@ -15,15 +15,14 @@ from cifar_mlflow.cli import invoke
 from cifar_mlflow.tracking.serving import load_torch_model
 from entrypoints.lr_find import lr_find
 from entrypoints.train import train
-from tests.conftest import cli_args, make_store
+from tests.conftest import cli_args
 
 FEW = {"epochs": 2, "batch_size": 32, "num_workers": 0, "max_train_samples": 64, "max_test_samples": 64}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        yield from make_store(tmp_path_factory.mktemp("options"), mp)
+def store(module_store):
+    return module_store
 
 
 def _last_run(store):

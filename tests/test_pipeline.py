@@ -1,6 +1,8 @@
 """The `pipeline` entry point, as a user runs it (`mlflow run . -e pipeline`): three child runs the first time,
 all three reused the second time; and the reuse rule itself on hand-made runs."""
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from cifar_mlflow.cli import invoke
 from cifar_mlflow.jobs.pipeline import finished_step
 from cifar_mlflow.tracking.runs import code_version, open_run
 from entrypoints.pipeline import pipeline
-from tests.conftest import cli_args, mlflow_run
+from tests.conftest import REPO, cli_args, mlflow_run_cmd, runs_of
 
 PIPELINE = {
     "epochs": 1,
@@ -26,15 +28,35 @@ PIPELINE = {
 STEPS = ("lr_find", "main", "analyze")
 
 
-def _runs(store):
-    client = MlflowClient(store.uri)
-    return client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
+def _checkout_copy(folder: Path) -> Path:
+    """The project's files (as git sees them, edits included; no tests or benchmarks) copied into `folder`, as a
+    user's checkout there would hold them."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        if not name.startswith(("tests/", "benchmarks/")) and (REPO / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, folder / name)
+    return folder
 
 
-def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, capsys):
-    proc = mlflow_run(store, {**PIPELINE, "data_dir": cifar_root}, entry="pipeline")
+def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, tmp_path, capsys):
+    """From a checkout whose path holds a space, with the default data_dir (`data`, resolved against the checkout):
+    every step's `mlflow run` logs that path shell-quoted, which once failed the first step."""
+    checkout = _checkout_copy(tmp_path / "a checkout" / "cifar-mlflow")
+    shutil.copytree(cifar_root, checkout / "data")
+    cmd = mlflow_run_cmd(PIPELINE, entry="pipeline")
+    cmd[cmd.index(str(REPO))] = str(checkout)
+    env = store.env()
+    env.pop("PYTHONPATH", None)  # the copy's own package, as a user's checkout would be
+    proc = subprocess.run(cmd, cwd=store.root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = _runs(store)
+    runs = runs_of(store)
     (parent,) = [r for r in runs if r.data.tags["mlflow.project.entryPoint"] == "pipeline"]
     children = {r.data.tags["mlflow.project.entryPoint"]: r for r in runs if r is not parent}
     assert sorted(children) == sorted(STEPS) and len(runs) == 4
@@ -51,6 +73,8 @@ def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, cap
     lr = lr_finder.clamp_lr(suggested, "sgd")
     assert float(children["main"].data.params["lr"]) == pytest.approx(lr, rel=1e-12)
     assert children["main"].data.params["epochs"] == "1" and children["lr_find"].data.params["num_iter"] == "20"
+    for entry, run in children.items():  # the resolved data_dir, as `mlflow run` logged it: shell-quoted
+        assert run.data.params["data_dir"] == f"'{checkout / 'data'}'", entry
     assert children["analyze"].data.params["model_uri"] == "models:/cifar10-resnet18/1"
     assert children["analyze"].data.params["target_layers"] == "layer4"
     assert children["analyze"].data.tags["model_version"] == "1"
@@ -60,12 +84,12 @@ def test_pipeline_runs_three_child_steps_then_reuses_them(store, cifar_root, cap
     assert parent.data.metrics["test/accuracy"] == children["main"].data.metrics["test/accuracy"]
     assert "pipeline finished" in proc.stdout
 
-    # the same call again (this time straight through the click command, in this process): every step is
-    # reused, nothing is trained or registered again
+    # the same call again (this time straight through the click command, in this process, from this checkout with
+    # the same code): every step is reused, nothing is trained or registered again
     capsys.readouterr()
-    code, message = invoke(pipeline, cli_args({**PIPELINE, "data_dir": cifar_root}))
+    code, message = invoke(pipeline, cli_args({**PIPELINE, "data_dir": checkout / "data"}))
     assert code == 0, message
-    runs = _runs(store)
+    runs = runs_of(store)
     assert len(runs) == 5
     (second,) = [
         r for r in runs if r.info.run_id not in {parent.info.run_id} | {c.info.run_id for c in children.values()}
@@ -120,7 +144,7 @@ def test_a_failing_step_fails_the_pipeline_naming_it(store, tmp_path, monkeypatc
     assert code == 1
     assert message.startswith("pipeline step 'lr_find' (run ") and "ended FAILED" in message
     assert "could not download CIFAR-10" in message and str(tmp_path / "no-data" / "cifar-10-batches-py") in message
-    runs = {r.data.tags.get("mlflow.project.entryPoint", "pipeline"): r for r in _runs(store)}
+    runs = {r.data.tags.get("mlflow.project.entryPoint", "pipeline"): r for r in runs_of(store)}
     assert sorted(runs) == ["lr_find", "pipeline"]  # training and analysis never started
     assert runs["pipeline"].info.status == "FAILED" and runs["lr_find"].info.status == "FAILED"
     assert runs["pipeline"].data.tags["failure_reason"].startswith("TrackingError: pipeline step 'lr_find'")

@@ -17,16 +17,15 @@ from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ModelError
 from cifar_mlflow.tracking import checkpoints, serving
 from entrypoints.train import train
-from tests.conftest import REPO, cli_args, make_store, mlflow_run_cmd, mlflow_run_process, train_process
+from tests.conftest import REPO, cli_args, mlflow_run_cmd, mlflow_run_process, train_process
 
 FOUR = {"epochs": 4, "batch_size": 32, "num_workers": 0, "max_train_samples": 192, "max_test_samples": 64, "seed": 3}
 METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        yield from make_store(tmp_path_factory.mktemp("resume"), mp)
+def store(module_store):
+    return module_store
 
 
 def _wait_for_epoch(client, run_id_holder, epoch, proc, timeout=180):

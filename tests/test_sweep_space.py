@@ -20,7 +20,7 @@ from cifar_mlflow.cli import invoke
 from cifar_mlflow.config import SweepConfig, TrainConfig
 from cifar_mlflow.errors import ConfigError
 from cifar_mlflow.sweep_space import Dim, default_space, load_space
-from tests.conftest import REPO, cli_args
+from tests.conftest import cli_args
 
 
 def _space(tmp_path: Path, text: str) -> str:
@@ -205,15 +205,6 @@ def test_a_storage_that_cannot_be_used_is_one_line(tmp_path, url, reason):
         studies.open_storage(url)
     message = str(err.value)
     assert message.startswith(f"storage={url!r} cannot be opened (") and reason in message and "\n" not in message
-
-
-def test_sweep_help_lists_its_parameters_and_mains():
-    out = subprocess.run(
-        [sys.executable, "-m", "entrypoints.sweep", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    for option in ("--n_trials", "--metric", "--space", "--pruner", "--study", "--storage", "--register", "--lr"):
-        assert option in out.stdout
 
 
 # The study on a real sqlite storage
