@@ -14,6 +14,8 @@ from cifar_mlflow.errors import ConfigError
 from cifar_mlflow.fields import Composed, Validated, config, param
 
 ARCHS = ("resnet18", "resnet34")
+# ResNet's published width: 64 channels in layer1 (128, 256, 512 after). GroupNorm's 32 groups must divide it.
+WIDTH, WIDTHS, GROUPNORM_GROUPS = 64, (8, 512), 32
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("onecycle", "cosine", "plateau", "cyclic", "none")
 AUGMENT_PRESETS = ("standard", "flip-cutout", "heavy", "rotate", "none")
@@ -134,6 +136,14 @@ class TrainConfig(Validated):
         "(resnet34: 21,282,122) parameters.",
         choices=ARCHS,
     )
+    width: int = param(
+        WIDTH,
+        "Channels of layer1 (layer2-layer4: 2x, 4x, 8x); 64 is the published ResNet, the network every figure "
+        "cited here is for. Compute grows with its square: 16 trains a run on a CPU several times faster "
+        "(benchmarks/RESULTS.md), for quick experiments and the test suite. With norm=group, a multiple of 32.",
+        low=WIDTHS[0],
+        high=WIDTHS[1],
+    )
     norm: str = param(
         "batch",
         "Normalisation layers; batch (Ioffe & Szegedy 2015), as every recipe cited here; group (GroupNorm with 32 "
@@ -196,10 +206,23 @@ class TrainConfig(Validated):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_loader(self)
+        check_width(self.width, self.norm)
 
 
 # The presets that have a batched tensor version (augment.BATCH_RECIPES; kept here so config imports no torch).
 DEVICE_PRESETS = ("standard", "flip-cutout", "none")
+
+
+def check_width(width: int, norm: str, error: type[Exception] = ConfigError, where: str = "") -> None:
+    """The width a network can be built with (its type and range are the field's; a model's config is read here
+    too, hence `error` and `where`)."""
+    if type(width) is not int or not WIDTHS[0] <= width <= WIDTHS[1]:
+        raise error(f"{where}width={width!r:.40} is not allowed: expected an integer from {WIDTHS[0]} to {WIDTHS[1]}")
+    if norm == "group" and width % GROUPNORM_GROUPS:
+        raise error(
+            f"{where}width={width} is not allowed with norm='group': GroupNorm's {GROUPNORM_GROUPS} groups need a "
+            f"multiple of {GROUPNORM_GROUPS}"
+        )
 
 
 def check_loader(cfg: Any) -> None:
@@ -247,7 +270,7 @@ class AnalyzeConfig(Validated):
 
 # What the range test shares with training: data, model and optimiser, not the schedule or the run's length.
 LR_FIND_SHARED = (
-    "batch_size optimizer momentum weight_decay l1 label_smoothing augment arch norm seed data_dir dataset "
+    "batch_size optimizer momentum weight_decay l1 label_smoothing augment arch width norm seed data_dir dataset "
     "max_train_samples num_workers precision loader"
 ).split()
 
@@ -275,6 +298,7 @@ class LRFindConfig(Composed):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_loader(self)
+        check_width(self.width, self.norm)
         if self.end_lr <= self.start_lr:
             raise ConfigError(f"end_lr={self.end_lr!r} is not allowed: expected a number > start_lr={self.start_lr!r}")
 

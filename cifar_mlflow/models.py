@@ -21,14 +21,14 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from cifar_mlflow import inference
-from cifar_mlflow.config import NORMS
+from cifar_mlflow.config import GROUPNORM_GROUPS, NORMS, WIDTH, check_width
 from cifar_mlflow.errors import ModelError, first_line
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 1
 _LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
-GROUPS = 32  # GroupNorm's default group count (Wu & He 2018); every ResNet width (64..512) divides by it
+GROUPS = GROUPNORM_GROUPS  # GroupNorm's default group count (Wu & He 2018); config.check_width keeps widths divisible
 
 
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -52,6 +52,7 @@ class ModelSpec:
     std: tuple[float, ...]
     norm: str = "batch"
     format_version: int = FORMAT_VERSION
+    width: int = WIDTH  # channels of layer1 (layer2-4: 2x, 4x, 8x); configs written before it existed mean 64
 
     @property
     def num_classes(self) -> int:
@@ -61,10 +62,17 @@ class ModelSpec:
 class CifarResNet(ResNet):
     """torchvision ResNet with the CIFAR stem: a 3x3 stride-1 first conv and no max-pool, so 32x32 inputs keep
     their resolution into layer1 (kuangliu/pytorch-cifar). `layer1..layer4` keep their torchvision names, so
-    `model.layer4[-1]` is the obvious GradCAM target."""
+    `model.layer4[-1]` is the obvious GradCAM target. `width` scales every stage's channels (layer1..layer4:
+    width, 2x, 4x, 8x; 64 is the published network); the module names stay the same at any width."""
 
     def __init__(
-        self, layers: list[int], num_classes: int, mean: Sequence[float], std: Sequence[float], norm: str = "batch"
+        self,
+        layers: list[int],
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        norm: str = "batch",
+        width: int = WIDTH,
     ) -> None:
         # No zero-init of the residual branches (torchvision's default; Goyal et al. 2017 use it to steady
         # 8k-image batches over 90 ImageNet epochs). Here the projection shortcuts are 1x1 stride-2 convs, so a
@@ -72,7 +80,13 @@ class CifarResNet(ResNet):
         # tests/test_models.py) until their BatchNorm scales grow, which a short schedule never gives them: on
         # real digits it learned to 0.31 in 6 epochs instead of 0.87 (benchmarks/RESULTS.md, recipe ablation).
         super().__init__(BasicBlock, layers, num_classes=num_classes, norm_layer=norm_layer(norm))
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if width != WIDTH:  # torchvision builds the published widths only: the stages again, narrower or wider
+            self.inplanes = width
+            self.bn1 = self._norm_layer(width)
+            for i, blocks in enumerate(layers):
+                setattr(self, f"layer{i + 1}", self._make_layer(BasicBlock, width << i, blocks, stride=min(i, 1) + 1))
+            self.fc = nn.Linear(width << 3, num_classes)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         # Convolutions keep PyTorch's default init (kaiming_uniform with a=sqrt(5): std 1/sqrt(3 fan_in)), as
         # kuangliu/pytorch-cifar and the course notebooks have it, not torchvision's He fan_out normal. Every
         # conv here feeds a BatchNorm, so its weight scale only sets its effective step, lr / |w|^2 (van Laarhoven
@@ -95,7 +109,8 @@ class CifarResNet(ResNet):
 def build_model(spec: ModelSpec) -> CifarResNet:
     if spec.arch not in _LAYERS:
         raise ModelError(f"arch={spec.arch!r} is not allowed: expected one of {', '.join(_LAYERS)}")
-    return CifarResNet(_LAYERS[spec.arch], spec.num_classes, spec.mean, spec.std, spec.norm)
+    check_width(spec.width, spec.norm, ModelError)
+    return CifarResNet(_LAYERS[spec.arch], spec.num_classes, spec.mean, spec.std, spec.norm, spec.width)
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -146,6 +161,7 @@ def read_spec(folder: Path) -> ModelSpec:
         std=_channels(raw.get("std"), "std", path, low=0.0, low_open=True),
         norm=raw.get("norm", "batch"),
         format_version=raw.get("format_version", 0),
+        width=raw.get("width", WIDTH),
     )
     if type(spec.format_version) is not int or spec.format_version != FORMAT_VERSION:
         raise ModelError(
@@ -154,6 +170,7 @@ def read_spec(folder: Path) -> ModelSpec:
     for key, allowed in (("arch", tuple(_LAYERS)), ("norm", NORMS)):
         if getattr(spec, key) not in allowed:
             raise ModelError(f"{path}: {key} {getattr(spec, key)!r:.40} is not one of {', '.join(allowed)}")
+    check_width(spec.width, spec.norm, ModelError, where=f"{path}: ")
     return spec
 
 

@@ -72,7 +72,7 @@ def prepare(cfg: Any, max_test: int, ctx: distributed.Context | None = None) -> 
         )
     mean, std = data.channel_stats(dataset.train.images)
     engine.seed_everything(cfg.seed)
-    spec = models.ModelSpec(cfg.arch, dataset.class_names, mean, std, cfg.norm)
+    spec = models.ModelSpec(cfg.arch, dataset.class_names, mean, std, cfg.norm, width=cfg.width)
     model = models.build_model(spec)
     summary = _model_summary(model)
     model = model.to(device, memory_format=torch.channels_last)

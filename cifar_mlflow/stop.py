@@ -3,8 +3,9 @@
 Python raises KeyboardInterrupt (and a handler raising on SIGTERM raises its exception) wherever the main thread
 happens to be: inside a lock held by MLflow's store client, SQLAlchemy's pool or the epoch reporter's thread pool.
 The cleanup that then ends the run KILLED needs the same lock and waits for it for ever (seen in CI: a Ctrl-C'd
-run that never exited). So, while `deferred()` is active (engine.fit, the LR range test, and the logging and
-registration of the model, where a raise can also land in a weakref callback that swallows it), a first signal is
+run that never exited). So, while `deferred()` is active (training from its first epoch to the registered model:
+engine.fit, the flip TTA, the figures, the logging and registration of the model, where a raise can also land in a
+weakref callback that swallows it; and the LR range test), a first signal is
 only recorded, and `check()`, which the loops call before each batch, raises it there, where no lock is held. A
 second signal raises at once, wherever the process is: a user pressing Ctrl-C twice is never kept waiting.
 Outside `deferred()` a signal raises at once, as Python's own handler does.

@@ -239,10 +239,19 @@ def cli_args(params: dict[str, object]) -> list[str]:
     return [x for key, value in params.items() for x in (f"--{key}", str(value))]
 
 
-# Batch 16: 32 steps at lr=scaled (0.00625), enough for the synthetic shapes to be learnt (0.78 test accuracy
-# measured) and so clearly above chance that a registered tiny model takes @champion; batch 64 (8 steps) stays at
-# chance, and the champion rule rightly withholds the alias from it.
-TINY = {"epochs": 2, "batch_size": 16, "num_workers": 0, "max_train_samples": 256, "max_test_samples": 128}
+# Batch 16: 32 steps at lr=scaled (0.00625), enough for the synthetic shapes to be learnt and so clearly above
+# chance that a registered tiny model takes @champion; batch 64 (8 steps) stays at chance, and the champion rule
+# rightly withholds the alias from it. Width 16: the same ResNet18 (layer1..layer4, GradCAM targets, export) at a
+# sixteenth of the compute; these runs test plumbing, and test_learning.py trains the published width.
+NARROW = 16
+TINY = {
+    "epochs": 2,
+    "batch_size": 16,
+    "num_workers": 0,
+    "max_train_samples": 256,
+    "max_test_samples": 128,
+    "width": NARROW,
+}
 
 
 @pytest.fixture
@@ -408,14 +417,22 @@ RUN_LINKS_JS = "() => [...document.querySelectorAll('a[href*=\"/runs/\"]')].map(
 LEAK_GRACE_S = 5.0
 
 
+# multiprocessing's own helpers, started once by this process the first time a test uses a lock or shared memory
+# of a spawn/forkserver context (torch's loaders do): they belong to this process, not to a test, and exit with it.
+OWN_HELPERS = ("from multiprocessing.resource_tracker import main", "from multiprocessing.forkserver import main")
+
+
 def _live_descendants() -> list:
     import psutil
 
-    alive = []
+    me, alive = os.getpid(), []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.ppid() == me and any(helper in " ".join(proc.cmdline()) for helper in OWN_HELPERS):
+                continue
+            alive.append(proc)
         except psutil.NoSuchProcess:
             pass
     return alive

@@ -34,7 +34,9 @@ def test_confusion_matrix_and_per_class_stats():
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return models.build_model(models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, (0.4,) * 3, (0.2,) * 3)).eval()
+    return models.build_model(
+        models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, (0.4,) * 3, (0.2,) * 3, width=16)
+    ).eval()
 
 
 def test_resolve_layers(net):

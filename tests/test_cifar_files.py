@@ -325,7 +325,7 @@ def test_mlflow_run_downloads_checks_extracts_and_trains_on_an_official_layout_a
     url = f"{base}/{data.ARCHIVE}#md5={md5}"
     proc = mlflow_run(
         store,
-        {"dataset": "cifar10", "data_dir": data_dir, "epochs": 1, "batch_size": 64, "num_workers": 0},
+        {"dataset": "cifar10", "data_dir": data_dir, "epochs": 1, "batch_size": 64, "num_workers": 0, "width": 16},
         extra_env={data.URL_ENV: url, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -28,7 +28,7 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     params = run.data.params
     assert set(f for f in TrainConfig.__dataclass_fields__) <= set(params)
     assert params["lr"] == "6.25e-3" and params["epochs"] == "2" and params["optimizer"] == "sgd"
-    assert params["model/num_params"] == "11173962"
+    assert params["model/num_params"] == "701466"  # ResNet18 at width 16 (11,173,962 at 64: test_models.py)
     assert params["data/train_size"] == "256" and params["data/test_size"] == "128"
     assert len(params["data/mean"].split(",")) == 3 and len(params["data/std"].split(",")) == 3
     assert params["env/device"] == "cpu" and params["env/precision"] in ("bf16", "fp32")
@@ -52,7 +52,7 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     for name in ("curves.png", "augmented_samples.png"):
         with open(f"{local}/{name}", "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n", name
-    assert "11,173,962" in open(f"{local}/model_summary.txt").read()
+    assert "701,466" in open(f"{local}/model_summary.txt").read()
     augmentations = open(f"{local}/augmentations.txt").read()
     assert "Cutout(" in augmentations and "clipped at the border (DeVries & Taylor 2017" in augmentations
 
@@ -159,7 +159,7 @@ def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
 
 def _direct_train(store, *args):
     fixed = "--dataset synthetic --epochs 2 --batch_size 16 --max_train_samples 256 --max_test_samples 64"
-    fixed += " --num_workers 0 --registered_model_name synthetic-test"
+    fixed += " --num_workers 0 --width 16 --registered_model_name synthetic-test"
     cmd = [sys.executable, "-m", "entrypoints.train", *fixed.split(), *args]
     return subprocess.run(cmd, cwd=REPO, env=store.env(), capture_output=True, text=True, timeout=300)
 

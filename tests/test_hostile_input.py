@@ -53,7 +53,7 @@ def _bad_values(f: dataclasses.Field):
         yield "too low", str(int(value) if kind is int else float(value)), "is not in the range"
     if m["high"] is not None:
         value = m["high"] if m["high_open"] else m["high"] + 1
-        yield "too high", str(float(value)), "is not in the range"
+        yield "too high", str(int(value) if kind is int else float(value)), "is not in the range"
 
 
 PARAM_CASES = [
@@ -100,6 +100,15 @@ def test_every_parameter_has_cases():
 def test_bad_parameter_values(sandbox, entry, name, value, expected):
     message = _one_line_error(entry, [f"--{name}", value], expected)
     assert f"--{name}" in message or f"{name}=" in message
+
+
+@pytest.mark.parametrize("entry", ["main", "lr_find", "pipeline"])
+def test_a_width_groupnorm_cannot_divide(sandbox, entry):
+    _one_line_error(
+        entry,
+        ["--width", "48", "--norm", "group"],
+        "width=48 is not allowed with norm='group': GroupNorm's 32 groups need a multiple of 32",
+    )
 
 
 @pytest.mark.parametrize("entry", list(COMMANDS))

@@ -25,7 +25,7 @@ def store(module_store):
     return module_store
 
 
-SPEC = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, (0.5,) * 3, (0.25,) * 3)
+SPEC = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, (0.5,) * 3, (0.25,) * 3, width=16)
 PWNED = "import pathlib; pathlib.Path({marker!r}).write_text('code from the artifact store ran')\n"
 
 
@@ -129,8 +129,8 @@ def _analyze_line(*extra: str) -> str:
         ({"std": [0, 0.2, 0.2]}, "std must be 3 numbers in (0, 1], one per RGB channel, got [0, 0.2, 0.2]"),
         (
             {"class_names": [f"c{i}" for i in range(12)]},
-            "not loadable weights for resnet18 (fc.weight has shape (10, 512); model_config.json's network (12 classes, "
-            "batch norm) needs (12, 512))",
+            "not loadable weights for resnet18 (fc.weight has shape (10, 128); model_config.json's network (12 classes, "
+            "batch norm) needs (12, 128))",
         ),
         ({"class_names": "cat"}, "class_names must list 2 to 1000 names (strings of 1-200 characters), got str"),
         ({"arch": "resnet1000"}, "arch 'resnet1000' is not one of resnet18, resnet34"),

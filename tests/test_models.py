@@ -73,6 +73,39 @@ def test_resnet34_parameter_count():
     )
 
 
+@pytest.mark.parametrize("arch, width, count", [("resnet18", 16, 701_466), ("resnet34", 32, 5_326_506)])
+def test_width_scales_every_stage_and_keeps_the_names(arch, width, count):
+    """width: layer1..layer4 at width, 2x, 4x, 8x channels, the same modules and names as the published network
+    (GradCAM's targets, the analysis' layer names), parameters ~ width squared."""
+    narrow = models.build_model(models.ModelSpec(arch, CLASSES, (0,) * 3, (1,) * 3, width=width))
+    assert models.num_parameters(narrow) == count
+    assert narrow.conv1.out_channels == width and narrow.fc.in_features == 8 * width
+    assert [getattr(narrow, f"layer{i}")[-1].conv2.out_channels for i in range(1, 5)] == [width << i for i in range(4)]
+    wide = models.build_model(models.ModelSpec(arch, CLASSES, (0,) * 3, (1,) * 3))
+    assert [n for n, _ in narrow.named_modules()] == [n for n, _ in wide.named_modules()]
+    assert narrow(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_width_is_saved_read_back_and_checked(tmp_path):
+    """model_config.json carries the width (a config written before it existed means 64); a width GroupNorm's 32
+    groups cannot divide, or out of range, is refused in one line."""
+    spec = models.ModelSpec("resnet18", CLASSES, (0.5,) * 3, (0.25,) * 3, width=16)
+    models.save_model_files(models.build_model(spec), spec, tmp_path)
+    assert models.read_spec(tmp_path) == spec
+    raw = json.loads((tmp_path / models.CONFIG_FILE).read_text())
+    (tmp_path / models.CONFIG_FILE).write_text(json.dumps({k: v for k, v in raw.items() if k != "width"}))
+    assert models.read_spec(tmp_path).width == 64
+    for width, norm, message in [
+        (16, "group", "width=16 is not allowed with norm='group': GroupNorm's 32 groups need a multiple of 32"),
+        (4, "batch", "width=4 is not allowed: expected an integer from 8 to 512"),
+        ("16", "batch", "width='16' is not allowed: expected an integer from 8 to 512"),
+    ]:
+        (tmp_path / models.CONFIG_FILE).write_text(json.dumps({**raw, "width": width, "norm": norm}))
+        with pytest.raises(ModelError) as info:
+            models.read_spec(tmp_path)
+        assert str(info.value) == f"{tmp_path / models.CONFIG_FILE}: {message}"
+
+
 def test_cifar_stem_and_torchvision_names(net):
     assert isinstance(net, ResNet)
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)

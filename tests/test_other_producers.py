@@ -26,7 +26,7 @@ from cifar_mlflow.tracking.store import check_tracking_server
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MLFLOW2_RUN = "6f4fa51c2f0c4a99afed2a6f6379f30b"  # the run in the MLflow 2.22.5 store
-SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5,) * 3, (0.25,) * 3)
+SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5,) * 3, (0.25,) * 3, width=16)
 
 
 def _copy(name: str, tmp_path: Path) -> Path:

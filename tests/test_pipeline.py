@@ -21,6 +21,7 @@ PIPELINE = {
     "num_workers": 0,
     "max_train_samples": 128,
     "max_test_samples": 64,
+    "width": 16,
     "num_iter": 20,
     "num_images": 4,
     "target_layers": "layer4",

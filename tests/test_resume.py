@@ -19,7 +19,15 @@ from cifar_mlflow.tracking import checkpoints, serving
 from entrypoints.train import train
 from tests.conftest import REPO, cli_args, mlflow_run_cmd, mlflow_run_process, train_process
 
-FOUR = {"epochs": 4, "batch_size": 32, "num_workers": 0, "max_train_samples": 192, "max_test_samples": 64, "seed": 3}
+FOUR = {
+    "epochs": 4,
+    "batch_size": 32,
+    "num_workers": 0,
+    "max_train_samples": 192,
+    "max_test_samples": 64,
+    "seed": 3,
+    "width": 16,
+}
 METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec")
 
 
@@ -130,7 +138,9 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
 
 
 def _direct(store, *args):
-    fixed = "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32".split()
+    fixed = (
+        "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32 --width 16".split()
+    )
     return train_process(store, [*fixed, *args])
 
 
@@ -287,7 +297,7 @@ def test_sigterm_during_registration_then_resume_gives_exactly_one_version(store
     client = MlflowClient(store.uri)
     name = "sigterm-at-registration"
     args = ["--data_dir", str(cifar_root), "--registered_model_name", name, "--epochs", "2", "--batch_size", "16"]
-    args += ["--max_train_samples", "256", "--max_test_samples", "128"]  # TINY's sizes: a model that learns
+    args += ["--max_train_samples", "256", "--max_test_samples", "128", "--width", "16"]  # TINY's: a model that learns
     proc = _direct(store, *args)
     exp = client.get_experiment_by_name("tests").experiment_id
     try:
@@ -307,7 +317,9 @@ def test_sigterm_during_registration_then_resume_gives_exactly_one_version(store
     assert run_id is not None and proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and client.get_run(run_id).info.status == "KILLED"
     assert len(client.search_model_versions(f"name='{name}'")) <= 1
-    fixed = "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32".split()
+    fixed = (
+        "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32 --width 16".split()
+    )
     resumed = subprocess.run(
         [sys.executable, "-m", "entrypoints.train", *fixed, *args],
         cwd=REPO,

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from tests.conftest import REPO, MlflowServer, free_port
 
 # batch 16: enough steps in these short runs for a model that clearly learns (the champion rule needs it)
-TINY = ["--batch_size", "16", "--num_workers", "0", "--max_test_samples", "64"]
+TINY = ["--batch_size", "16", "--num_workers", "0", "--max_test_samples", "64", "--width", "16"]
 
 
 def _env(uri, **extra):

@@ -24,7 +24,7 @@ from cifar_mlflow import data, models
 from cifar_mlflow.errors import ModelError
 from cifar_mlflow.tracking import registry, runs, serving
 
-SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
+SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), width=16)
 X = np.random.default_rng(1).random((5, 3, 32, 32), dtype=np.float32)
 
 

@@ -34,6 +34,7 @@ PARAMS = {
     "num_workers": 0,
     "max_train_samples": 256,
     "max_test_samples": 128,
+    "width": 16,
     "prune_after_trials": 1,
     "registered_model_name": MODEL,
 }

@@ -28,6 +28,7 @@ PARAMS = {
     "num_workers": 0,
     "max_train_samples": 256,
     "max_test_samples": 64,
+    "width": 16,
     "pruner": "none",
     "registered_model_name": "sweep-resume",
 }

@@ -14,7 +14,7 @@ from cifar_mlflow import models
 from cifar_mlflow.errors import ConfigError, ModelError
 from cifar_mlflow.tracking import registry, runs, serving
 
-SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5,) * 3, (0.25,) * 3)
+SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5,) * 3, (0.25,) * 3, width=16)
 
 
 def test_log_params_skips_values_already_logged_in_another_spelling(store):

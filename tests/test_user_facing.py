@@ -388,7 +388,9 @@ def test_the_runs_and_the_model_are_linked_as_mlflow_3_links_them(trained):
     assert set(from_analysis) == {k for k in analysis.data.metrics if not k.startswith("system/")}
 
     note = train_run.data.tags["mlflow.note.content"]
-    assert note.startswith("**ResNet18** (batch norm) on **cifar10** (128 training / 64 test images): 3 epochs")
+    assert note.startswith(
+        "**ResNet18** at width 16 (batch norm) on **cifar10** (128 training / 64 test images): 3 epochs"
+    )
     assert f"Test accuracy **{train_run.data.metrics['test/accuracy']:.4f}**" in note
     assert f"Registered as `models:/{MODEL}/{trained.version}`, now @champion." in note
     note = analysis.data.tags["mlflow.note.content"]

@@ -34,7 +34,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
     absolute = fields.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
     sweep, train, analyze = absolute.steps()  # every step's parameters validated before anything runs
     # the analysis step's layers too, on the network training will build (not after an hour of training)
-    blank = models.ModelSpec(train.arch, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, train.norm)
+    blank = models.ModelSpec(
+        train.arch, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, train.norm, width=train.width
+    )
     analysis.resolve_layers(models.build_model(blank), analyze.target_layers)
     project = project_dir()
     with runs.open_run() as parent:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cifar_mlflow import augment, data, distributed, engine, gradcam_panel, hardware, lr_finder, plots
+from cifar_mlflow import augment, data, distributed, engine, gradcam_panel, hardware, lr_finder, plots, stop
 from cifar_mlflow.config import LRFindConfig, TrainConfig, scaled_lr
 from cifar_mlflow.errors import TrackingError
 from cifar_mlflow.jobs.lr_find import log_range_test, range_test
@@ -168,6 +168,9 @@ def _start(cfg: TrainConfig, p: TrainingSetup, log: Logger, shards: list[list[in
     return Start(done=False, resume=resume, lr=lr)
 
 
+# A stop asked for after the last epoch waits for the next step: raised at once it could land inside matplotlib's or
+# torch.export's weakref callbacks, which swallow it, and the run would go on and register as if never stopped.
+@stop.deferred()
 def _fit_and_register(
     cfg: TrainConfig,
     ctx: distributed.Context | None,

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
+from cifar_mlflow.config import WIDTH
+
 if TYPE_CHECKING:
     from cifar_mlflow import data
     from cifar_mlflow.config import TrainConfig
@@ -21,7 +23,8 @@ def _recipe(cfg: TrainConfig, dataset: data.Dataset, peak_lr: float | str, asked
     peak = f"{peak_lr:.4g}" if isinstance(peak_lr, float) else str(peak_lr)
     how = f" (lr={asked})" if isinstance(asked, str) and asked != peak else ""
     return (
-        f"**{ARCHS.get(cfg.arch, cfg.arch)}** ({cfg.norm} norm) on **{dataset.name}** "
+        f"**{ARCHS.get(cfg.arch, cfg.arch)}**{'' if cfg.width == WIDTH else f' at width {cfg.width}'} ({cfg.norm} norm) "
+        f"on **{dataset.name}** "
         f"({len(dataset.train):,} training / {len(dataset.test):,} test images): {cfg.epochs} epochs at batch "
         f"{cfg.batch_size}, {cfg.optimizer} with {cfg.scheduler} schedule, peak lr {peak}{how}, "
         f"augment={cfg.augment}, seed {cfg.seed}."
