@@ -2,7 +2,7 @@
 with identical maps (tolerance 1e-5); and the analysis entry point on 2,000 test images with 25 images x 2 layers
 of GradCAM: wall time, and where it goes.
 
-    python -m benchmarks.bench_gradcam [--images 25] [--test-images 2000] [--repeats 3]
+    python -m benchmarks.bench_gradcam [--images 25] [--test-images 2000] [--repeats 3] [--width 64]
 """
 
 from __future__ import annotations
@@ -45,16 +45,16 @@ def per_image(model, layer, x, classes, batch: int = 1) -> np.ndarray:
         )
 
 
-def _trained_model(uri: str) -> str:
+def _trained_model(uri: str, width: int) -> str:
     """A quickly trained, registered model in a fresh store (GradCAM of an untrained net is not representative)."""
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("bench")
     split, test = data.make_synthetic(256, seed=1), data.make_synthetic(64, seed=2)
     mean, std = data.channel_stats(split.images)
-    spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std)
+    spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std, width=width)
     torch.manual_seed(0)
     model = models.build_model(spec).to(memory_format=torch.channels_last)
-    cfg = TrainConfig(epochs=2, batch_size=64, dataset="synthetic")
+    cfg = TrainConfig(epochs=2, batch_size=64, dataset="synthetic", width=width)
     cpu = hardware.resolve_device()
     with runs.open_run() as log:
         log.log_params({**cfg.to_params(), "env/precision": hardware.resolve_precision("auto", cpu)})
@@ -118,11 +118,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--images", type=int, default=25)
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--width", type=int, default=64, help="ResNet18's width (64: the published network)")
     args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="bench-gradcam-")
     os.chdir(tmp)  # the sqlite store's artifacts go to ./mlruns: keep them out of the checkout
-    model_uri = _trained_model(f"sqlite:///{tmp}/mlflow.db")
+    model_uri = _trained_model(f"sqlite:///{tmp}/mlflow.db", args.width)
     model, _ = serving.load_torch_model(model_uri)
     images = data.make_synthetic(args.images, seed=7).images
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)

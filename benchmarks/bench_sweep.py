@@ -2,7 +2,7 @@
 user runs it, then the parent run's summary read back: trials, how many were pruned, epochs run against epochs
 asked, and the best trial's accuracy against the base recipe's (trial 0 is the defaults).
 
-    python -m benchmarks.bench_sweep [--trials 8] [--epochs 3] [--images 640] [--batch-size 16] [--lr 0.00625]
+    python -m benchmarks.bench_sweep [--trials 8] [--epochs 3] [--images 640] [--batch-size 16] [--lr 0.00625] [--width 64]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--prune-after-trials", type=int, default=2)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--store", help="folder for the sqlite store (default: a new temp folder)")
+    parser.add_argument("--width", type=int, default=64, help="ResNet18's width (64: the published network)")
     args = parser.parse_args(argv)
     store = Path(args.store or tempfile.mkdtemp(prefix="bench-sweep-")).resolve()
     store.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "pruner": args.pruner,
         "prune_after_trials": args.prune_after_trials,
         "num_workers": 0,
+        "width": args.width,
         "registered_model_name": "bench-sweep",
     }
     env = {

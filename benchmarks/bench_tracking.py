@@ -4,7 +4,7 @@ checkpoint, the GradCAM panels of training you can watch (--log-images-every, as
 -1 = auto logs one after each of 2 epochs), the curves figure -- against the engine with tracking off.
 Target: wall-time ratio <= 1.02. Model registration, a one-off at the end of a run, is timed separately.
 
-    python -m benchmarks.bench_tracking [--images 1024] [--epochs 2] [--repeats 3]
+    python -m benchmarks.bench_tracking [--images 1024] [--epochs 2] [--repeats 3] [--width 64]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--system-metrics-interval", type=int, default=10)
     parser.add_argument("--log-images-every", type=int, default=-1)
     parser.add_argument("--store", help="folder for the sqlite store and artifacts (default: a new temp folder)")
+    parser.add_argument("--width", type=int, default=64, help="ResNet18's width (64: the published network)")
     args = parser.parse_args(argv)
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = str(args.system_metrics_interval)
 
@@ -45,8 +46,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     split, test = data.make_synthetic(args.images, seed=1), data.make_synthetic(256, seed=2)
     ds = data.Dataset("synthetic", split, test, data.SYNTHETIC_CLASSES, "synthetic")
     mean, std = data.channel_stats(split.images)
-    spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std)
-    cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, log_images_every=args.log_images_every)
+    spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std, width=args.width)
+    cfg = TrainConfig(
+        batch_size=args.batch_size, epochs=args.epochs, log_images_every=args.log_images_every, width=args.width
+    )
     loader, test_loader, _ = common.standard_loaders(split, test, args.batch_size)
     tmp = os.path.abspath(args.store) if args.store else tempfile.mkdtemp(prefix="bench-tracking-")
     os.chdir(tmp)  # the sqlite store's artifacts go to ./mlruns

@@ -103,6 +103,8 @@ def test_tracking_benchmark_measures_what_a_training_run_logs(tmp_path):
         "1",
         "--store",
         str(tmp_path),
+        "--width",
+        "16",
         cwd=tmp_path,
     )
     assert re.search(r"\| ratio on/off \(target <= 1.02\) +\| \d+\.\d+", out), out
@@ -127,7 +129,9 @@ def test_tracking_benchmark_measures_what_a_training_run_logs(tmp_path):
 
 
 def test_gradcam_benchmark_batched_maps_equal_per_image_maps(tmp_path):
-    out = _bench("bench_gradcam", "--images", "4", "--test-images", "64", "--repeats", "1", cwd=tmp_path)
+    out = _bench(
+        "bench_gradcam", "--images", "4", "--test-images", "64", "--repeats", "1", "--width", "16", cwd=tmp_path
+    )
     rows = [
         [c.strip() for c in line.strip("|").split("|")]
         for line in out.splitlines()
@@ -157,7 +161,7 @@ def test_sweep_benchmark_reports_trials_epochs_and_best_against_base(tmp_path):
     out = _bench(
         "bench_sweep",
         *("--dataset", "synthetic", "--trials", "2", "--epochs", "1", "--images", "64", "--test-images", "32"),
-        *("--store", str(tmp_path / "store")),
+        *("--store", str(tmp_path / "store"), "--width", "16"),
         cwd=tmp_path,
     )
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]

@@ -1,12 +1,17 @@
 """Against a real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by the server): a server that is
 down fails in seconds, a server stopped for 35 s mid-run and at registration loses nothing (one that stays down ends
-the process resumably), two runs at once both register and `champion`
-ends on the better one, and basic-auth works with credentials and fails clearly without."""
+the process resumably), two runs at once both register and `champion` ends on the better one, and basic-auth works
+with credentials and fails clearly without.
+
+The outage scenarios spend most of their time waiting an outage out (35 s, then MLflow's backoff of up to another
+30 s): they start as the module starts, each in a thread with a server of its own, and run while the module's other
+tests do; their tests, last in the module, collect them."""
 
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from mlflow import MlflowClient
@@ -55,6 +60,9 @@ def test_unreachable_server_fails_within_seconds(cifar_root):
     )
 
 
+POLL_S = 0.5  # each poll is a request to the server: four scenarios poll at once
+
+
 def _running_run(client, proc, name, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -62,7 +70,7 @@ def _running_run(client, proc, name, timeout=180):
         if runs:
             return runs[0].info.run_id
         assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.2)
+        time.sleep(POLL_S)
     raise AssertionError(f"no RUNNING run for {name} within {timeout} s")
 
 
@@ -72,47 +80,67 @@ def _wait_metric(client, run_id, key, step, proc, timeout=300):
         if any(m.step >= step for m in client.get_metric_history(run_id, key)):
             return
         assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.2)
+        time.sleep(POLL_S)
     raise AssertionError(f"{key} step {step} not logged within {timeout} s")
 
 
+# After epoch 1 metrics: training goes on while the server is down. After the flip-TTA metric of the last epoch
+# (logged just before the figures and the model): the model is being logged and registered.
+WHEN = {"mid-run": ("test/accuracy", 1), "at-registration": ("test/accuracy_tta", 3)}
 OUTAGE_S = 35  # issue 26: a 30-60 s outage must cost nothing
 
 
-def test_outages_of_35_s_mid_run_and_at_registration_cost_nothing(server, cifar_root):
-    """The server stopped for 35 s after epoch 1, then for 35 s as the model is being registered, and started
-    again on the same store each time: the run finishes with every epoch's metrics once, and one version."""
-    client = MlflowClient(server.uri)
+def _on_a_server_of_its_own(root, scenario, *args):
+    """(the server, left running for the test to read what the run left; the fixture stops it, the scenario's
+    outcome)."""
+    server = MlflowServer(root).start()
+    try:
+        return server, scenario(server, *args)
+    except BaseException:
+        server.stop()
+        raise
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scenarios(tmp_path_factory, cifar_root):
+    """The four outage scenarios, started in threads as the module starts (autouse); name -> Future of (server,
+    outcome). The module ends once they have (each waits a bounded time), and their servers are stopped."""
+    pool = ThreadPoolExecutor(4)
+    futures = {
+        (scenario.__name__, when): pool.submit(
+            _on_a_server_of_its_own, tmp_path_factory.mktemp(f"{scenario.__name__}-{when}"), scenario, cifar_root, when
+        )
+        for scenario in (_outage, _long_outage)
+        for when in WHEN
+    }
+    yield futures
+    pool.shutdown(wait=True)
+    for future in futures.values():
+        if future.exception() is None:
+            future.result()[0].stop()
+
+
+def _outage(server, cifar_root, when):
+    """A run of 3 epochs whose server is stopped for OUTAGE_S `when`, then started again on the same store."""
+    client, name = MlflowClient(server.uri), f"outage-{when}"
     proc = _train(
         server.uri,
         cifar_root,
-        *("--epochs", "3", "--max_train_samples", "160", "--registered_model_name", "outage-test"),
+        *("--epochs", "3", "--max_train_samples", "160", "--registered_model_name", name),
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
     )
     try:
-        run_id = _running_run(client, proc, "outage-test")
-        _wait_metric(client, run_id, "test/accuracy", 1, proc)
-        server.stop()
-        time.sleep(OUTAGE_S)  # training goes on meanwhile; reports wait and retry
-        server.start()
-        _wait_metric(client, run_id, "test/accuracy_tta", 3, proc)  # logged just before the figures and the model
+        run_id = _running_run(client, proc, name)
+        _wait_metric(client, run_id, *WHEN[when], proc)
         server.stop()
         stopped_at = time.time()
-        time.sleep(OUTAGE_S)
+        time.sleep(OUTAGE_S)  # reports and requests wait and retry meanwhile
         server.start()
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
-    for key in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
-    (version,) = client.search_model_versions("name='outage-test'")
-    assert version.run_id == run_id and version.creation_timestamp / 1000 > stopped_at, "registered after the outage"
-    assert client.get_model_version_by_alias("outage-test", "champion").run_id == run_id
-    assert checkpoints_epoch(client, run_id) == 3
+    return proc.returncode, err, run_id, stopped_at
 
 
 def checkpoints_epoch(client, run_id):
@@ -123,45 +151,27 @@ def checkpoints_epoch(client, run_id):
         return json.loads(open(client.download_artifacts(run_id, "checkpoints/latest.json", tmp)).read())["epoch"]
 
 
-@pytest.mark.parametrize("when", ["mid-run", "at-registration"])
-def test_an_outage_past_mlflows_retries_ends_the_process_resumably_in_one_line(server, cifar_root, when):
-    """With MLflow's retries cut to seconds (the bound; by default MLflow retries a request for minutes), a
-    server that stays down ends the process in one line (exit 75, EX_TEMPFAIL), and --run-id completes the run:
-    after epoch 1, or as the model is being registered."""
-    client = MlflowClient(server.uri)
-    name = f"long-outage-{when}"
+def _long_outage(server, cifar_root, when):
+    """With MLflow's retries cut to seconds, the server stopped `when` and kept down until the process ends; then
+    started again and the run resumed with --run-id."""
+    client, name = MlflowClient(server.uri), f"long-outage-{when}"
     args = ("--epochs", "3", "--max_train_samples", "160", "--registered_model_name", name)
     budget = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
     proc = _train(server.uri, cifar_root, *args, MLFLOW_HTTP_REQUEST_TIMEOUT="5", **budget)
     try:
         run_id = _running_run(client, proc, name)
-        if when == "mid-run":
-            _wait_metric(client, run_id, "test/accuracy", 1, proc)
-        else:
-            _wait_metric(client, run_id, "test/accuracy_tta", 3, proc)
+        _wait_metric(client, run_id, *WHEN[when], proc)
         server.stop()
         start = time.time()
         _, err = proc.communicate(timeout=240)
+        gave_up_after = time.time() - start
     finally:
         if proc.poll() is None:
             proc.kill()
         server.start()
-    assert proc.returncode == 75, err[-3000:]
-    assert err.strip().splitlines()[-1] == (
-        f"error: tracking server {server.uri} stopped answering and MLflow's retries ran out "
-        "(MLFLOW_HTTP_REQUEST_MAX_RETRIES=1, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1); run "
-        f"{run_id} stays resumable with the checkpoints it reported: once the server is back, resume it with "
-        f"`mlflow run --run-id {run_id}` and the same parameters"
-    ), err[-3000:]
-    assert "Traceback" not in err and time.time() - start < 120
     resumed = _train(server.uri, cifar_root, *args, MLFLOW_RUN_ID=run_id)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags.get("resumed_from_epoch") in ("1", "2", "3")
-    for key in ("train/loss", "test/accuracy", "lr"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
-    assert [v.run_id for v in client.search_model_versions(f"name='{name}'")] == [run_id]
+    _, resumed_err = resumed.communicate(timeout=300)
+    return proc.returncode, err, gave_up_after, run_id, resumed.returncode, resumed_err
 
 
 def test_two_runs_at_once_register_distinct_versions_and_champion_is_the_better(server, cifar_root):
@@ -238,3 +248,48 @@ def test_basic_auth_works_with_credentials_and_fails_clearly_without(auth_server
     finally:
         for k in creds:
             os.environ.pop(k)
+
+
+# The outage scenarios started with the module (the `scenarios` fixture): collected last.
+
+
+def test_outages_of_35_s_mid_run_and_at_registration_cost_nothing(scenarios):
+    """The server stopped for 35 s after epoch 1 (one run) and as the model is being registered (another run, on
+    a server of its own, at the same time), then started again on the same store: each run finishes with every
+    epoch's metrics once, and one version, registered after the outage."""
+    for when in WHEN:
+        server, (code, err, run_id, stopped_at) = scenarios[("_outage", when)].result(timeout=600)
+        assert code == 0, f"{when}: {err[-3000:]}"
+        client, name = MlflowClient(server.uri), f"outage-{when}"
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags, when
+        for key in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], (when, key)
+        (version,) = client.search_model_versions(f"name='{name}'")
+        assert version.run_id == run_id and version.creation_timestamp / 1000 > stopped_at, f"{when}: registered early"
+        assert client.get_model_version_by_alias(name, "champion").run_id == run_id, when
+        assert checkpoints_epoch(client, run_id) == 3, when
+
+
+def test_an_outage_past_mlflows_retries_ends_the_process_resumably_in_one_line(scenarios):
+    """With MLflow's retries cut to seconds (the bound; by default MLflow retries a request for minutes), a
+    server that stays down ends the process in one line (exit 75, EX_TEMPFAIL), and --run-id completes the run:
+    after epoch 1 (one run), or as the model is being registered (another, at the same time)."""
+    for when in WHEN:
+        server, outcome = scenarios[("_long_outage", when)].result(timeout=600)
+        code, err, gave_up_after, run_id, resumed_code, resumed_err = outcome
+        assert code == 75, f"{when}: {err[-3000:]}"
+        assert err.strip().splitlines()[-1] == (
+            f"error: tracking server {server.uri} stopped answering and MLflow's retries ran out "
+            "(MLFLOW_HTTP_REQUEST_MAX_RETRIES=1, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1); run "
+            f"{run_id} stays resumable with the checkpoints it reported: once the server is back, resume it with "
+            f"`mlflow run --run-id {run_id}` and the same parameters"
+        ), f"{when}: {err[-3000:]}"
+        assert "Traceback" not in err and gave_up_after < 120, when
+        assert resumed_code == 0, f"{when}: {resumed_err[-3000:]}"
+        client = MlflowClient(server.uri)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags.get("resumed_from_epoch") in ("1", "2", "3"), when
+        for key in ("train/loss", "test/accuracy", "lr"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], (when, key)
+        assert [v.run_id for v in client.search_model_versions(f"name='long-outage-{when}'")] == [run_id], when
