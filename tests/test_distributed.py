@@ -1,6 +1,6 @@
-"""Data-parallel training with torchrun on 2 CPU processes (gloo), through `mlflow run -e ddp` as documented:
-one FINISHED run and one registered version, metrics that are the reduction of the per-process values,
-disjoint shards; the sharded sampler itself; and resume of a data-parallel run after a crash."""
+"""Data-parallel training with torchrun on 2 CPU processes (gloo), through `mlflow run -e ddp` as documented: one
+run, killed after epoch 1 and resumed, ends FINISHED with one registered version, metrics that are the reduction
+of the per-process values and disjoint shards; the sharded sampler itself; a batch that does not split."""
 
 import contextlib
 import json
@@ -51,50 +51,11 @@ def test_sharded_sampler_splits_each_epoch_without_overlap(n, world):
             assert union == set(range(n))
 
 
-def test_torchrun_two_processes_one_run_reduced_metrics_disjoint_shards(store, cifar_root):
-    proc = _mlflow_run_ddp(store, {**DDP, "data_dir": cifar_root})
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    (run,) = runs_of(store)
-    client = MlflowClient(store.uri)
-    run_id, m = run.info.run_id, run.data.metrics
-    assert run.info.status == "FINISHED"
-    p = run.data.params
-    assert (p["env/world_size"], p["env/backend"], p["env/per_process_batch_size"]) == ("2", "gloo", "8")
-
-    # one version, registered by rank 0 only
-    versions = client.search_model_versions("name='cifar10-resnet18'")
-    assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == run_id
-
-    # every epoch logged once; train metrics are the sample-weighted reduction of the per-process values
-    for key in ("train/loss", "train/accuracy", "test/accuracy", "ranks/0/train/loss", "ranks/1/train/loss"):
-        assert sorted(x.step for x in client.get_metric_history(run_id, key)) == [1, 2], key
-    n0, n1 = m["ranks/0/train/samples"], m["ranks/1/train/samples"]
-    assert n0 == n1 == 128
-    for key in ("train/loss", "train/accuracy"):
-        r0, r1 = m[f"ranks/0/{key}"], m[f"ranks/1/{key}"]
-        assert m[key] == pytest.approx((r0 * n0 + r1 * n1) / (n0 + n1), rel=1e-12)
-        assert r0 != r1  # two different shards
-
-    # the shards each process drew in epoch 1 are disjoint and together cover the training set
-    shards = json.loads(open(client.download_artifacts(run_id, "distributed/shards.json", str(store.root))).read())
-    a, b = map(set, shards["epoch1_indices_by_rank"])
-    assert shards["world_size"] == 2 and len(a) == len(b) == 128 and not a & b and a | b == set(range(256))
-
-    # test metrics (summed over both shards of the 100 test images) = the registered model on all 100 images
-    net, _ = load_torch_model("models:/cifar10-resnet18/1")
-    test = data.read_cifar10(cifar_root, max_test=100).test
-    loader = data.make_loader(test, batch_size=32, train=False)
-    got = engine.evaluate(net.to(memory_format=torch.channels_last), loader, torch.device("cpu"), p["env/precision"])
-    assert got["test/accuracy"] == pytest.approx(m["test/accuracy"], abs=1 / 100)
-    # relative: after 8 steps the eval-mode BN statistics are far from settled and the loss can be 1e4+,
-    # where float32 sums in another order differ in the 7th digit
-    assert got["test/loss"] == pytest.approx(m["test/loss"], rel=1e-5, abs=1e-3)
-    assert "training finished" in out and out.count("registered models:/cifar10-resnet18/1") == 1
-
-
-def test_killed_ddp_run_resumes_from_its_checkpoint(store, cifar_root):
-    params = {**DDP, "epochs": 3, "data_dir": cifar_root, "log_images_every": 0}
+def test_torchrun_run_killed_resumes_then_holds_reduced_metrics_disjoint_shards_one_version(store, cifar_root):
+    """One data-parallel run through `mlflow run -e ddp`, killed whole after epoch 1 (a crash) and resumed with
+    `--run-id`: it ends FINISHED with every epoch once, one version registered by rank 0, metrics that reduce the
+    processes' own, and the disjoint shards each process drew in epoch 1."""
+    params = {**DDP, "epochs": 3, "data_dir": cifar_root}
     proc = _mlflow_run_ddp(store, params)
     client = MlflowClient(store.uri)
     deadline = time.time() + 300
@@ -121,10 +82,39 @@ def test_killed_ddp_run_resumes_from_its_checkpoint(store, cifar_root):
     assert again.returncode == 0, out[-4000:]
     assert "resuming run" in out, out[-6000:]
     run = client.get_run(run_id)
+    m, p = run.data.metrics, run.data.params
     assert run.info.status == "FINISHED" and int(run.data.tags["resumed_from_epoch"]) >= 1
-    for key in ("train/loss", "test/accuracy", "ranks/1/train/loss"):
+    assert (p["env/world_size"], p["env/backend"], p["env/per_process_batch_size"]) == ("2", "gloo", "8")
+
+    # one version, registered by rank 0 only
+    versions = client.search_model_versions("name='cifar10-resnet18'")
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == run_id
+    assert "training finished" in out and out.count("registered models:/cifar10-resnet18/1") == 1
+
+    # every epoch logged once; train metrics are the sample-weighted reduction of the per-process values
+    for key in ("train/loss", "train/accuracy", "test/accuracy", "ranks/0/train/loss", "ranks/1/train/loss"):
         assert sorted(x.step for x in client.get_metric_history(run_id, key)) == [1, 2, 3], key
-    assert [str(v.version) for v in client.search_model_versions("name='cifar10-resnet18'")] == ["1"]
+    n0, n1 = m["ranks/0/train/samples"], m["ranks/1/train/samples"]
+    assert n0 == n1 == 128
+    for key in ("train/loss", "train/accuracy"):
+        r0, r1 = m[f"ranks/0/{key}"], m[f"ranks/1/{key}"]
+        assert m[key] == pytest.approx((r0 * n0 + r1 * n1) / (n0 + n1), rel=1e-12)
+        assert r0 != r1  # two different shards
+
+    # the shards each process drew in epoch 1 are disjoint and together cover the training set
+    shards = json.loads(open(client.download_artifacts(run_id, "distributed/shards.json", str(store.root))).read())
+    a, b = map(set, shards["epoch1_indices_by_rank"])
+    assert shards["world_size"] == 2 and len(a) == len(b) == 128 and not a & b and a | b == set(range(256))
+
+    # test metrics (summed over both shards of the 100 test images) = the registered model on all 100 images
+    net, _ = load_torch_model("models:/cifar10-resnet18/1")
+    test = data.read_cifar10(cifar_root, max_test=100).test
+    loader = data.make_loader(test, batch_size=32, train=False)
+    got = engine.evaluate(net.to(memory_format=torch.channels_last), loader, torch.device("cpu"), p["env/precision"])
+    assert got["test/accuracy"] == pytest.approx(m["test/accuracy"], abs=1 / 100)
+    # relative: after few steps the eval-mode BN statistics are far from settled and the loss can be large,
+    # where float32 sums in another order differ in the 7th digit
+    assert got["test/loss"] == pytest.approx(m["test/loss"], rel=1e-5, abs=1e-3)
 
 
 def test_batch_that_does_not_split_over_the_processes_is_refused_first(store, tmp_path, monkeypatch):
