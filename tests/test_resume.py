@@ -114,11 +114,9 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
     for key in METRICS:
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4], key
 
-    # an uninterrupted run with the same seed ends identically
-    straight = subprocess.run(
-        mlflow_run_cmd(params), cwd=store.root, env=store.env(), capture_output=True, text=True, timeout=300
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    # an uninterrupted run with the same seed ends identically (in this process: a third process, after the
+    # killed and the resuming one)
+    assert invoke(train, cli_args(params)) == (0, "")
     other = client.search_runs(
         [run.info.experiment_id], "attributes.status = 'FINISHED'", order_by=["start_time DESC"]
     )[0]
@@ -137,11 +135,11 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
     assert len(client.search_model_versions("name='cifar10-resnet18'")) == 2
 
 
+DIRECT = "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32 --width 16".split()
+
+
 def _direct(store, *args):
-    fixed = (
-        "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32 --width 16".split()
-    )
-    return train_process(store, [*fixed, *args])
+    return train_process(store, [*DIRECT, *args])
 
 
 @pytest.mark.parametrize(
@@ -187,23 +185,10 @@ def test_nan_loss_fails_the_run_tagged_with_the_step(store, cifar_root):
     client = MlflowClient(store.uri)
     exp = client.get_experiment_by_name("tests").experiment_id
     before = {r.info.run_id for r in client.search_runs([exp])}
-    proc = _direct(
-        store,
-        "--data_dir",
-        str(cifar_root),
-        "--lr",
-        "1e6",
-        "--scheduler",
-        "none",
-        "--momentum",
-        "0",
-        "--registered_model_name",
-        "nan-model",
-    )
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1
-    (line,) = err.strip().splitlines()[-1:]
-    assert line.startswith("error: the training loss became nan at step ") or "became inf" in line, line
+    args = [*DIRECT, "--data_dir", str(cifar_root), "--lr", "1e6", "--scheduler", "none", "--momentum", "0"]
+    code, line = invoke(train, [*args, "--registered_model_name", "nan-model"])
+    assert code == 1
+    assert line.startswith("the training loss became nan at step ") or "became inf" in line, line
     (run,) = [r for r in client.search_runs([exp]) if r.info.run_id not in before]
     assert run.info.status == "FAILED" and int(run.data.tags["diverged_at_step"]) >= 1
     assert "TrainingDiverged" in run.data.tags["failure_reason"]
@@ -317,11 +302,8 @@ def test_sigterm_during_registration_then_resume_gives_exactly_one_version(store
     assert run_id is not None and proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and client.get_run(run_id).info.status == "KILLED"
     assert len(client.search_model_versions(f"name='{name}'")) <= 1
-    fixed = (
-        "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32 --width 16".split()
-    )
     resumed = subprocess.run(
-        [sys.executable, "-m", "entrypoints.train", *fixed, *args],
+        [sys.executable, "-m", "entrypoints.train", *DIRECT, *args],
         cwd=REPO,
         env=store.env(MLFLOW_RUN_ID=run_id),
         capture_output=True,
