@@ -53,6 +53,18 @@ def _register(net, name, accuracy=0.5, epochs=2):
     return log.run_id, version
 
 
+@pytest.fixture(scope="module")
+def store(module_store):
+    return module_store
+
+
+@pytest.fixture(scope="module")
+def registered(store, net) -> str:
+    """models:/stock/1, registered once for the module's tests that only read it."""
+    _register(net, "stock")
+    return "models:/stock/1"
+
+
 def _expected(net) -> np.ndarray:
     return models.predict_proba(net, torch.from_numpy(X)).numpy()
 
@@ -81,8 +93,9 @@ print(json.dumps({
 """
 
 
-def test_stock_mlflow_loads_the_network_and_the_pyfunc_where_the_project_is_not_installed(store, net, tmp_path):
-    _register(net, "stock")
+def test_stock_mlflow_loads_the_network_and_the_pyfunc_where_the_project_is_not_installed(
+    store, net, registered, tmp_path
+):
     np.save(tmp_path / "x.npy", X)
     proc = subprocess.run(
         [sys.executable, "-c", STOCK_USER, str(tmp_path / "x.npy"), "models:/stock@champion"],
@@ -101,17 +114,16 @@ def test_stock_mlflow_loads_the_network_and_the_pyfunc_where_the_project_is_not_
     np.testing.assert_allclose(np.asarray(got["probabilities"]), expected, atol=1e-5)
 
 
-def test_loading_here_three_ways_gives_the_trained_networks_answers(store, net):
-    _register(net, "three-ways")
+def test_loading_here_three_ways_gives_the_trained_networks_answers(store, net, registered):
     expected = _expected(net)
-    exported = mlflow.pytorch.load_model("models:/three-ways/1")
+    exported = mlflow.pytorch.load_model(registered)
     with torch.no_grad():
         np.testing.assert_allclose(torch.softmax(exported(torch.from_numpy(X)), 1).numpy(), expected, atol=1e-5)
         # torch.export kept the batch dimension dynamic: one image and 7 images are answered too
         assert exported(torch.from_numpy(X[:1])).shape == (1, 10)
         assert exported(torch.from_numpy(np.concatenate([X, X[:2]]))).shape == (7, 10)
 
-    pyfunc = mlflow.pyfunc.load_model("models:/three-ways/1")
+    pyfunc = mlflow.pyfunc.load_model(registered)
     np.testing.assert_allclose(np.asarray(pyfunc.predict(list(X))), expected, atol=1e-5)
     np.testing.assert_allclose(np.asarray(pyfunc.predict(X.tolist())), expected, atol=1e-5)
     with pytest.raises(mlflow.MlflowException, match="Expected list, but got ndarray"):
@@ -119,7 +131,7 @@ def test_loading_here_three_ways_gives_the_trained_networks_answers(store, net):
     with pytest.raises(mlflow.MlflowException, match=r"input of shape \(2, 32, 32, 3\) is not allowed"):
         pyfunc.predict(list(np.zeros((2, 32, 32, 3), np.float32)))
 
-    module, spec = serving.load_torch_model("models:/three-ways/1")
+    module, spec = serving.load_torch_model(registered)
     assert isinstance(module, models.CifarResNet) and spec == SPEC and not module.training
     for key, value in net.state_dict().items():  # every parameter and buffer, BatchNorm statistics included
         torch.testing.assert_close(module.state_dict()[key], value, rtol=0, atol=0, msg=key)
@@ -130,9 +142,8 @@ def _model_folder(uri: str, dst: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
 
 
-def test_the_model_holds_one_copy_of_the_weights_and_ships_only_self_contained_code(store, net, tmp_path):
-    _register(net, "layout")
-    folder = _model_folder("models:/layout/1", tmp_path / "dl")
+def test_the_model_holds_one_copy_of_the_weights_and_ships_only_self_contained_code(registered, tmp_path):
+    folder = _model_folder(registered, tmp_path / "dl")
     big = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.stat().st_size > 1 << 20)
     assert big == [f"{serving.PYTORCH_DATA}/{serving.EXPORTED_FILE}"], big
     assert (
@@ -157,11 +168,10 @@ def test_the_model_holds_one_copy_of_the_weights_and_ships_only_self_contained_c
     assert spec["class_names"] == list(SPEC.class_names) and spec["mean"] == list(SPEC.mean)
 
 
-def test_the_exported_archive_unpickles_nothing_but_the_example_input(store, net, tmp_path):
+def test_the_exported_archive_unpickles_nothing_but_the_example_input(registered, net, tmp_path):
     """What the README states about loading model.pt2: the graph is JSON, the weights raw bytes; the one pickled
     record is the example input, and torch's weights_only unpickler (tensors and containers only) accepts it."""
-    _register(net, "archive")
-    archive = zipfile.ZipFile(_model_folder("models:/archive/1", tmp_path / "dl") / serving.PYTORCH_DATA / "model.pt2")
+    archive = zipfile.ZipFile(_model_folder(registered, tmp_path / "dl") / serving.PYTORCH_DATA / "model.pt2")
     names = archive.namelist()
     config = json.loads(archive.read(next(n for n in names if n.endswith("model_weights_config.json"))))["config"]
     assert len(config) == len(net.state_dict()) and all(e["use_pickle"] is False for e in config.values())
@@ -207,13 +217,12 @@ with zipfile.ZipFile(pt2, "w") as dst:
 STOCK_LOAD = "import mlflow, sys\nmlflow.pytorch.load_model(sys.argv[1])\n"
 
 
-def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(store, net, tmp_path):
+def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(store, registered, tmp_path):
     """A tampered model.pt2 (its example-input record replaced by a pickle that runs code): load_torch_model and
     the pyfunc refuse it, whatever MLFLOW_ALLOW_PICKLE_DESERIALIZATION says; stock mlflow.pytorch.load_model
     refuses it with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, and runs it under MLflow 3.17's default (true): the
     README says so, and this test notices if MLflow changes that default."""
-    _register(net, "planted")
-    folder = _model_folder("models:/planted/1", tmp_path / "dl")
+    folder = _model_folder(registered, tmp_path / "dl")
     marker = tmp_path / "planted-code-ran"
     subprocess.run(
         [sys.executable, "-c", PLANT, str(folder / serving.PYTORCH_DATA / "model.pt2"), str(marker)], check=True
@@ -251,12 +260,11 @@ def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(
     assert marker.exists(), "MLflow's default now checks pt2 archives: update the README (Using a registered model)"
 
 
-def test_the_exported_graph_is_bound_to_no_device(store, net):
+def test_the_exported_graph_is_bound_to_no_device(registered):
     """Exported on the CPU, the program must run on a CUDA host: its graph holds no device constant, so that
     moving its weights moves it. Shown without a GPU on PyTorch's meta device (shapes only, no data): a graph
     with a CPU-bound constant fails there."""
-    _register(net, "devices")
-    exported = mlflow.pytorch.load_model("models:/devices/1")
+    exported = mlflow.pytorch.load_model(registered)
     for node in exported.graph.nodes:
         for value in [*node.args, *node.kwargs.values()]:
             assert not isinstance(value, torch.device), (node, value)
