@@ -47,7 +47,15 @@ class TinyNet(torch.nn.Module):
 
 
 def _setup(
-    n_train=64, n_test=32, batch_size=32, seed=0, augment_preset="standard", norm="batch", arch="tiny", **cfg_kw
+    n_train=64,
+    n_test=32,
+    batch_size=32,
+    seed=0,
+    augment_preset="standard",
+    norm="batch",
+    arch="tiny",
+    width=64,
+    **cfg_kw,
 ):
     split = data.make_synthetic(n_train, seed=1)
     test = data.make_synthetic(n_test, seed=2)
@@ -56,18 +64,19 @@ def _setup(
     if arch == "tiny":
         model = TinyNet(len(data.SYNTHETIC_CLASSES), mean, std, norm)
     else:
-        model = models.build_model(models.ModelSpec(arch, data.SYNTHETIC_CLASSES, mean, std, norm))
+        model = models.build_model(models.ModelSpec(arch, data.SYNTHETIC_CLASSES, mean, std, norm, width=width))
     model = model.to(memory_format=torch.channels_last)
     tf = augment.build_train_transform(augment_preset, mean)
     train_loader = data.make_loader(split, batch_size=batch_size, train=True, transform=tf, seed=seed)
     test_loader = data.make_loader(test, batch_size=batch_size, train=False)
-    cfg = TrainConfig(batch_size=batch_size, seed=seed, augment=augment_preset, norm=norm, **cfg_kw)
+    cfg = TrainConfig(batch_size=batch_size, seed=seed, augment=augment_preset, norm=norm, width=width, **cfg_kw)
     return model, train_loader, test_loader, cfg
 
 
 def test_overfits_a_tiny_batch():
     model, train_loader, _, cfg = _setup(
         arch="resnet18",
+        width=16,
         n_train=16,
         batch_size=16,
         augment_preset="none",
