@@ -254,6 +254,120 @@ TINY = {
 }
 
 
+# One store trained and analysed through the real `mlflow run` once for the whole suite, shared by the modules that
+# only look at such a store (and add runs of their own to their copy): a tiny training run, registered as version 1
+# @champion, and the analysis of models:/cifar10-resnet18@champion. The lr is spelled as a user types it: `mlflow
+# run` logs -P values as given.
+TRAINED = {**TINY, "epochs": 3, "lr": "6.25e-3"}
+TRAINED_ANALYSIS = {"max_test_samples": 128, "num_images": 10}
+
+
+@dataclass(frozen=True)
+class Trained:
+    store: Store
+    experiment_id: str
+    train_run_id: str
+    train_run_name: str
+    train_stdout: str  # what `mlflow run` printed
+    analysis_run_id: str
+    analysis_run_name: str
+    version: str
+    data_dir: Path  # the data it trained on (the same files as cifar_root)
+
+
+def _shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every xdist worker of this session sees (their base temp folders' parent), else the base one."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    import fcntl
+
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _train_and_analyse(root: Path) -> dict:
+    """Build the shared store in root (MLFLOW_* of this process left alone: the children get their own)."""
+    import mlflow
+
+    root.mkdir(parents=True, exist_ok=True)
+    data_dir = write_cifar_layout(root / "data")
+    _fresh_sqlite(root / "mlflow.db")
+    store = Store(root, f"sqlite:///{root / 'mlflow.db'}", "tests")
+    client = mlflow.MlflowClient(store.uri)
+    experiment_id = client.create_experiment("tests", artifact_location=(root / "artifacts").as_uri())
+    env = store.env(MLFLOW_EXPERIMENT_ID=experiment_id)
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)
+
+    def run(params: dict[str, object], entry: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            mlflow_run_cmd(params, entry=entry), cwd=root, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, f"mlflow run -e {entry} of the shared store failed:\n{proc.stderr[-3000:]}"
+        return proc
+
+    train = run({**TRAINED, "data_dir": data_dir}, "main")
+    run({**TRAINED_ANALYSIS, "model_uri": "models:/cifar10-resnet18@champion", "data_dir": data_dir}, "analyze")
+    runs = client.search_runs([experiment_id])
+    (analysis,) = [r for r in runs if "training_run_id" in r.data.tags]
+    (training,) = [r for r in runs if "training_run_id" not in r.data.tags]
+    return {
+        "experiment_id": experiment_id,
+        "train_run_id": training.info.run_id,
+        "train_run_name": training.info.run_name,
+        "train_stdout": train.stdout,
+        "analysis_run_id": analysis.info.run_id,
+        "analysis_run_name": analysis.info.run_name,
+        "version": str(client.get_model_version_by_alias("cifar10-resnet18", "champion").version),
+        "data_dir": str(data_dir),
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The shared store, built by the first test process that needs it while the others wait: (folder, facts)."""
+    import json
+
+    root = _shared_tmp(tmp_path_factory) / "trained"
+    with _exclusive(root.with_suffix(".lock")):
+        facts = root / "trained.json"
+        if not facts.exists():
+            if root.exists():  # a build that failed in another process: start over
+                shutil.rmtree(root)
+            facts_now = _train_and_analyse(root)
+            facts.write_text(json.dumps(facts_now))
+    return root, json.loads(facts.read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(trained_template, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Trained:
+    """A copy of the shared store's database for this module, active in this process as the store fixtures make
+    theirs (the runs' artifacts stay where the shared store keeps them: new runs add folders beside them)."""
+    root, facts = trained_template
+    mine = tmp_path_factory.mktemp(f"trained-{request.module.__name__.rpartition('.')[2]}")
+    shutil.copyfile(root / "mlflow.db", mine / "mlflow.db")
+    store = Store(mine, f"sqlite:///{mine / 'mlflow.db'}", "tests")
+    with pytest.MonkeyPatch.context() as mp:
+        import mlflow
+
+        mp.setenv("MLFLOW_TRACKING_URI", store.uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        mp.setenv("MLFLOW_EXPERIMENT_ID", facts["experiment_id"])
+        mlflow.set_tracking_uri(store.uri)
+        yield Trained(store, **{**facts, "data_dir": Path(facts["data_dir"])})
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture
 def http_dir(tmp_path):
     """A real HTTP server on 127.0.0.1 serving tmp_path/www: (folder, base URL)."""

@@ -1,5 +1,6 @@
-"""The analyze entry point end to end: train tiny through `mlflow run`, then analyse by alias (through
-`mlflow run -e analyze`) and by version (directly), against the real registry; then the error cases."""
+"""The analyze entry point end to end, against the real registry of the shared store (conftest.trained: a tiny
+model trained through `mlflow run`, then analysed by alias through `mlflow run -e analyze`): that analysis, one by
+version (directly), one of a run's model; then the error cases."""
 
 import json
 import subprocess
@@ -10,22 +11,9 @@ import pytest
 from mlflow import MlflowClient
 
 from entrypoints.analyze import analyze
-from tests.conftest import REPO, TINY, make_store, mlflow_run, one_line
+from tests.conftest import REPO, TRAINED_ANALYSIS, mlflow_run, one_line
 
 PNG = b"\x89PNG\r\n\x1a\n"
-ANALYZE = {"max_test_samples": 128, "num_images": 10}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cifar_root):
-    """A store holding one tiny model trained through `mlflow run` (version 1, @champion)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for store in make_store(tmp_path_factory.mktemp("analyze"), mp):
-            proc = mlflow_run(store, {**TINY, "data_dir": cifar_root})
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            client = MlflowClient(store.uri)
-            (run,) = client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
-            yield store, run
 
 
 def _run_of(store, run_id):
@@ -38,13 +26,11 @@ def _analysis_runs(store, training_run_id):
     return client.search_runs([exp], f"tags.training_run_id = '{training_run_id}'", order_by=["start_time ASC"])
 
 
-def test_analyze_champion_through_mlflow_run(trained, cifar_root):
-    store, train_run = trained
-    proc = mlflow_run(store, {**ANALYZE, "data_dir": cifar_root}, entry="analyze")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = _analysis_runs(store, train_run.info.run_id)
-    client = MlflowClient(store.uri)
-    assert run.info.status == "FINISHED"
+def test_analyze_champion_through_mlflow_run(trained):
+    store, client = trained.store, MlflowClient(trained.store.uri)
+    train_run, run = client.get_run(trained.train_run_id), client.get_run(trained.analysis_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.entryPoint"] == "analyze"
+    assert run.data.params["num_images"] == str(TRAINED_ANALYSIS["num_images"])
 
     # lineage both ways
     assert run.data.tags["model_name"] == "cifar10-resnet18" and run.data.tags["model_version"] == "1"
@@ -87,7 +73,7 @@ def _direct(store, *args):
 
 
 def test_analyze_by_version_directly(trained, cifar_root):
-    store, train_run = trained
+    store, train_run = trained.store, _run_of(trained.store, trained.train_run_id)
     proc = _direct(
         store,
         "--model_uri",
@@ -122,7 +108,7 @@ def test_analyze_by_version_directly(trained, cifar_root):
 )
 def test_unknown_model_names_what_exists(trained, cifar_root, uri, message, monkeypatch):
     """In this process (the one-line stderr of the command line: test_bad_uri_form)."""
-    store, train_run = trained
+    store, train_run = trained.store, _run_of(trained.store, trained.train_run_id)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     before = len(_analysis_runs(store, train_run.info.run_id))
     line = one_line(["--model_uri", uri, "--data_dir", str(cifar_root)], command=analyze)
@@ -131,8 +117,10 @@ def test_unknown_model_names_what_exists(trained, cifar_root, uri, message, monk
 
 
 def test_bad_target_layer_through_mlflow_run_fails_the_run(trained, cifar_root):
-    store, _ = trained
-    proc = mlflow_run(store, {**ANALYZE, "data_dir": cifar_root, "target_layers": "layer3,fc2"}, entry="analyze")
+    store = trained.store
+    proc = mlflow_run(
+        store, {**TRAINED_ANALYSIS, "data_dir": cifar_root, "target_layers": "layer3,fc2"}, entry="analyze"
+    )
     assert proc.returncode != 0
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     assert (
@@ -147,7 +135,7 @@ def test_bad_target_layer_through_mlflow_run_fails_the_run(trained, cifar_root):
 
 def test_bad_uri_form(trained):
     """Through the command line: the refusal is stderr's one line, after `error: `."""
-    store, _ = trained
+    store = trained.store
     proc = _direct(store, "--model_uri", "cifar10-resnet18")
     assert proc.returncode != 0
     (line,) = proc.stderr.strip().splitlines()
@@ -155,17 +143,12 @@ def test_bad_uri_form(trained):
 
 
 def test_runs_uri_is_accepted(trained, cifar_root):
-    store, train_run = trained
-    proc = _direct(
-        store,
-        "--model_uri",
-        f"runs:/{train_run.info.run_id}/model",
-        "--data_dir",
-        str(cifar_root),
-        "--target_layers",
-        "layer4",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """In this process (the command line and `mlflow run` are the tests above)."""
+    from cifar_mlflow.cli import invoke
+
+    store, train_run = trained.store, _run_of(trained.store, trained.train_run_id)
+    args = ["--model_uri", f"runs:/{train_run.info.run_id}/model", "--target_layers", "layer4"]
+    assert invoke(analyze, [*args, "--data_dir", str(cifar_root), "--max_test_samples", "128"]) == (0, "")
     run = _analysis_runs(store, train_run.info.run_id)[-1]
     assert run.data.tags["model_uri"].startswith("runs:/") and "model_version" not in run.data.tags
     assert run.data.metrics["test/accuracy"] == train_run.data.metrics["test/accuracy"]

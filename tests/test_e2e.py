@@ -16,18 +16,16 @@ from tests.conftest import REPO, TINY, mlflow_run, runs_of
 METRICS = {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"}
 
 
-def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
-    proc = mlflow_run(store, {**TINY, "data_dir": cifar_root, "lr": "6.25e-3"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = runs_of(store)
-    client = MlflowClient(store.uri)
-    run_id = run.info.run_id
+def test_mlflow_run_trains_logs_and_registers(trained, cifar_root):
+    """The shared store's training run (conftest.trained: `mlflow run` with TRAINED's parameters)."""
+    store, client, run_id = trained.store, MlflowClient(trained.store.uri), trained.train_run_id
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
 
     # params: every config field (the -P spelling kept), plus derived values
     params = run.data.params
     assert set(f for f in TrainConfig.__dataclass_fields__) <= set(params)
-    assert params["lr"] == "6.25e-3" and params["epochs"] == "2" and params["optimizer"] == "sgd"
+    assert params["lr"] == "6.25e-3" and params["epochs"] == "3" and params["optimizer"] == "sgd"
     assert params["model/num_params"] == "701466"  # ResNet18 at width 16 (11,173,962 at 64: test_models.py)
     assert params["data/train_size"] == "256" and params["data/test_size"] == "128"
     assert len(params["data/mean"].split(",")) == 3 and len(params["data/std"].split(",")) == 3
@@ -35,10 +33,10 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     assert params["env/loader"] == "workers" and "env/precision_emulated" not in params
     assert params["env/torch_version"] == "2.14.0" and params["env/mlflow_version"] == "3.17.2"
 
-    # every metric exactly once per epoch, steps 1 and 2; system metrics sampled too
+    # every metric exactly once per epoch, steps 1 to 3; system metrics sampled too
     for key in METRICS:
         history = client.get_metric_history(run_id, key)
-        assert sorted(m.step for m in history) == [1, 2], key
+        assert sorted(m.step for m in history) == [1, 2, 3], key
     assert 0 <= run.data.metrics["test/accuracy"] <= 1
     assert 0 < run.data.metrics["perf/seconds_after_last_epoch"] < 60
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
@@ -56,21 +54,18 @@ def test_mlflow_run_trains_logs_and_registers(store, cifar_root):
     augmentations = open(f"{local}/augmentations.txt").read()
     assert "Cutout(" in augmentations and "clipped at the border (DeVries & Taylor 2017" in augmentations
 
-    # the GradCAM panel, logged with log_image(key, step=epoch) after epochs 1 and 2 (auto for 2 epochs)
+    # the GradCAM panel, logged with log_image(key, step=epoch) after every epoch (auto, for 3 epochs)
     panels = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
-    assert [p.split("+")[:3] for p in panels] == [
-        ["images/gradcam_panel", "step", "1"],
-        ["images/gradcam_panel", "step", "2"],
-    ]
+    assert [p.split("+")[:3] for p in panels] == [["images/gradcam_panel", "step", str(e)] for e in (1, 2, 3)]
     with open(f"{local}/{panels[-1]}", "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
     # registry: version 1 with tags and the champion alias
     mv = client.get_model_version_by_alias("cifar10-resnet18", "champion")
     assert str(mv.version) == "1" and mv.run_id == run_id
-    assert mv.tags["run_id"] == run_id and mv.tags["epochs"] == "2"
+    assert mv.tags["run_id"] == run_id and mv.tags["epochs"] == "3"
     assert float(mv.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test/accuracy"], abs=1e-6)
-    assert "registered models:/cifar10-resnet18/1  (now @champion)" in proc.stdout
+    assert "registered models:/cifar10-resnet18/1  (now @champion)" in trained.train_stdout
 
     # a fresh process loads models:/cifar10-resnet18@champion both ways and predicts probabilities (stock MLflow
     # without the project: tests/test_stock_mlflow.py)

@@ -1,7 +1,8 @@
 """What a user touches after training, for real: `mlflow models serve` answering HTTP requests in the documented
 format, and the MLflow UI in a real browser (Debian's Chromium driven by Playwright) showing the runs, the
-test/accuracy chart, the GradCAM artifacts and the `champion` alias. One store serves every test: a tiny
-training run (3 epochs) and its analysis run, both through the real `mlflow run`."""
+test/accuracy chart, the GradCAM artifacts and the `champion` alias. One store serves every test, the suite's
+shared one (conftest.trained): a tiny training run (3 epochs) and its analysis run, both through the real
+`mlflow run`."""
 
 from __future__ import annotations
 
@@ -15,82 +16,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import (
-    RUN_LINKS_JS,
-    TINY,
-    UI_TIMEOUT_MS,
-    Store,
-    free_port,
-    make_store,
-    mlflow_run,
-    shown,
-    ui_server,
-)
+from tests.conftest import RUN_LINKS_JS, TRAINED, UI_TIMEOUT_MS, free_port, shown, ui_server
 
 MODEL = "cifar10-resnet18"
 CHAMPION_URI = f"models:/{MODEL}@champion"
-EPOCHS = 3
-
-
-@dataclass
-class Trained:
-    store: Store
-    experiment_id: str
-    train_run_id: str
-    train_run_name: str
-    analysis_run_id: str
-    analysis_run_name: str
-    version: str
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cifar_root) -> Trained:
-    """A real sqlite store holding a tiny training run (3 epochs, registered as version 1 @champion) and the
-    analysis run of models:/cifar10-resnet18@champion, both made by `mlflow run` exactly as a user types it."""
-    with pytest.MonkeyPatch.context() as mp:
-        for store in make_store(tmp_path_factory.mktemp("user_facing"), mp):
-            proc = mlflow_run(
-                store,
-                {
-                    **TINY,
-                    "epochs": EPOCHS,
-                    "max_train_samples": 128,  # 24 steps: a model that clearly learns, so @champion
-                    "max_test_samples": 64,
-                    "dataset": "cifar10",
-                    "data_dir": cifar_root,
-                },
-            )
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            proc = mlflow_run(
-                store,
-                {"model_uri": CHAMPION_URI, "data_dir": cifar_root, "max_test_samples": 32, "num_images": 4},
-                entry="analyze",
-            )
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            client = MlflowClient(store.uri)
-            exp_id = client.get_experiment_by_name(store.experiment).experiment_id
-            runs = client.search_runs([exp_id])
-            (analysis,) = [r for r in runs if "training_run_id" in r.data.tags]
-            (train,) = [r for r in runs if "training_run_id" not in r.data.tags]
-            assert analysis.data.tags["training_run_id"] == train.info.run_id
-            champion = client.get_model_version_by_alias(MODEL, "champion")
-            assert champion.run_id == train.info.run_id
-            yield Trained(
-                store,
-                exp_id,
-                train.info.run_id,
-                train.info.run_name,
-                analysis.info.run_id,
-                analysis.info.run_name,
-                str(champion.version),
-            )
+EPOCHS = int(TRAINED["epochs"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,7 +325,7 @@ def test_the_runs_and_the_model_are_linked_as_mlflow_3_links_them(trained):
 
     note = train_run.data.tags["mlflow.note.content"]
     assert note.startswith(
-        "**ResNet18** at width 16 (batch norm) on **cifar10** (128 training / 64 test images): 3 epochs"
+        "**ResNet18** at width 16 (batch norm) on **cifar10** (256 training / 128 test images): 3 epochs"
     )
     assert f"Test accuracy **{train_run.data.metrics['test/accuracy']:.4f}**" in note
     assert f"Registered as `models:/{MODEL}/{trained.version}`, now @champion." in note
