@@ -129,8 +129,11 @@ def test_tracking_benchmark_measures_what_a_training_run_logs(tmp_path):
 
 
 def test_gradcam_benchmark_batched_maps_equal_per_image_maps(tmp_path):
+    # width 32 (8e-7 measured): at width 16 this briefly trained net's layer3 maps differed by 4e-3 between the
+    # batched and the per-image backward in one run (GradCAM scales each map to [0, 1], which magnifies float noise
+    # in a map that is nearly flat)
     out = _bench(
-        "bench_gradcam", "--images", "4", "--test-images", "64", "--repeats", "1", "--width", "16", cwd=tmp_path
+        "bench_gradcam", "--images", "4", "--test-images", "64", "--repeats", "1", "--width", "32", cwd=tmp_path
     )
     rows = [
         [c.strip() for c in line.strip("|").split("|")]
