@@ -3,7 +3,7 @@ down fails in seconds, a server stopped for 35 s mid-run and at registration los
 the process resumably), two runs at once both register and `champion` ends on the better one, and basic-auth works
 with credentials and fails clearly without.
 
-The outage scenarios spend most of their time waiting an outage out (35 s, then MLflow's backoff of up to another
+The outage scenarios spend most of their time waiting outages out (35 s, then MLflow's backoff of up to another
 30 s): they start as the module starts, each in a thread with a server of its own, and run while the module's other
 tests do; their tests, last in the module, collect them."""
 
@@ -88,6 +88,7 @@ def _wait_metric(client, run_id, key, step, proc, timeout=300):
 # (logged just before the figures and the model): the model is being logged and registered.
 WHEN = {"mid-run": ("test/accuracy", 1), "at-registration": ("test/accuracy_tta", 3)}
 OUTAGE_S = 35  # issue 26: a 30-60 s outage must cost nothing
+ARGS = ("--epochs", "3", "--max_train_samples", "160")
 
 
 def _on_a_server_of_its_own(root, scenario, *args):
@@ -103,15 +104,14 @@ def _on_a_server_of_its_own(root, scenario, *args):
 
 @pytest.fixture(scope="module", autouse=True)
 def scenarios(tmp_path_factory, cifar_root):
-    """The four outage scenarios, started in threads as the module starts (autouse); name -> Future of (server,
+    """The two outage scenarios, started in threads as the module starts (autouse); name -> Future of (server,
     outcome). The module ends once they have (each waits a bounded time), and their servers are stopped."""
-    pool = ThreadPoolExecutor(4)
+    pool = ThreadPoolExecutor(2)
     futures = {
-        (scenario.__name__, when): pool.submit(
-            _on_a_server_of_its_own, tmp_path_factory.mktemp(f"{scenario.__name__}-{when}"), scenario, cifar_root, when
+        scenario.__name__: pool.submit(
+            _on_a_server_of_its_own, tmp_path_factory.mktemp(scenario.__name__), scenario, cifar_root
         )
-        for scenario in (_outage, _long_outage)
-        for when in WHEN
+        for scenario in (_outages, _long_outages)
     }
     yield futures
     pool.shutdown(wait=True)
@@ -120,22 +120,26 @@ def scenarios(tmp_path_factory, cifar_root):
             future.result()[0].stop()
 
 
-def _outage(server, cifar_root, when):
-    """A run of 3 epochs whose server is stopped for OUTAGE_S `when`, then started again on the same store."""
-    client, name = MlflowClient(server.uri), f"outage-{when}"
+def _outages(server, cifar_root):
+    """A run of 3 epochs whose server is stopped for OUTAGE_S after epoch 1, started again, then stopped for
+    OUTAGE_S again as the model is being registered, and started again on the same store. Returns the exit code,
+    stderr, the run id and when the second outage began."""
+    client, name = MlflowClient(server.uri), "outages"
     proc = _train(
         server.uri,
         cifar_root,
-        *("--epochs", "3", "--max_train_samples", "160", "--registered_model_name", name),
+        *ARGS,
+        *("--registered_model_name", name),
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
     )
     try:
         run_id = _running_run(client, proc, name)
-        _wait_metric(client, run_id, *WHEN[when], proc)
-        server.stop()
-        stopped_at = time.time()
-        time.sleep(OUTAGE_S)  # reports and requests wait and retry meanwhile
-        server.start()
+        for when in WHEN:
+            _wait_metric(client, run_id, *WHEN[when], proc)
+            server.stop()
+            stopped_at = time.time()
+            time.sleep(OUTAGE_S)  # reports and requests wait and retry meanwhile
+            server.start()
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -151,27 +155,37 @@ def checkpoints_epoch(client, run_id):
         return json.loads(open(client.download_artifacts(run_id, "checkpoints/latest.json", tmp)).read())["epoch"]
 
 
-def _long_outage(server, cifar_root, when):
-    """With MLflow's retries cut to seconds, the server stopped `when` and kept down until the process ends; then
-    started again and the run resumed with --run-id."""
-    client, name = MlflowClient(server.uri), f"long-outage-{when}"
-    args = ("--epochs", "3", "--max_train_samples", "160", "--registered_model_name", name)
-    budget = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-    proc = _train(server.uri, cifar_root, *args, MLFLOW_HTTP_REQUEST_TIMEOUT="5", **budget)
-    try:
-        run_id = _running_run(client, proc, name)
-        _wait_metric(client, run_id, *WHEN[when], proc)
-        server.stop()
-        start = time.time()
-        _, err = proc.communicate(timeout=240)
-        gave_up_after = time.time() - start
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        server.start()
-    resumed = _train(server.uri, cifar_root, *args, MLFLOW_RUN_ID=run_id)
+def _long_outages(server, cifar_root):
+    """With MLflow's retries cut to seconds, the server stopped after epoch 1 and kept down until the process
+    ends; started again and the run resumed with --run-id; the server stopped again as the resumed run registers
+    its model and kept down until that process ends; started again and the run resumed once more, with MLflow's
+    retries as they are. Returns, for each outage, (exit code, stderr, seconds from the stop to the exit); the
+    run id; the last resume's exit code and stderr."""
+    client, name = MlflowClient(server.uri), "long-outages"
+    args = (*ARGS, "--registered_model_name", name)
+    budget = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    outcomes, run_id, resume = {}, None, {}
+    for when in WHEN:
+        proc = _train(server.uri, cifar_root, *args, **budget, **resume)
+        try:
+            run_id = run_id or _running_run(client, proc, name)
+            resume = {"MLFLOW_RUN_ID": run_id}
+            _wait_metric(client, run_id, *WHEN[when], proc)
+            server.stop()
+            start = time.time()
+            _, err = proc.communicate(timeout=240)
+            outcomes[when] = (proc.returncode, err, time.time() - start)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            server.start()
+    resumed = _train(server.uri, cifar_root, *args, **resume)
     _, resumed_err = resumed.communicate(timeout=300)
-    return proc.returncode, err, gave_up_after, run_id, resumed.returncode, resumed_err
+    return outcomes, run_id, resumed.returncode, resumed_err
 
 
 def test_two_runs_at_once_register_distinct_versions_and_champion_is_the_better(server, cifar_root):
@@ -254,30 +268,28 @@ def test_basic_auth_works_with_credentials_and_fails_clearly_without(auth_server
 
 
 def test_outages_of_35_s_mid_run_and_at_registration_cost_nothing(scenarios):
-    """The server stopped for 35 s after epoch 1 (one run) and as the model is being registered (another run, on
-    a server of its own, at the same time), then started again on the same store: each run finishes with every
-    epoch's metrics once, and one version, registered after the outage."""
-    for when in WHEN:
-        server, (code, err, run_id, stopped_at) = scenarios[("_outage", when)].result(timeout=600)
-        assert code == 0, f"{when}: {err[-3000:]}"
-        client, name = MlflowClient(server.uri), f"outage-{when}"
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags, when
-        for key in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"):
-            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], (when, key)
-        (version,) = client.search_model_versions(f"name='{name}'")
-        assert version.run_id == run_id and version.creation_timestamp / 1000 > stopped_at, f"{when}: registered early"
-        assert client.get_model_version_by_alias(name, "champion").run_id == run_id, when
-        assert checkpoints_epoch(client, run_id) == 3, when
+    """The server stopped for 35 s after epoch 1 and again as the model is being registered, each time started
+    again on the same store: the run finishes with every epoch's metrics once, and one version, registered after
+    the second outage."""
+    server, (code, err, run_id, stopped_at) = scenarios["_outages"].result(timeout=600)
+    assert code == 0, err[-3000:]
+    client = MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
+    for key in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+    (version,) = client.search_model_versions("name='outages'")
+    assert version.run_id == run_id and version.creation_timestamp / 1000 > stopped_at, "registered early"
+    assert client.get_model_version_by_alias("outages", "champion").run_id == run_id
+    assert checkpoints_epoch(client, run_id) == 3
 
 
 def test_an_outage_past_mlflows_retries_ends_the_process_resumably_in_one_line(scenarios):
     """With MLflow's retries cut to seconds (the bound; by default MLflow retries a request for minutes), a
-    server that stays down ends the process in one line (exit 75, EX_TEMPFAIL), and --run-id completes the run:
-    after epoch 1 (one run), or as the model is being registered (another, at the same time)."""
-    for when in WHEN:
-        server, outcome = scenarios[("_long_outage", when)].result(timeout=600)
-        code, err, gave_up_after, run_id, resumed_code, resumed_err = outcome
+    server that stays down ends the process in one line (exit 75, EX_TEMPFAIL), after epoch 1 and again as the
+    resumed run registers its model, and --run-id completes the run each time."""
+    server, (outcomes, run_id, resumed_code, resumed_err) = scenarios["_long_outages"].result(timeout=600)
+    for when, (code, err, gave_up_after) in outcomes.items():
         assert code == 75, f"{when}: {err[-3000:]}"
         assert err.strip().splitlines()[-1] == (
             f"error: tracking server {server.uri} stopped answering and MLflow's retries ran out "
@@ -286,10 +298,11 @@ def test_an_outage_past_mlflows_retries_ends_the_process_resumably_in_one_line(s
             f"`mlflow run --run-id {run_id}` and the same parameters"
         ), f"{when}: {err[-3000:]}"
         assert "Traceback" not in err and gave_up_after < 120, when
-        assert resumed_code == 0, f"{when}: {resumed_err[-3000:]}"
-        client = MlflowClient(server.uri)
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED" and run.data.tags.get("resumed_from_epoch") in ("1", "2", "3"), when
-        for key in ("train/loss", "test/accuracy", "lr"):
-            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], (when, key)
-        assert [v.run_id for v in client.search_model_versions(f"name='long-outage-{when}'")] == [run_id], when
+    assert list(outcomes) == list(WHEN)
+    assert resumed_code == 0, resumed_err[-3000:]
+    client = MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed_from_epoch") in ("1", "2", "3")
+    for key in ("train/loss", "test/accuracy", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+    assert [v.run_id for v in client.search_model_versions("name='long-outages'")] == [run_id]
