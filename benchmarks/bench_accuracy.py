@@ -25,12 +25,10 @@ import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
-from benchmarks._common import machine, table
+from benchmarks._common import machine, run_jobs, table
 
 
 @dataclass(frozen=True)
@@ -215,7 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--max-test", type=int, default=0, help="first N test images (0 = all)")
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--variants", type=int, nargs="+", help="with --ablation: only these rows (0 = v0)")
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes at once")
+    parser.add_argument(
+        "--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes at once (1: in this process)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--json", help="also write the per-seed results here")
     args = parser.parse_args(argv)
@@ -231,14 +231,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         )
         jobs = [(name, variant, seed, args) for name, variant in contenders for seed in args.seeds]
         done = []
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_one, job) for job in jobs]):
-                done.append(future.result())
-                name, seed, acc, secs = done[-1]  # progress: runs take minutes each on a CPU
-                print(
-                    f"{name}, seed {seed}: test accuracy by epoch {' '.join(f'{a:.3f}' for a in acc)} ({secs:.0f} s)",
-                    flush=True,
-                )
+        for result in run_jobs(_one, jobs, args.jobs):
+            done.append(result)
+            name, seed, acc, secs = result  # progress: runs take minutes each on a CPU
+            print(
+                f"{name}, seed {seed}: test accuracy by epoch {' '.join(f'{a:.3f}' for a in acc)} ({secs:.0f} s)",
+                flush=True,
+            )
     results: dict[str, dict[int, list[float]]] = {}
     seconds: dict[str, float] = {}
     for name, seed, acc, secs in done:

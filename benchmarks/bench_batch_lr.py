@@ -12,10 +12,8 @@ import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 
-from benchmarks._common import machine, table
+from benchmarks._common import machine, run_jobs, table
 
 
 def _one(job: tuple[int, int, argparse.Namespace]) -> tuple[int, int, list[float], float]:
@@ -39,7 +37,9 @@ def main(argv: list[str] | None = None) -> dict[int, list[float]]:
     parser.add_argument("--data-dir", default=None, help="default: a temporary folder (digits is built there)")
     parser.add_argument("--max-train", type=int, default=0, help="first N training images (0 = all)")
     parser.add_argument("--max-test", type=int, default=0, help="first N test images (0 = all)")
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes at once")
+    parser.add_argument(
+        "--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes at once (1: in this process)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     args = parser.parse_args(argv)
     from cifar_mlflow import data
@@ -50,11 +50,9 @@ def main(argv: list[str] | None = None) -> dict[int, list[float]]:
         data.load_dataset(args.dataset, args.data_dir)  # built once, before the jobs start
         jobs = [(batch, seed, args) for batch in args.batch_sizes for seed in args.seeds]
         done: dict[int, dict[int, list[float]]] = {}
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_one, job) for job in jobs]):
-                batch, seed, acc, secs = future.result()
-                done.setdefault(batch, {})[seed] = acc
-                print(f"batch {batch}, seed {seed}: {' '.join(f'{a:.3f}' for a in acc)} ({secs:.0f} s)", flush=True)
+        for batch, seed, acc, secs in run_jobs(_one, jobs, args.jobs):
+            done.setdefault(batch, {})[seed] = acc
+            print(f"batch {batch}, seed {seed}: {' '.join(f'{a:.3f}' for a in acc)} ({secs:.0f} s)", flush=True)
     rows = []
     for batch in args.batch_sizes:
         finals = [done[batch][s][-1] for s in args.seeds]
