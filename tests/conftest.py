@@ -298,7 +298,9 @@ def _train_and_analyse(root: Path) -> dict:
     import mlflow
 
     root.mkdir(parents=True, exist_ok=True)
-    data_dir = write_cifar_layout(root / "data")
+    # a folder name with a space: `mlflow run -P data_dir=...` logs it shell-quoted, which broke every fresh run once
+    # (test_run_parameters.py checks what the runs logged)
+    data_dir = write_cifar_layout(root / "my data")
     _fresh_sqlite(root / "mlflow.db")
     store = Store(root, f"sqlite:///{root / 'mlflow.db'}", "tests")
     client = mlflow.MlflowClient(store.uri)

@@ -3,14 +3,14 @@ shell quoting (MLflow logs it quoted), what `mlflow run` logged differing from w
 
 from __future__ import annotations
 
-import subprocess
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from cifar_mlflow.errors import ConfigError
 from cifar_mlflow.tracking import runs
-from tests.conftest import TINY, cli_args, mlflow_run_cmd, one_line
+from tests.conftest import TINY, cli_args, one_line
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,25 +26,19 @@ def test_registered_model_name_is_checked_before_any_work(name):
     )
 
 
-def test_value_that_needs_shell_quoting_works_in_a_fresh_mlflow_run(store, tmp_path):
+def test_value_that_needs_shell_quoting_works_in_a_fresh_mlflow_run(trained_template):
     """`mlflow run -P "data_dir=/tmp/my data"` used to fail every fresh run: MLflow logs the shell-quoted value
-    ("'/tmp/my data'") and the comparison did not unquote it, then told the user to resume."""
-    data_dir = tmp_path / "my data"
-    params = {
-        **TINY,
-        "epochs": 1,
-        "max_train_samples": 64,
-        "dataset": "synthetic",
-        "data_dir": data_dir,
-        "registered_model_name": "quoted",
-    }
-    proc = subprocess.run(
-        mlflow_run_cmd(params), cwd=store.root, env=store.env(), capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (version,) = MlflowClient(store.uri).search_model_versions("name='quoted'")
-    run = MlflowClient(store.uri).get_run(version.run_id)
-    assert run.info.status == "FINISHED" and run.data.params["data_dir"] == f"'{data_dir}'"
+    ("'/tmp/my data'") and the comparison did not unquote it, then told the user to resume. The shared store's
+    runs (conftest.trained, read here where it was built) were started that way: training and analysis
+    finished, and the training registered."""
+    root, facts = trained_template
+    data_dir = facts["data_dir"]
+    assert " " in Path(data_dir).name
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    for run_id in (facts["train_run_id"], facts["analysis_run_id"]):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["data_dir"] == f"'{data_dir}'", run_id
+    assert client.get_model_version("cifar10-resnet18", facts["version"]).run_id == facts["train_run_id"]
 
 
 def test_parameters_mlflow_run_logged_differently_are_not_called_a_resume(store, monkeypatch):
