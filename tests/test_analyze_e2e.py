@@ -73,19 +73,14 @@ def _direct(store, *args):
 
 
 def test_analyze_by_version_directly(trained, cifar_root):
+    """Without `mlflow run`, in this process (the entry point's own process: conftest.trained's analysis, which
+    `mlflow run -e analyze` starts as `python -m entrypoints.analyze`)."""
+    from cifar_mlflow.cli import invoke
+
     store, train_run = trained.store, _run_of(trained.store, trained.train_run_id)
-    proc = _direct(
-        store,
-        "--model_uri",
-        "models:/cifar10-resnet18/1",
-        "--data_dir",
-        str(cifar_root),
-        "--target_layers",
-        "layer4.1.conv2",
-        "--batch_size",
-        "32",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--model_uri", "models:/cifar10-resnet18/1", "--data_dir", str(cifar_root), "--batch_size", "32"]
+    args += ["--target_layers", "layer4.1.conv2", "--max_test_samples", "128", "--num_images", "4"]
+    assert invoke(analyze, args) == (0, "")
     run = _analysis_runs(store, train_run.info.run_id)[-1]
     assert run.info.status == "FINISHED" and run.data.tags["model_uri"] == "models:/cifar10-resnet18/1"
     assert run.data.params["eval_batch_size"] == "32" and run.data.params["data/dataset"] == "cifar10"
@@ -177,11 +172,14 @@ def test_models_that_are_not_ours_are_refused_in_words_before_any_data_is_fetche
 
     fit = LogisticRegression().fit(np.random.default_rng(0).random((20, 3)), np.arange(20) % 2)
     with mlflow.start_run() as run:
-        mlflow.sklearn.log_model(fit, name="model", registered_model_name="sk")
+        # requirements given: else MLflow infers them by loading the model in a process of its own (~10 s)
+        mlflow.sklearn.log_model(fit, name="model", registered_model_name="sk", pip_requirements=["scikit-learn"])
     with mlflow.start_run():
-        mlflow.pyfunc.log_model(name="model", python_model=Echo(), registered_model_name="py")
+        mlflow.pyfunc.log_model(name="model", python_model=Echo(), registered_model_name="py", pip_requirements=[])
     with mlflow.start_run() as other:
-        mlflow.pytorch.log_model(torch.nn.Linear(3, 2), name="model", serialization_format="pickle")
+        mlflow.pytorch.log_model(
+            torch.nn.Linear(3, 2), name="model", serialization_format="pickle", pip_requirements=["torch"]
+        )
     neither = (
         "it has neither a pytorch flavor holding model.pt2 and model_config.json nor, as older cifar-mlflow models, "
         "a python_function data folder holding model_config.json and weights.safetensors; its flavors: "

@@ -309,6 +309,8 @@ def test_models_registered_before_the_pytorch_flavor_still_load(store, net, tmp_
             loader_module="cifar_mlflow.tracking.serving",
             data_path=str(files),
             input_example=X[:2],
+            # given, as main gave them (else MLflow infers them by loading the model in a process of its own)
+            pip_requirements=["torch", "numpy", "safetensors"],
         )
     mv = mlflow.register_model(info.model_uri, "older")
     module, spec = serving.load_torch_model(f"models:/older/{mv.version}")
