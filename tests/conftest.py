@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import http.server
 import os
 import shutil
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -61,6 +63,35 @@ def write_cifar_layout(
     )
     data.write_meta(folder / data.META_FILE, data.SYNTHETIC_CLASSES, encoding=encoding)
     return root
+
+
+def official_archive(
+    folder: Path, out: Path, *, train_per_batch: int = TRAIN_PER_BATCH, test_images: int = TEST_IMAGES
+) -> str:
+    """An archive laid out as cifar-10-python.tar.gz is (cifar-10-batches-py/ with data_batch_1..5, test_batch,
+    batches.meta and readme.html, in the official member order, official encoding); returns its MD5."""
+    from cifar_mlflow import data
+
+    write_cifar_layout(folder, train_per_batch=train_per_batch, test_images=test_images)
+    layout = folder / data.LAYOUT
+    (layout / "readme.html").write_text(
+        "<meta HTTP-EQUIV='REFRESH' content='0; url=http://www.cs.toronto.edu/~kriz/cifar.html'>\n"
+    )
+    members = ["data_batch_4", "readme.html", "test_batch", "data_batch_3", "batches.meta", "data_batch_2"]
+    members += ["data_batch_5", "data_batch_1"]
+
+    def owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 1000
+        info.uname = info.gname = "kriz"
+        info.mode = 0o755 if info.isdir() else 0o644
+        return info
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:gz", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(layout, arcname=data.LAYOUT, recursive=False, filter=owned)
+        for name in members:
+            tar.add(layout / name, arcname=f"{data.LAYOUT}/{name}", filter=owned)
+    return hashlib.md5(out.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")
@@ -298,9 +329,13 @@ def _train_and_analyse(root: Path) -> dict:
     import mlflow
 
     root.mkdir(parents=True, exist_ok=True)
+    from cifar_mlflow import data
+
     # a folder name with a space: `mlflow run -P data_dir=...` logs it shell-quoted, which broke every fresh run once
-    # (test_run_parameters.py checks what the runs logged)
-    data_dir = write_cifar_layout(root / "my data")
+    # (test_run_parameters.py checks what the runs logged); empty: the training run downloads an archive laid out
+    # as the official one into it (test_cifar_files.py checks what it read)
+    data_dir = root / "my data"
+    md5 = official_archive(root / "archive", root / "www" / data.ARCHIVE)
     _fresh_sqlite(root / "mlflow.db")
     store = Store(root, f"sqlite:///{root / 'mlflow.db'}", "tests")
     client = mlflow.MlflowClient(store.uri)
@@ -308,14 +343,20 @@ def _train_and_analyse(root: Path) -> dict:
     env = store.env(MLFLOW_EXPERIMENT_ID=experiment_id)
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
 
-    def run(params: dict[str, object], entry: str) -> subprocess.CompletedProcess:
+    def run(params: dict[str, object], entry: str, **extra_env: str) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            mlflow_run_cmd(params, entry=entry), cwd=root, env=env, capture_output=True, text=True, timeout=600
+            mlflow_run_cmd(params, entry=entry),
+            cwd=root,
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert proc.returncode == 0, f"mlflow run -e {entry} of the shared store failed:\n{proc.stderr[-3000:]}"
         return proc
 
-    train = run({**TRAINED, "data_dir": data_dir}, "main")
+    with serve_folder(root / "www") as base:
+        train = run({**TRAINED, "data_dir": data_dir}, "main", **{data.URL_ENV: f"{base}/{data.ARCHIVE}#md5={md5}"})
     run({**TRAINED_ANALYSIS, "model_uri": "models:/cifar10-resnet18@champion", "data_dir": data_dir}, "analyze")
     runs = client.search_runs([experiment_id])
     (analysis,) = [r for r in runs if "training_run_id" in r.data.tags]
@@ -370,18 +411,27 @@ def trained(trained_template, tmp_path_factory: pytest.TempPathFactory, request:
         mlflow.set_tracking_uri(None)
 
 
+@contextlib.contextmanager
+def serve_folder(www: Path):
+    """A real HTTP server on 127.0.0.1 serving the folder www, in a thread of this process: its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def http_dir(tmp_path):
     """A real HTTP server on 127.0.0.1 serving tmp_path/www: (folder, base URL)."""
     www = tmp_path / "www"
     www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(www) as base:
+        yield www, base
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ download path (an official-layout archive over HTTP, MD5, extraction, training) 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -14,7 +13,6 @@ import pickletools
 import shutil
 import socket
 import struct
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from mlflow import MlflowClient
 from cifar_mlflow import data
 from cifar_mlflow.data import py2_pickle
 from cifar_mlflow.data.safe_pickle import load_pickle
-from tests.conftest import mlflow_run, write_cifar_layout
+from tests.conftest import TRAINED, official_archive
 
 # A pickle Python 2.7 + numpy 1.x wrote (numpy ships it as test data: numpy/_core/tests/data/astype_copy.pkl, a
 # float64 array of 73 values): a real producer's bytes, not this project's.
@@ -294,56 +292,27 @@ def test_protocol5_buffers_are_checked_like_any_array(tmp_path):
 # ---------------------------------------------------------------------------------------- the download path
 
 
-def official_archive(folder: Path, out: Path, *, train_per_batch: int = 64, test_images: int = 128) -> str:
-    """An archive laid out as cifar-10-python.tar.gz is (cifar-10-batches-py/ with data_batch_1..5, test_batch,
-    batches.meta and readme.html, in the official member order, official encoding); returns its MD5."""
-    write_cifar_layout(folder, train_per_batch=train_per_batch, test_images=test_images)
-    layout = folder / data.LAYOUT
-    (layout / "readme.html").write_text(
-        "<meta HTTP-EQUIV='REFRESH' content='0; url=http://www.cs.toronto.edu/~kriz/cifar.html'>\n"
-    )
-    members = ["data_batch_4", "readme.html", "test_batch", "data_batch_3", "batches.meta", "data_batch_2"]
-    members += ["data_batch_5", "data_batch_1"]
-
-    def owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.uid = info.gid = 1000
-        info.uname = info.gname = "kriz"
-        info.mode = 0o755 if info.isdir() else 0o644
-        return info
-
-    with tarfile.open(out, "w:gz", format=tarfile.GNU_FORMAT) as tar:
-        tar.add(layout, arcname=data.LAYOUT, recursive=False, filter=owned)
-        for name in members:
-            tar.add(layout / name, arcname=f"{data.LAYOUT}/{name}", filter=owned)
-    return hashlib.md5(out.read_bytes()).hexdigest()
-
-
-def test_mlflow_run_downloads_checks_extracts_and_trains_on_an_official_layout_archive(store, http_dir, tmp_path):
-    www, base = http_dir
-    md5 = official_archive(tmp_path / "src", www / data.ARCHIVE)
-    data_dir = tmp_path / "data"
-    url = f"{base}/{data.ARCHIVE}#md5={md5}"
-    proc = mlflow_run(
-        store,
-        {"dataset": "cifar10", "data_dir": data_dir, "epochs": 1, "batch_size": 64, "num_workers": 0, "width": 16},
-        extra_env={data.URL_ENV: url, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_mlflow_run_downloads_checks_extracts_and_trains_on_an_official_layout_archive(trained_template):
+    """The shared store's training run (conftest.trained, read where it was built): `mlflow run -P
+    dataset=cifar10` into an empty data_dir, CIFAR_MLFLOW_CIFAR10_URL naming an archive laid out as the official
+    one (and its MD5) on a loopback HTTP server. It was downloaded, checked, extracted, and trained on."""
+    root, facts = trained_template
+    data_dir = Path(facts["data_dir"])
     assert sorted(p.name for p in data_dir.iterdir()) == [data.LAYOUT], "the download left nothing else behind"
     assert "readme.html" in {p.name for p in (data_dir / data.LAYOUT).iterdir()}
-    client = MlflowClient(store.uri)
-    (run,) = client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(facts["train_run_id"])
     assert run.info.status == "FINISHED"
     assert (run.data.params["dataset"], run.data.params["data/train_size"], run.data.params["data/test_size"]) == (
         "cifar10",
-        "320",
-        "128",
+        str(TRAINED["max_train_samples"]),
+        str(TRAINED["max_test_samples"]),
     )
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [1, 2, 3]
     assert run.data.tags["registered_model_version"] == "1"
-    # trained on exactly what the archive holds
+    # trained on exactly what the archive holds (the first max_train_samples / max_test_samples images)
     digests = {i.tags[0].value: i.dataset.digest for i in run.inputs.dataset_inputs}
-    served = data.read_cifar10(tmp_path / "src")
+    served = data.load_dataset("cifar10", root / "archive", TRAINED["max_train_samples"], TRAINED["max_test_samples"])
     assert digests == {"training": data.array_digest(served.train), "evaluation": data.array_digest(served.test)}
 
 
