@@ -2,7 +2,7 @@
 only when work starts), and the time from process start to the end of the first training step, as a real run
 logs it (`perf/seconds_to_first_step`).
 
-    python -m benchmarks.bench_startup [--repeats 5]
+    python -m benchmarks.bench_startup [--repeats 5] [--width 64]
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ def help_seconds(module: str) -> float:
     return time.perf_counter() - start
 
 
-def first_step_seconds(store: Path) -> float:
+def first_step_seconds(store: Path, width: int = 64) -> float:
     import mlflow
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
     tiny = "--dataset synthetic --epochs 1 --max_train_samples 64 --max_test_samples 32 --batch_size 32 --num_workers 0"
     subprocess.run(
-        [sys.executable, "-m", "entrypoints.train", *tiny.split()],
+        [sys.executable, "-m", "entrypoints.train", *tiny.split(), "--width", str(width)],
         cwd=store,
         env=env,
         check=True,
@@ -47,6 +47,7 @@ def first_step_seconds(store: Path) -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--width", type=int, default=64, help="ResNet18's width (64: the published network)")
     args = parser.parse_args(argv)
     rows = []
     out = {}
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         out[module] = median(runs)
         rows.append([f"{module} --help (target < 1 s)", median(runs), ", ".join(f"{r:.2f}" for r in runs)])
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [first_step_seconds(Path(tmp)) for _ in range(max(1, args.repeats // 2))]
+        runs = [first_step_seconds(Path(tmp), args.width) for _ in range(max(1, args.repeats // 2))]
     out["first_step"] = median(runs)
     rows.append(
         ["process start -> first training step (synthetic data)", median(runs), ", ".join(f"{r:.2f}" for r in runs)]

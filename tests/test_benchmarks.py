@@ -146,7 +146,7 @@ def test_gradcam_benchmark_batched_maps_equal_per_image_maps(tmp_path):
 
 
 def test_startup_benchmark_reports_help_and_first_step(tmp_path):
-    out = _bench("bench_startup", "--repeats", "1", cwd=tmp_path)
+    out = _bench("bench_startup", "--repeats", "1", "--width", "16", cwd=tmp_path)
     for module in ("train", "analyze", "lr_find", "pipeline"):
         assert f"entrypoints.{module} --help (target < 1 s)" in out
     first = re.search(r"process start -> first training step \(synthetic data\) +\| ([\d.]+)", out)
