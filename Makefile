@@ -11,6 +11,9 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 # The entry point command in MLproject calls `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
+# Bytecode is cached (in __pycache__/, ignored by git) even where the environment asks not to: the suite starts
+# ~150 Python processes, and each would compile the project's modules again (and pytest its rewritten tests).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: venv system-packages train lint check test coverage clean
 
