@@ -639,25 +639,25 @@ def no_leaked_processes():
 # module's module-scoped servers and runs on one worker), a long module started last leaves one worker idle at the
 # end. Everything else keeps its order (the sort is stable). xdist would reorder files by their number of tests
 # (most first): pyproject's addopts turn that off (--no-loadscope-reorder).
-# Longest first, by each module's total in a run of the whole suite on the 2-core AMD EPYC with AVX512-BF16
-# (benchmarks/RESULTS.md, section 10), in seconds; on an AVX2-only CPU the two learning modules take 5-9 minutes
-# each (fp32) and go first there too.
+# Roughly longest first; the figures are each module's total (seconds; "+": at least) in a clean clone's `make test`
+# on the 2-core AMD EPYC without AVX512-BF16 (benchmarks/RESULTS.md, section 10). The two learning modules start
+# first, one on each worker.
 SLOW_FIRST = (
-    "test_learning_lr_auto.py",  # 90 here, 400-560 on AVX2 (with test_learning: one each on both workers at once)
-    "test_learning.py",  # 80 here, 310-430 on AVX2
-    "test_server.py",  # ~400: two 35 s outages and two retry budgets run out, on real servers
-    "test_resume.py",  # ~290
-    "test_sweep_resume.py",  # ~185
-    "test_analyze_e2e.py",
-    "test_team_server.py",  # ~175
-    "test_benchmarks.py",  # ~170
-    "test_sweep.py",  # ~160
+    "test_learning_lr_auto.py",  # 33
+    "test_learning.py",  # 160: the default recipe at the published width, fp32, one thread
+    "test_server.py",  # 154: two 35 s outages, two retry budgets run out (in threads, beside the other tests)
+    "test_resume.py",  # 78+
+    "test_sweep_resume.py",  # 72
+    "test_analyze_e2e.py",  # 69 (the first to ask builds conftest.trained)
+    "test_team_server.py",  # 92
+    "test_benchmarks.py",  # 118
+    "test_sweep.py",  # 51+
     "test_e2e.py",
-    "test_pipeline.py",
-    "test_distributed.py",  # ~125
-    "test_user_facing.py",  # ~110
-    "test_stock_mlflow.py",  # ~95
-    "test_run_leases.py",
+    "test_pipeline.py",  # 77
+    "test_distributed.py",  # 48
+    "test_user_facing.py",
+    "test_stock_mlflow.py",
+    "test_run_leases.py",  # 49+
     "test_options_e2e.py",
     "test_checkpoint_files.py",
     "test_run_parameters.py",
