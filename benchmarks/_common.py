@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -78,6 +79,13 @@ def standard_loaders(split, test, batch_size: int, pin_memory: bool = False) -> 
         pin_memory=pin_memory,
     )
     return loader, data.make_loader(test, batch_size=batch_size, train=False, pin_memory=pin_memory), workers
+
+
+def add_width_option(parser: argparse.ArgumentParser) -> None:
+    """--width: ResNet18's width, the training config's default unless given (the smoke tests build narrow nets)."""
+    from cifar_mlflow.config import WIDTH
+
+    parser.add_argument("--width", type=int, default=WIDTH, help=f"ResNet18's width ({WIDTH}: the published network)")
 
 
 def run_jobs(fn: Callable[[Any], Any], jobs: Iterable[Any], processes: int) -> Iterator[Any]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
-from benchmarks._common import interleaved, machine, median, table
+from benchmarks._common import add_width_option, interleaved, machine, median, table
 from cifar_mlflow import analysis, data, engine, hardware, models
 from cifar_mlflow.config import AnalyzeConfig, TrainConfig
 from cifar_mlflow.jobs import analyze as analyze_job
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--images", type=int, default=25)
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--width", type=int, default=64, help="ResNet18's width (64: the published network)")
+    add_width_option(parser)
     args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="bench-gradcam-")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
-from benchmarks._common import machine, median, table
+from benchmarks._common import add_width_option, machine, median, table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def help_seconds(module: str) -> float:
     return time.perf_counter() - start
 
 
-def first_step_seconds(store: Path, width: int = 64) -> float:
+def first_step_seconds(store: Path, width: int) -> float:
     import mlflow
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
@@ -47,7 +47,7 @@ def first_step_seconds(store: Path, width: int = 64) -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--width", type=int, default=64, help="ResNet18's width (64: the published network)")
+    add_width_option(parser)
     args = parser.parse_args(argv)
     rows = []
     out = {}

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import machine
+from benchmarks._common import add_width_option, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--prune-after-trials", type=int, default=2)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--store", help="folder for the sqlite store (default: a new temp folder)")
-    parser.add_argument("--width", type=int, default=64, help="ResNet18's width (64: the published network)")
+    add_width_option(parser)
     args = parser.parse_args(argv)
     store = Path(args.store or tempfile.mkdtemp(prefix="bench-sweep-")).resolve()
     store.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import mlflow
 import torch
 
 import benchmarks._common as common  # (sets the environment first)
-from benchmarks._common import interleaved, machine, median, table
+from benchmarks._common import add_width_option, interleaved, machine, median, table
 from cifar_mlflow import data, engine, gradcam_panel, hardware, models, plots
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.jobs.train import with_panels
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--system-metrics-interval", type=int, default=10)
     parser.add_argument("--log-images-every", type=int, default=-1)
     parser.add_argument("--store", help="folder for the sqlite store and artifacts (default: a new temp folder)")
-    parser.add_argument("--width", type=int, default=64, help="ResNet18's width (64: the published network)")
+    add_width_option(parser)
     args = parser.parse_args(argv)
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = str(args.system_metrics_interval)
 

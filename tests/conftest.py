@@ -303,7 +303,7 @@ class Trained:
     analysis_run_id: str
     analysis_run_name: str
     version: str
-    data_dir: Path  # the data it trained on (the same files as cifar_root)
+    data_dir: Path  # the data it trained on (cifar_root's images, downloaded as an official-layout archive)
 
 
 def _shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -328,9 +328,9 @@ def _train_and_analyse(root: Path) -> dict:
     """Build the shared store in root (MLFLOW_* of this process left alone: the children get their own)."""
     import mlflow
 
-    root.mkdir(parents=True, exist_ok=True)
     from cifar_mlflow import data
 
+    root.mkdir(parents=True, exist_ok=True)
     # a folder name with a space: `mlflow run -P data_dir=...` logs it shell-quoted, which broke every fresh run once
     # (test_run_parameters.py checks what the runs logged); empty: the training run downloads an archive laid out
     # as the official one into it (test_cifar_files.py checks what it read)
