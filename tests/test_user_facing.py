@@ -535,7 +535,15 @@ def test_ui_models_tab_lists_the_champions_model_with_its_test_accuracy(trained,
         rows = page.evaluate(MODEL_ROWS_JS)
         index = next((i for i, r in rows.items() if r.get("registered_models") == f"{MODEL}\nv{trained.version}"), None)
         assert index is not None, f"no row lists {MODEL} v{trained.version}: {rows}"
-        assert rows[index]["source_run_id"] == trained.train_run_name, rows[index]
+        # the column shows the run's ID until the UI has fetched the run, then its name
+        source = page.locator(f'[role="row"][row-index="{index}"] [role="gridcell"][col-id="source_run_id"]')
+        shown(
+            page,
+            tmp_path,
+            source.get_by_text(trained.train_run_name, exact=True),
+            f"the source run's name {trained.train_run_name!r} in row {index}",
+            MODEL_ROWS_JS,
+        )
         accuracy = None
         for _ in range(40):
             cells = page.evaluate(MODEL_ROWS_JS).get(index, {})
