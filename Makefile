@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+UV_PIN := uv==0.13.9
 # Extra MLflow Project parameters: make train P="epochs=2 max_train_samples=2000"
 P ?=
 
@@ -19,13 +20,14 @@ unexport PYTHONDONTWRITEBYTECODE
 
 venv: $(STAMP)
 
+# pip installs uv (pinned), and uv the project's pins: the same packages as `pip install -e '.[test]'` (checked
+# with pip freeze), in ~4 s from uv's cache or ~25 s from PyPI, where pip takes ~75 s plus ~30 s to compile every
+# module to bytecode. uv compiles nothing: each module is compiled once, by the first process that imports it
+# (~5,000 of the ~16,000 installed, ~17 CPU-s).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
-	@# pip compiles every installed module to bytecode on one core; compileall uses them all (~25 s less on two).
-	@# A file that does not compile (torch ships one in Python 3.12 syntax) is skipped, as pip skips it.
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
+	$(BIN)/python -m pip install --quiet $(UV_PIN)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test]'
 	touch $(STAMP)
 
 # The tracking store first, one process at a time (cifar_mlflow.tracking.store.check_tracking_server locks a new sqlite
