@@ -22,7 +22,7 @@ from albumentations.pytorch import ToTensorV2
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import augment, data, engine, hardware, models, optim
+from cifar_mlflow import augment, data, engine, hardware, models, optim, train_step
 from cifar_mlflow.config import TrainConfig
 
 
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test_loader = data.make_loader(split, batch_size=args.batch_size, train=False, pin_memory=device.type == "cuda")
     optimizer = optim.build_optimizer(cfg, model.parameters())
     schedule = optim.build_scheduler(cfg, optimizer, len(loader))
+    step = train_step.TrainStep(model, optimizer, device, precision, label_smoothing=0.1)
     batches = [
         (torch.rand(len(y), 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last), y.to(device))
         for _, y in loader
@@ -141,9 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def project() -> float:
         loader.sampler.set_epoch(next(epoch))
-        return engine.train_one_epoch(model, loader, optimizer, schedule, device, precision, 0.1)[
-            "train/images_per_sec"
-        ]
+        return engine.train_one_epoch(step, loader, schedule).metrics["train/images_per_sec"]
 
     def project_eval() -> float:
         start = time.perf_counter()

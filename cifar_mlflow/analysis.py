@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cifar_mlflow import engine
@@ -41,15 +40,14 @@ class Predictions:
 
 def predict(model: nn.Module, loader: Any, device: torch.device, precision: str) -> Predictions:
     """Run the test split through engine.eval_logits (the one inference loop, as training's test metrics were),
-    keeping every sample's probabilities. The loss is summed per batch in float64, exactly as engine.evaluate does."""
+    keeping every sample's probabilities. The loss is counted by engine.Tally, exactly as engine.evaluate does."""
     probs, labels = [], []
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tally = engine.Tally(device)
     for logits, y in engine.eval_logits(model, loader, device, precision, desc="analysis"):
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        tally.add(logits, y)
         probs.append(torch.softmax(logits, dim=1))
         labels.append(y)
-    n = sum(len(y) for y in labels)
-    return Predictions(torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy(), loss_sum.item() / max(n, 1))
+    return Predictions(torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy(), tally.totals()[0])
 
 
 def misclassified(pred: Predictions) -> np.ndarray:

@@ -49,69 +49,97 @@ def _progress(loader: Any, desc: str) -> Iterator[Any]:
 NAN_CHECK_EVERY = 10
 
 
+class Tally:
+    """Cross-entropy sum, correct predictions and samples of one pass, kept on the device (no host read until
+    `rows`). Training, evaluation, flip TTA and the analysis all count through it, so they agree exactly."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """A batch's fp32 logits (or log-probabilities) and labels."""
+        self.loss += F.cross_entropy(logits, y, reduction="sum")
+        self.correct += (logits.argmax(dim=1) == y).sum()
+        self.seen += len(y)
+
+    def rows(self, ctx: distributed.Context | None, *extra: torch.Tensor) -> list[list[float]]:
+        """[loss sum, correct, seen, *extra] of every process, in rank order (one row without ctx): one transfer to
+        the host, and one collective when data-parallel."""
+        local = torch.stack(
+            [
+                self.loss,
+                self.correct.double(),
+                torch.tensor(float(self.seen), dtype=torch.float64, device=self.loss.device),
+            ]
+            + [e.double() for e in extra]
+        )
+        return (distributed.all_gather(local, ctx.world) if ctx else local[None]).tolist()
+
+    def totals(self, ctx: distributed.Context | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy) over every process's samples."""
+        return mean_and_accuracy(self.rows(ctx))
+
+
+def mean_and_accuracy(rows: list[list[float]]) -> tuple[float, float]:
+    loss, correct, seen = (sum(r[i] for r in rows) for i in range(3))
+    return loss / max(seen, 1), correct / max(seen, 1)
+
+
+@dataclass
+class Epoch:
+    metrics: Metrics
+    lrs: list[float]  # the LR of every optimiser step, in order
+    first_step_at: float  # time.time() when its first optimiser step finished
+
+
 def train_one_epoch(
-    model: nn.Module,
+    step: train_step.TrainStep,
     loader: Any,
-    optimizer: torch.optim.Optimizer,
     schedule: optim.Schedule,
-    device: torch.device,
-    precision: str,
-    label_smoothing: float,
-    scaler: torch.amp.GradScaler | None = None,
-    desc: str = "train",
-    l1: float = 0.0,
-    lr_log: list[float] | None = None,
     epoch: int = 1,
-    first_step: int = 1,
-    first_step_time: list[float] | None = None,
     ctx: distributed.Context | None = None,
-) -> Metrics:
-    """One pass over loader. Returns train/loss (plain cross-entropy, comparable with test/loss; the optimised
+    desc: str = "train",
+) -> Epoch:
+    """One pass over loader. Its metrics: train/loss (plain cross-entropy, comparable with test/loss; the optimised
     objective adds label smoothing and the L1 penalty), train/accuracy, train/images_per_sec and lr (the LR of the
-    epoch's last step). Every step's LR is appended to lr_log. A NaN/inf loss raises TrainingDiverged naming
-    the global step (first_step is the number of this epoch's first step).
+    epoch's last step). A NaN/inf loss raises TrainingDiverged naming the global step.
     Data-parallel (ctx): the metrics cover every process's shard (sums gathered once per epoch), and
     `ranks/<r>/train/loss|accuracy|samples` report each process's own share."""
-    model.train()
-    step = train_step.TrainStep(model, optimizer, device, precision, label_smoothing, l1, scaler)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
-    seen, lr = 0, float(optimizer.param_groups[0]["lr"])
+    step.model.train()
+    optimizer = step.optimizer
+    first_step = (epoch - 1) * len(loader) + 1
+    tally = Tally(step.device)
+    bad_step = torch.full((), -1, dtype=torch.int64, device=step.device)  # first step with a non-finite loss
+    lrs: list[float] = []
+    first_step_at = 0.0
     start = time.perf_counter()
     for i, (images, labels) in enumerate(_progress(loader, desc)):
         loss, logits, y = step(images, labels)
-        lr = optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float: no sync)
-        if lr_log is not None:
-            lr_log.append(float(lr))
-        if first_step_time is not None and not first_step_time:
-            first_step_time.append(time.time())  # start-up cost as users feel it (reported by the job)
+        lrs.append(float(optimizer.param_groups[0]["lr"]))  # the LR this step used (a Python float: no sync)
+        if i == 0:
+            first_step_at = time.time()  # start-up cost as users feel it (reported by the job)
         schedule.after_step()
         with torch.no_grad():
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), first_step + i, bad_step)
-            logits = logits.detach().float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(dim=1) == y).sum()
-        seen += len(labels)
+            tally.add(logits.detach().float(), y)
         if (i + 1) % NAN_CHECK_EVERY == 0:
             _raise_if_diverged(int(bad_step.item()), epoch)
-    # the epoch's closing host read: all values in one transfer (one collective too, when data-parallel)
-    local = torch.stack(
-        [loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device), bad_step.double()]
-    )
-    ranks = (distributed.all_gather(local, ctx.world) if ctx else local[None]).tolist()
-    bad = [int(r[3]) for r in ranks if r[3] >= 0]
+    rows = tally.rows(ctx, bad_step)  # the epoch's closing host read, the first bad step with the sums
+    bad = [int(r[3]) for r in rows if r[3] >= 0]
     _raise_if_diverged(min(bad) if bad else -1, epoch)
-    total_loss, total_correct, total_seen = (sum(r[i] for r in ranks) for i in range(3))
     elapsed = time.perf_counter() - start
+    loss_mean, accuracy = mean_and_accuracy(rows)
+    seen = sum(r[2] for r in rows)
     out = {
-        "train/loss": total_loss / max(total_seen, 1),
-        "train/accuracy": total_correct / max(total_seen, 1),
-        "train/images_per_sec": total_seen / elapsed if elapsed > 0 else 0.0,
-        "lr": float(lr),
+        "train/loss": loss_mean,
+        "train/accuracy": accuracy,
+        "train/images_per_sec": seen / elapsed if elapsed > 0 else 0.0,
+        "lr": lrs[-1] if lrs else float(optimizer.param_groups[0]["lr"]),
     }
     if ctx:
-        for r, (r_loss, r_correct, r_seen, _) in enumerate(ranks):
+        for r, (r_loss, r_correct, r_seen, _) in enumerate(rows):
             out.update(
                 {
                     f"ranks/{r}/train/loss": r_loss / max(r_seen, 1),
@@ -119,7 +147,7 @@ def train_one_epoch(
                     f"ranks/{r}/train/samples": r_seen,
                 }
             )
-    return out
+    return Epoch(out, lrs, first_step_at)
 
 
 def eval_logits(
@@ -140,24 +168,11 @@ def evaluate(
     ctx: distributed.Context | None = None,
 ) -> Metrics:
     """Plain cross-entropy and accuracy over every sample of loader (of every process's shard, with ctx)."""
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    tally = Tally(device)
     for logits, y in eval_logits(model, loader, device, precision, desc):
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(dim=1) == y).sum()
-        seen += len(y)
-    total_loss, total_correct, total_seen = _summed([loss_sum, correct, seen], device, ctx)
-    return {"test/loss": total_loss / max(total_seen, 1), "test/accuracy": total_correct / max(total_seen, 1)}
-
-
-def _summed(values: list[torch.Tensor | int], device: torch.device, ctx: distributed.Context | None) -> list[float]:
-    """Device scalars (and host counts) as floats, summed over every process with ctx: one transfer to the host,
-    and one collective when data-parallel."""
-    totals = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
-    if ctx:
-        distributed.all_reduce_sum(totals)
-    return totals.tolist()
+        tally.add(logits, y)
+    loss, accuracy = tally.totals(ctx)
+    return {"test/loss": loss, "test/accuracy": accuracy}
 
 
 def _raise_if_diverged(bad_step: int, epoch: int) -> None:
@@ -170,14 +185,10 @@ def evaluate_flip_tta(
 ) -> float:
     """Accuracy of the mean softmax over each image and its horizontal mirror (flip test-time augmentation),
     over every process's shard with ctx."""
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    tally = Tally(device)
     for both, y in eval_logits(model, loader, device, precision, "test (flip TTA)", flip=True):
-        probs = torch.softmax(both[0], 1) + torch.softmax(both[1], 1)
-        correct += (probs.argmax(dim=1) == y).sum()
-        seen += len(y)
-    total_correct, total_seen = _summed([correct, seen], device, ctx)
-    return total_correct / max(total_seen, 1)
+        tally.add(torch.logsumexp(torch.log_softmax(both, dim=2), dim=0), y)  # log of the summed probabilities
+    return tally.totals(ctx)[1]
 
 
 @dataclass
@@ -215,40 +226,26 @@ def fit(
     schedule = optim.build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
     scaler = hardware.grad_scaler(device, precision)
     # The compiled/DDP modules share parameters with `model`; state_dicts, checkpoints and GradCAM use `model`.
-    compiled = getattr(cfg, "compile", False)
-    eval_net = _compiled(model) if compiled else model
+    eval_net = _compiled(model) if cfg.compile else model
     train_net = eval_net
     if ctx is not None:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        train_net = _compiled(ddp) if compiled else ddp
+        train_net = _compiled(ddp) if cfg.compile else ddp
+    step = train_step.TrainStep(train_net, optimizer, device, precision, cfg.label_smoothing, cfg.l1, scaler)
     history: list[Metrics] = []
     lr_steps: list[float] = []
-    first_step: list[float] = []
+    first_step_at: float | None = None
     start = 1
     if resume is not None:
         checkpoint.restore(resume, model, optimizer, schedule.scheduler, scaler)
         history, lr_steps, start = list(resume["history"]), list(resume["lr_steps"]), int(resume["epoch"]) + 1
     for epoch in range(start, cfg.epochs + 1):
         train_loader.sampler.set_epoch(epoch)
-        metrics = train_one_epoch(
-            train_net,
-            train_loader,
-            optimizer,
-            schedule,
-            device,
-            precision,
-            cfg.label_smoothing,
-            scaler,
-            desc=f"epoch {epoch}/{cfg.epochs} train",
-            l1=cfg.l1,
-            lr_log=lr_steps,
-            epoch=epoch,
-            first_step=(epoch - 1) * len(train_loader) + 1,
-            first_step_time=first_step,
-            ctx=ctx,
-        )
+        trained = train_one_epoch(step, train_loader, schedule, epoch, ctx, desc=f"epoch {epoch}/{cfg.epochs} train")
+        metrics, first_step_at = trained.metrics, first_step_at or trained.first_step_at
+        lr_steps.extend(trained.lrs)
         if ctx is not None:
             distributed.sync_buffers(model)
         metrics.update(
@@ -269,4 +266,4 @@ def fit(
                 return checkpoint.capture(model, optimizer, schedule.scheduler, scaler, e, history, lr_steps)
 
             on_epoch_end(epoch, metrics, capture)
-    return FitResult(history, lr_steps, first_step[0] if first_step else None)
+    return FitResult(history, lr_steps, first_step_at)

@@ -90,7 +90,7 @@ def test_overfits_a_tiny_batch():
     optimizer = optim.build_optimizer(cfg, model.parameters())
     scheduler = optim.build_scheduler(cfg, optimizer, len(train_loader))
     for _epoch in range(cfg.epochs):
-        m = engine.train_one_epoch(model, train_loader, optimizer, scheduler, CPU, AUTO, 0.0)
+        m = engine.train_one_epoch(train_step.TrainStep(model, optimizer, CPU, AUTO), train_loader, scheduler).metrics
         first = first or m
         last = m
     assert first["train/loss"] > 1.5
@@ -214,7 +214,7 @@ def test_no_host_sync_inside_the_batch_loop(monkeypatch, n_train):
     optimizer = optim.build_optimizer(cfg, model.parameters())
     scheduler = optim.build_scheduler(cfg, optimizer, len(tr))
     tr.sampler.set_epoch(1)
-    engine.train_one_epoch(model, tr, optimizer, scheduler, CPU, "fp32", 0.1)
+    engine.train_one_epoch(train_step.TrainStep(model, optimizer, CPU, "fp32", 0.1), tr, scheduler)
     train_calls = list(calls)
     calls.clear()
     engine.evaluate(model, te, CPU, "fp32")
@@ -252,9 +252,8 @@ def test_l1_penalty_shrinks_weights():
         )
         optimizer = optim.build_optimizer(cfg, model.parameters())
         tr.sampler.set_epoch(1)
-        engine.train_one_epoch(
-            model, tr, optimizer, optim.build_scheduler(cfg, optimizer, len(tr)), CPU, "fp32", 0.0, l1=cfg.l1
-        )
+        step = train_step.TrainStep(model, optimizer, CPU, "fp32", l1=cfg.l1)
+        engine.train_one_epoch(step, tr, optim.build_scheduler(cfg, optimizer, len(tr)))
         norms[l1] = sum(p.abs().sum().item() for p in train_step.l1_weights(model))
     assert norms[1e-3] < norms[0.0]
 

@@ -13,7 +13,7 @@ that."""
 from mlflow import MlflowClient
 
 from cifar_mlflow.cli import invoke
-from cifar_mlflow.jobs.train import AUTO_LR_MIN_STEPS
+from cifar_mlflow.jobs.lr_find import AUTO_LR_MIN_STEPS
 from entrypoints.lr_find import lr_find
 from tests.conftest import cli_args, runs_of
 from tests.test_learning import SETTINGS, digits_dir  # noqa: F401 (digits_dir: a fixture)

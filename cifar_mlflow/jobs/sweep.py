@@ -19,11 +19,12 @@ from typing import Any
 
 from cifar_mlflow import data, studies
 from cifar_mlflow.config import SweepConfig, TrainConfig
-from cifar_mlflow.errors import RunBusy, StoppedEarly, Terminated, TrainingDiverged
+from cifar_mlflow.errors import RunBusy, StoppedEarly, Terminated, TrackingError, TrainingDiverged
 from cifar_mlflow.prepare import prepare
 from cifar_mlflow.sweep_space import Dim
-from cifar_mlflow.tracking import registry, runs
+from cifar_mlflow.tracking import checkpoints, registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
+from cifar_mlflow.tracking.registry import RegisteredVersion
 from cifar_mlflow.tracking.run_lease import RunLease
 from cifar_mlflow.tracking.store import beside_store
 
@@ -148,9 +149,9 @@ class Sweep:
                         **({RETRY_TAG: str(retry_of)} if retry_of is not None else {}),
                     }
                 )
-                from cifar_mlflow.jobs.train import train_in_run  # (jobs.train imports much; only a trial needs it)
+                from cifar_mlflow.jobs.train import train  # (jobs.train imports much; only a trial needs it)
 
-                outcome = train_in_run(cfg, p, log, held, after_epoch, register=False)
+                outcome = train(cfg, p, log, held, after_epoch=after_epoch, register=False)
         except TrainingDiverged as exc:  # a recipe that blows up is a result, not a crash: pruned, the run FAILED
             trial.set_user_attr("diverged_at_epoch", exc.epoch)
             self.study.tell(trial, state=studies.TrialState.PRUNED)
@@ -250,17 +251,30 @@ class Sweep:
     def _register(self, best: Any, run_id: str) -> str | None:
         """The best trial's model as one registered version, from its run's last checkpoint (the champion rule
         as in `main`). A version the run registered already (a worker finishing twice) is kept, not duplicated."""
-        from cifar_mlflow.jobs.train import register_from_checkpoint
-
         cfg = self.trial_config(best.params)
         try:
             with RunLease(run_id) as held, runs.open_run(held, run_id) as log:
-                version = register_from_checkpoint(cfg, log)
+                version = _register_from_checkpoint(cfg, log)
         except RunBusy:  # two workers finished the study at the same moment: the other one registers it
             print(f"sweep: another worker is registering the best trial's run {run_id}")
             return None
         self.parent.set_tags({"registered_model_version": version.version, "best/model_uri": version.model_uri})
         return version.model_uri
+
+
+def _register_from_checkpoint(cfg: TrainConfig, log: RunLogger) -> RegisteredVersion:
+    """Register the model of a finished trial's run (open) from its last checkpoint, as `main` registers its own;
+    the run's test accuracy tags the version."""
+    from cifar_mlflow.jobs.train import measured_on, register_model
+
+    state = checkpoints.load_latest_checkpoint(log.run_id)
+    if state is None or state["epoch"] < cfg.epochs:
+        raise TrackingError(f"run {log.run_id} has no checkpoint of its last epoch ({cfg.epochs}) to register")
+    setup = prepare(cfg, cfg.max_test_samples)
+    measured_on(log, setup)
+    setup.model.load_state_dict(state["model"])
+    data.shutdown_workers(setup.train_loader)
+    return register_model(cfg, setup, log, float(state["history"][-1]["test/accuracy"]))
 
 
 def _text(value: Any) -> str:
