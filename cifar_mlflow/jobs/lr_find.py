@@ -12,15 +12,15 @@ from cifar_mlflow.tracking import runs
 from cifar_mlflow.tracking.logger import RunLogger
 
 
-def range_test(p: TrainingSetup, cfg: LRFindConfig) -> lr_finder.RangeTestResult:
+def range_test(setup: TrainingSetup, cfg: LRFindConfig) -> lr_finder.RangeTestResult:
     """Range test on the prepared model with cfg's optimiser; the model comes back exactly as it was."""
-    optimizer = optim.build_optimizer(cfg, p.model.parameters(), lr=cfg.start_lr)
+    optimizer = optim.build_optimizer(cfg, setup.model.parameters(), lr=cfg.start_lr)
     return lr_finder.range_test(
-        p.model,
-        p.train_loader,
+        setup.model,
+        setup.train_loader,
         optimizer,
-        p.device,
-        p.precision,
+        setup.device,
+        setup.precision,
         start_lr=cfg.start_lr,
         end_lr=cfg.end_lr,
         num_iter=cfg.num_iter,
@@ -39,12 +39,12 @@ def log_range_test(log: RunLogger, result: lr_finder.RangeTestResult) -> None:
 
 
 def run_lr_find(cfg: LRFindConfig) -> float:
-    p = prepare(cfg, max_test=1)
+    setup = prepare(cfg, max_test=1)
     with runs.open_run() as log:
-        log.log_params({**cfg.to_params(), **p.derived_params()})
-        log.log_dataset(p.dataset, p.dataset.train, "training")
-        result = range_test(p, cfg)
-        data.shutdown_workers(p.train_loader)
+        log.log_params({**cfg.to_params(), **setup.derived_params()})
+        log.log_dataset(setup.dataset, setup.dataset.train, "training")
+        result = range_test(setup, cfg)
+        data.shutdown_workers(setup.train_loader)
         log_range_test(log, result)
         stop = "stopped when the loss diverged" if result.diverged else "no divergence within the sweep"
         print(

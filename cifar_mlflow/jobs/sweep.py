@@ -59,7 +59,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
     dims, base = cfg.dims(), cfg.base()
     url = storage_url(cfg.storage)
     storage = studies.open_storage(url)  # a storage that cannot be opened fails here, before any run is touched
-    with RunLease() as held, runs.open_run(held) as log:
+    with RunLease() as lease, runs.open_run(lease) as log:
         name = f"sweep-{log.run_id}" if cfg.study == "auto" else cfg.study
         log.log_params(cfg.to_params())
         study, parent_id = studies.open_study(
@@ -140,8 +140,8 @@ class Sweep:
                 raise StoppedEarly(epoch)
 
         try:
-            p = prepare(cfg, cfg.max_test_samples)
-            with studies.heartbeat(self.storage, trial), RunLease(run_id) as held, runs.open_run(held, run_id) as log:
+            setup = prepare(cfg, cfg.max_test_samples)
+            with studies.heartbeat(self.storage, trial), RunLease(run_id) as lease, runs.open_run(lease, run_id) as log:
                 log.set_tags(
                     {
                         TRIAL_TAG: str(trial.number),
@@ -151,7 +151,7 @@ class Sweep:
                 )
                 from cifar_mlflow.jobs.train import train  # (jobs.train imports much; only a trial needs it)
 
-                outcome = train(cfg, p, log, held, after_epoch=after_epoch, register=False)
+                outcome = train(cfg, setup, log, lease, after_epoch=after_epoch, register=False)
         except TrainingDiverged as exc:  # a recipe that blows up is a result, not a crash: pruned, the run FAILED
             trial.set_user_attr("diverged_at_epoch", exc.epoch)
             self.study.tell(trial, state=studies.TrialState.PRUNED)
@@ -253,7 +253,7 @@ class Sweep:
         as in `main`). A version the run registered already (a worker finishing twice) is kept, not duplicated."""
         cfg = self.trial_config(best.params)
         try:
-            with RunLease(run_id) as held, runs.open_run(held, run_id) as log:
+            with RunLease(run_id) as lease, runs.open_run(lease, run_id) as log:
                 version = _register_from_checkpoint(cfg, log)
         except RunBusy:  # two workers finished the study at the same moment: the other one registers it
             print(f"sweep: another worker is registering the best trial's run {run_id}")
