@@ -1,4 +1,4 @@
-"""The contract files agree: MLproject and the README's parameter tables are what scripts/gen_params.py writes
+"""The contract files agree: MLproject and the docs pages' parameter tables are what scripts/gen_params.py writes
 from the config dataclasses, MLproject <-> configs <-> click options, pyproject pins <-> conda.yaml, and only
 the tracking package imports mlflow."""
 
@@ -34,6 +34,14 @@ ENTRY_POINTS = {
     "sweep": (SweepConfig, sweep_command, "entrypoints.sweep"),
 }
 each_entry_point = pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+# MLproject entry point -> the docs page that holds its parameter table
+PAGES = {
+    "main": "docs/training.md",
+    "analyze": "docs/analyze.md",
+    "lr_find": "docs/lr-find.md",
+    "pipeline": "docs/pipeline.md",
+    "sweep": "docs/sweep.md",
+}
 
 # MLproject type -> dataclass annotation ("float | str": a number or a word such as lr=auto; bool: true/false)
 YAML_TYPES = {"int": {"int"}, "float": {"float"}, "string": {"str", "float | str", "bool"}}
@@ -43,13 +51,15 @@ def _mlproject():
     return yaml.safe_load((REPO / "MLproject").read_text())
 
 
-def test_mlproject_and_readme_tables_are_generated_from_the_configs():
+def test_mlproject_and_docs_tables_are_generated_from_the_configs():
     assert params_doc.stale() == [], "stale: run python scripts/gen_params.py"
     assert set(params_doc.ENTRY_POINTS) == set(ENTRY_POINTS)
+    assert params_doc.PAGES == PAGES
 
 
 def test_gen_params_check_names_the_stale_file_and_the_rewrite_fixes_it(tmp_path):
-    for name in ("MLproject", "README.md"):
+    (tmp_path / "docs").mkdir()
+    for name in ("MLproject", *PAGES.values()):
         shutil.copy(REPO / name, tmp_path / name)
     text = (tmp_path / "MLproject").read_text()
     (tmp_path / "MLproject").write_text(
@@ -58,6 +68,12 @@ def test_gen_params_check_names_the_stale_file_and_the_rewrite_fixes_it(tmp_path
     assert params_doc.stale(tmp_path) == ["MLproject"]
     assert params_doc.stale(tmp_path, write=True) == ["MLproject"]
     assert params_doc.stale(tmp_path) == [] and (tmp_path / "MLproject").read_text() == text
+    page = tmp_path / PAGES["lr_find"]
+    text = page.read_text()
+    page.write_text(text.replace("| `num_iter` | 100 |", "| `num_iter` | 50 |"))
+    assert params_doc.stale(tmp_path) == [PAGES["lr_find"]]
+    assert params_doc.stale(tmp_path, write=True) == [PAGES["lr_find"]]
+    assert params_doc.stale(tmp_path) == [] and page.read_text() == text
     proc = subprocess.run(
         [sys.executable, "scripts/gen_params.py", "--check"], cwd=REPO, capture_output=True, text=True
     )
@@ -159,15 +175,16 @@ def test_pins_agree_between_pyproject_and_conda():
 
 
 @each_entry_point
-def test_readme_documents_every_parameter(entry):
-    """Each entry point has a README section whose table lists every parameter with its default."""
+def test_docs_page_documents_every_parameter(entry):
+    """Each entry point's docs page has a section whose table lists every parameter with its default."""
     config, _, _ = ENTRY_POINTS[entry]
-    readme = (REPO / "README.md").read_text()
-    section = readme.split(f"## Parameters (`{entry}` entry point)", 1)[1].split("\n## ", 1)[0]
+    page = (REPO / PAGES[entry]).read_text()
+    section = page.split(f"## Parameters (`{entry}` entry point)", 1)[1].split("\n## ", 1)[0]
     for f in dataclasses.fields(config):
         assert re.search(rf"^\| `{f.name}` \| {re.escape(str(as_param(f.default)))} \|", section, re.M), (
-            f"README {entry} table lacks {f.name} with default {f.default}"
+            f"{PAGES[entry]} table lacks {f.name} with default {f.default}"
         )
+    readme = (REPO / "README.md").read_text()
     assert "make train" in readme and "make test" in readme
 
 
