@@ -1,6 +1,6 @@
 """The contract files agree: MLproject and the docs pages' parameter tables are what scripts/gen_params.py writes
 from the config dataclasses, MLproject <-> configs <-> click options, pyproject pins <-> conda.yaml, and only
-the tracking package imports mlflow."""
+the tracking package imports mlflow. The README stays short and links every docs page, and no link points nowhere."""
 
 import ast
 import dataclasses
@@ -186,6 +186,56 @@ def test_docs_page_documents_every_parameter(entry):
         )
     readme = (REPO / "README.md").read_text()
     assert "make train" in readme and "make test" in readme
+
+
+def _outside_code(text: str) -> str:
+    """Markdown without its fenced blocks and inline code spans (where brackets and # are not links or headings)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    return re.sub(r"`[^`]*`", "", text)
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    anchors, count = set(), {}  # count: a repeated heading's anchor gets -1, -2, ...
+    fenceless = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", fenceless, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{count[slug]}" if slug in count else slug)
+        count[slug] = count.get(slug, 0) + 1
+    return anchors
+
+
+def _links(path) -> list[str]:
+    return re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", _outside_code(path.read_text()))
+
+
+DOCS = sorted((REPO / "docs").glob("*.md"))
+
+
+def test_readme_is_short_and_links_every_docs_page():
+    """A newcomer reads the README in ten minutes; everything else is one link away, and every page links back."""
+    readme = REPO / "README.md"
+    assert len(readme.read_text().splitlines()) <= 250
+    assert DOCS and set(PAGES.values()) <= {str(p.relative_to(REPO)) for p in DOCS}
+    linked = {link.split("#")[0] for link in _links(readme)}
+    assert [str(p.relative_to(REPO)) for p in DOCS if str(p.relative_to(REPO)) not in linked] == []
+    for page in DOCS:
+        assert "../README.md" in {link.split("#")[0] for link in _links(page)}, f"{page.name} links not to the README"
+
+
+@pytest.mark.parametrize("path", [REPO / "README.md", *DOCS], ids=lambda p: p.name)
+def test_every_relative_link_points_to_a_file_and_heading_that_exist(path):
+    broken = []
+    for link in _links(path):
+        if re.match(r"[a-z]+:", link):  # https:, mailto:: not this repository's
+            continue
+        target, _, anchor = link.partition("#")
+        file = (path.parent / target).resolve() if target else path
+        if not file.exists():
+            broken.append(f"{link} (no such file)")
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
+            broken.append(f"{link} (no such heading)")
+    assert broken == [], f"{path.name}: {broken}"
 
 
 def test_only_the_tracking_package_imports_mlflow():
