@@ -41,7 +41,7 @@ train: $(STAMP)
 system-packages:
 	bash scripts/system-packages.sh
 
-# ruff (lint + format check), mypy, and the generated MLproject/README parameter tables: seconds, before the suite.
+# ruff (lint + format check), mypy, and the generated MLproject and docs/ parameter tables: seconds, before the suite.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -1,8 +1,8 @@
 """Run configuration: frozen dataclasses holding every parameter, its default, its reason and its allowed values.
 
 This is the one place parameters are written. The click options are generated from these dataclasses
-(cifar_mlflow/cli.py), and so are the MLproject's parameters and commands and the README's parameter tables
-(cifar_mlflow/params_doc.py, `python scripts/gen_params.py`); tests/test_project_files.py checks they agree.
+(cifar_mlflow/cli.py), and so are the MLproject's parameters and commands and the parameter tables of the docs/
+pages (cifar_mlflow/params_doc.py, `python scripts/gen_params.py`); tests/test_project_files.py checks they agree.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class TrainConfig(Validated):
         "Passes over the training set; 20 is what the course assignments ask for: with this network, SGD and "
         "one-cycle, Lightning's CIFAR-10 baseline tutorial reports 92-93% in 20-30 epochs (93-94% in 40-50). This "
         "exact recipe has not been run on CIFAR-10 here (no download on the build machines); on real digits see "
-        "the README's *Does it learn?*.",
+        "docs/learning.md (*Does it learn?*).",
         low=1,
     )
     batch_size: int = param(
@@ -120,14 +120,14 @@ class TrainConfig(Validated):
         "LR schedule; one-cycle (linear warm-up over the first 20% of steps, then linear decay to ~0): fast "
         "convergence in short budgets (Smith & Topin 2019), the shape of Page's 24-epoch CIFAR-10 runs (2018). "
         "cosine: per-step cosine decay to 0; plateau: x0.1 when the test loss stalls for 2 epochs; cyclic: "
-        "triangular2 between lr/10 and lr, 2-epoch half cycles (README: *Schedules*).",
+        "triangular2 between lr/10 and lr, 2-epoch half cycles (docs/training.md: *Schedules*).",
         choices=SCHEDULERS,
     )
     augment: str = param(
         "standard",
         "Augmentation preset; standard = reflect-pad 4 + random crop 32 and horizontal flip (He et al. "
-        "2016), one 16x16 cutout centred anywhere (DeVries & Taylor 2017: the best size for CIFAR-10). See README "
-        "*Augmentation presets* for flip-cutout, heavy, rotate.",
+        "2016), one 16x16 cutout centred anywhere (DeVries & Taylor 2017: the best size for CIFAR-10). See "
+        "docs/training.md (*Augmentation presets*) for flip-cutout, heavy, rotate.",
         choices=AUGMENT_PRESETS,
     )
     arch: str = param(
@@ -159,7 +159,7 @@ class TrainConfig(Validated):
     dataset: str = param(
         "cifar10",
         "cifar10 (read or downloaded); digits: scikit-learn's handwritten digits as 32x32 RGB in the CIFAR-10 "
-        "layout, real images built offline (README: *Data*); synthetic: a generated 10-class set for speed runs, "
+        "layout, real images built offline (docs/data.md); synthetic: a generated 10-class set for speed runs, "
         "learnable by any recipe (it proves plumbing, not learning).",
         choices=DATASETS,
     )
@@ -364,7 +364,7 @@ class SweepConfig(Composed):
         "default",
         "Search space: default = peak lr log-uniform from lr/4 to 4*lr (lr: the base's peak LR, lr=scaled's value "
         "at the base's batch size), weight_decay log-uniform 5e-5-5e-3, "
-        "label_smoothing 0-0.2, augment in {standard, flip-cutout, none}; or a YAML file (README: *Sweeps*).",
+        "label_smoothing 0-0.2, augment in {standard, flip-cutout, none}; or a YAML file (docs/sweep.md).",
     )
     pruner: str = param(
         "median",

@@ -1,9 +1,12 @@
-"""The MLproject file and the README's parameter tables, written from the config dataclasses (cifar_mlflow/config.py)
-so that each parameter is defined once; `python scripts/gen_params.py` rewrites them, `--check` finds stale ones."""
+"""The MLproject file and the parameter tables of the docs pages (one page per entry point), written from the config
+dataclasses (cifar_mlflow/config.py) so that each parameter is defined once; `python scripts/gen_params.py` rewrites
+them, `--check` finds stale ones."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,14 @@ ENTRY_POINTS: dict[str, tuple[Any, str]] = {
     "sweep": (SweepConfig, "python -m entrypoints.sweep"),
 }
 DDP_LAUNCHER = "torchrun --standalone --nproc_per_node {nproc_per_node} -m entrypoints.train"
+# Entry point -> the page (relative to the repository) whose `<!-- params:ENTRY -->` region holds its table.
+PAGES: dict[str, str] = {
+    "main": "docs/training.md",
+    "analyze": "docs/analyze.md",
+    "lr_find": "docs/lr-find.md",
+    "pipeline": "docs/pipeline.md",
+    "sweep": "docs/sweep.md",
+}
 # The pipeline's steps: each receives the pipeline's parameters of the same name (PipelineConfig.steps).
 STEPS: dict[str, Any] = {"lr_find": LRFindConfig, "main": TrainConfig, "analyze": AnalyzeConfig}
 
@@ -95,7 +106,7 @@ def _entry_of(config: type) -> str:
 
 
 def table(entry: str) -> str:
-    """The README table of an entry point's parameters: its own with default, allowed values and reason; those
+    """The table of an entry point's parameters: its own with default, allowed values and reason; those
     it takes from another entry point refer to that one's table."""
     config = ENTRY_POINTS[entry][0]
     taken = config.__taken__
@@ -115,21 +126,21 @@ def table(entry: str) -> str:
     return "\n".join(rows)
 
 
-def readme(text: str) -> str:
-    """The README with every `<!-- params:ENTRY -->` ... `<!-- /params:ENTRY -->` region rewritten."""
-    for entry in ENTRY_POINTS:
-        start, end = f"<!-- params:{entry} -->", f"<!-- /params:{entry} -->"
-        if text.count(start) != 1 or text.count(end) != 1:
-            raise ValueError(f"README.md must hold {start} and {end} once each")
-        before, _, rest = text.partition(start)
-        text = f"{before}{start}\n{table(entry)}\n{end}{rest.partition(end)[2]}"
-    return text
+def page(entry: str, text: str) -> str:
+    """The entry point's page with its `<!-- params:ENTRY -->` ... `<!-- /params:ENTRY -->` region rewritten."""
+    start, end = f"<!-- params:{entry} -->", f"<!-- /params:{entry} -->"
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise ValueError(f"{PAGES[entry]} must hold {start} and {end} once each")
+    before, _, rest = text.partition(start)
+    return f"{before}{start}\n{table(entry)}\n{end}{rest.partition(end)[2]}"
 
 
 def stale(root: Path = ROOT, write: bool = False) -> list[str]:
     """The generated files that differ from what the config says (rewritten if write)."""
     found = []
-    for name, make in (("MLproject", lambda _: mlproject()), ("README.md", readme)):
+    makers: list[tuple[str, Callable[[str], str]]] = [("MLproject", lambda _: mlproject())]
+    makers += [(name, functools.partial(page, entry)) for entry, name in PAGES.items()]
+    for name, make in makers:
         path = root / name
         old = path.read_text()
         new = make(old)

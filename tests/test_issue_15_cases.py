@@ -31,7 +31,8 @@ ISSUE_15 = [
     (
         "2. README states what each loading path executes",
         "tests/test_model_files.py::test_mlmodel_naming_planted_code_runs_as_pyfunc_but_never_in_load_torch_model",
-        "(the model's served_model.py, rewritten, runs under pyfunc as the README says; load_torch_model runs nothing)",
+        "(the model's served_model.py, rewritten, runs under pyfunc as docs/security.md says; "
+        "load_torch_model runs nothing)",
     ),
     (
         "3. two `mlflow run --run-id R` at once on a crashed run both trained and registered",
@@ -274,7 +275,7 @@ ISSUE_15 = [
     (
         "two runs at once into an empty folder: one died in MLflow's table creation",
         "tests/test_tracking_stores.py::test_two_runs_at_once_into_an_empty_folder_both_open_the_store",
-        "(both open the store; plain `mlflow run`s: create the store first, README)",
+        "(both open the store; plain `mlflow run`s: create the store first, docs/tracking-servers.md)",
     ),
 ]
 

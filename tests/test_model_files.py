@@ -1,6 +1,6 @@
 """Model files in the registry that someone else may have changed: code planted beside a model (never run by
-load_torch_model; run by pyfunc loading, as MLflow designs it and the README says), a tampered or huge model config,
-an MLmodel pointing outside the model, a GradCAM layer that cannot be explained, names holding a quote."""
+load_torch_model; run by pyfunc loading, as MLflow designs it and docs/security.md says), a tampered or huge model
+config, an MLmodel pointing outside the model, a GradCAM layer that cannot be explained, names holding a quote."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_registered_model_ships_no_code_so_code_planted_in_the_store_never_runs(
 
 
 def test_mlmodel_naming_planted_code_runs_as_pyfunc_but_never_in_load_torch_model(store, model_dir, tmp_path):
-    """What the README states: a pyfunc model is code by MLflow's design (mlflow.pyfunc.load_model executes the
+    """What docs/security.md states: a pyfunc model is code by MLflow's design (mlflow.pyfunc.load_model executes the
     model's served_model.py, so whoever can rewrite it in the store runs code there); load_torch_model reads
     MLmodel, the config and the weights, and executes nothing of the model's."""
     marker = tmp_path / "PWNED"
@@ -104,7 +104,7 @@ def test_mlmodel_naming_planted_code_runs_as_pyfunc_but_never_in_load_torch_mode
     assert not marker.exists()
     proc = _load_pyfunc_in_a_fresh_process(store, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert marker.exists(), "the README says pyfunc loading executes the model's served_model.py; it did not"
+    assert marker.exists(), "docs/security.md says pyfunc loading executes the model's served_model.py; it did not"
 
 
 def _edit_config(model_dir: Path, **changes) -> None:

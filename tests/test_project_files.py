@@ -1,6 +1,6 @@
-"""The contract files agree: MLproject and the README's parameter tables are what scripts/gen_params.py writes
+"""The contract files agree: MLproject and the docs pages' parameter tables are what scripts/gen_params.py writes
 from the config dataclasses, MLproject <-> configs <-> click options, pyproject pins <-> conda.yaml, and only
-the tracking package imports mlflow."""
+the tracking package imports mlflow. The README stays short and links every docs page, and no link points nowhere."""
 
 import ast
 import dataclasses
@@ -34,6 +34,14 @@ ENTRY_POINTS = {
     "sweep": (SweepConfig, sweep_command, "entrypoints.sweep"),
 }
 each_entry_point = pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+# MLproject entry point -> the docs page that holds its parameter table
+PAGES = {
+    "main": "docs/training.md",
+    "analyze": "docs/analyze.md",
+    "lr_find": "docs/lr-find.md",
+    "pipeline": "docs/pipeline.md",
+    "sweep": "docs/sweep.md",
+}
 
 # MLproject type -> dataclass annotation ("float | str": a number or a word such as lr=auto; bool: true/false)
 YAML_TYPES = {"int": {"int"}, "float": {"float"}, "string": {"str", "float | str", "bool"}}
@@ -43,13 +51,15 @@ def _mlproject():
     return yaml.safe_load((REPO / "MLproject").read_text())
 
 
-def test_mlproject_and_readme_tables_are_generated_from_the_configs():
+def test_mlproject_and_docs_tables_are_generated_from_the_configs():
     assert params_doc.stale() == [], "stale: run python scripts/gen_params.py"
     assert set(params_doc.ENTRY_POINTS) == set(ENTRY_POINTS)
+    assert params_doc.PAGES == PAGES
 
 
 def test_gen_params_check_names_the_stale_file_and_the_rewrite_fixes_it(tmp_path):
-    for name in ("MLproject", "README.md"):
+    (tmp_path / "docs").mkdir()
+    for name in ("MLproject", *PAGES.values()):
         shutil.copy(REPO / name, tmp_path / name)
     text = (tmp_path / "MLproject").read_text()
     (tmp_path / "MLproject").write_text(
@@ -58,6 +68,12 @@ def test_gen_params_check_names_the_stale_file_and_the_rewrite_fixes_it(tmp_path
     assert params_doc.stale(tmp_path) == ["MLproject"]
     assert params_doc.stale(tmp_path, write=True) == ["MLproject"]
     assert params_doc.stale(tmp_path) == [] and (tmp_path / "MLproject").read_text() == text
+    page = tmp_path / PAGES["lr_find"]
+    text = page.read_text()
+    page.write_text(text.replace("| `num_iter` | 100 |", "| `num_iter` | 50 |"))
+    assert params_doc.stale(tmp_path) == [PAGES["lr_find"]]
+    assert params_doc.stale(tmp_path, write=True) == [PAGES["lr_find"]]
+    assert params_doc.stale(tmp_path) == [] and page.read_text() == text
     proc = subprocess.run(
         [sys.executable, "scripts/gen_params.py", "--check"], cwd=REPO, capture_output=True, text=True
     )
@@ -159,16 +175,67 @@ def test_pins_agree_between_pyproject_and_conda():
 
 
 @each_entry_point
-def test_readme_documents_every_parameter(entry):
-    """Each entry point has a README section whose table lists every parameter with its default."""
+def test_docs_page_documents_every_parameter(entry):
+    """Each entry point's docs page has a section whose table lists every parameter with its default."""
     config, _, _ = ENTRY_POINTS[entry]
-    readme = (REPO / "README.md").read_text()
-    section = readme.split(f"## Parameters (`{entry}` entry point)", 1)[1].split("\n## ", 1)[0]
+    page = (REPO / PAGES[entry]).read_text()
+    section = page.split(f"## Parameters (`{entry}` entry point)", 1)[1].split("\n## ", 1)[0]
     for f in dataclasses.fields(config):
         assert re.search(rf"^\| `{f.name}` \| {re.escape(str(as_param(f.default)))} \|", section, re.M), (
-            f"README {entry} table lacks {f.name} with default {f.default}"
+            f"{PAGES[entry]} table lacks {f.name} with default {f.default}"
         )
+    readme = (REPO / "README.md").read_text()
     assert "make train" in readme and "make test" in readme
+
+
+def _outside_code(text: str) -> str:
+    """Markdown without its fenced blocks and inline code spans (where brackets and # are not links or headings)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    return re.sub(r"`[^`]*`", "", text)
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    anchors, count = set(), {}  # count: a repeated heading's anchor gets -1, -2, ...
+    fenceless = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", fenceless, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{count[slug]}" if slug in count else slug)
+        count[slug] = count.get(slug, 0) + 1
+    return anchors
+
+
+def _links(path) -> list[str]:
+    return re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", _outside_code(path.read_text()))
+
+
+DOCS = sorted((REPO / "docs").glob("*.md"))
+
+
+def test_readme_is_short_and_links_every_docs_page():
+    """A newcomer reads the README in ten minutes; everything else is one link away, and every page links back."""
+    readme = REPO / "README.md"
+    assert len(readme.read_text().splitlines()) <= 250
+    assert DOCS and set(PAGES.values()) <= {str(p.relative_to(REPO)) for p in DOCS}
+    linked = {link.split("#")[0] for link in _links(readme)}
+    assert [str(p.relative_to(REPO)) for p in DOCS if str(p.relative_to(REPO)) not in linked] == []
+    for page in DOCS:
+        assert "../README.md" in {link.split("#")[0] for link in _links(page)}, f"{page.name} links not to the README"
+
+
+@pytest.mark.parametrize("path", [REPO / "README.md", *DOCS], ids=lambda p: p.name)
+def test_every_relative_link_points_to_a_file_and_heading_that_exist(path):
+    broken = []
+    for link in _links(path):
+        if re.match(r"[a-z]+:", link):  # https:, mailto:: not this repository's
+            continue
+        target, _, anchor = link.partition("#")
+        file = (path.parent / target).resolve() if target else path
+        if not file.exists():
+            broken.append(f"{link} (no such file)")
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
+            broken.append(f"{link} (no such heading)")
+    assert broken == [], f"{path.name}: {broken}"
 
 
 def test_only_the_tracking_package_imports_mlflow():

@@ -127,7 +127,7 @@ def test_loading_here_three_ways_gives_the_trained_networks_answers(store, net, 
     np.testing.assert_allclose(np.asarray(pyfunc.predict(list(X))), expected, atol=1e-5)
     np.testing.assert_allclose(np.asarray(pyfunc.predict(X.tolist())), expected, atol=1e-5)
     with pytest.raises(mlflow.MlflowException, match="Expected list, but got ndarray"):
-        pyfunc.predict(X)  # MLflow's check of predict's type hint: a list of images, as the README says
+        pyfunc.predict(X)  # MLflow's check of predict's type hint: a list of images, as docs/models.md says
     with pytest.raises(mlflow.MlflowException, match=r"input of shape \(2, 32, 32, 3\) is not allowed"):
         pyfunc.predict(list(np.zeros((2, 32, 32, 3), np.float32)))
 
@@ -169,8 +169,8 @@ def test_the_model_holds_one_copy_of_the_weights_and_ships_only_self_contained_c
 
 
 def test_the_exported_archive_unpickles_nothing_but_the_example_input(registered, net, tmp_path):
-    """What the README states about loading model.pt2: the graph is JSON, the weights raw bytes; the one pickled
-    record is the example input, and torch's weights_only unpickler (tensors and containers only) accepts it."""
+    """What docs/models.md and docs/security.md state about loading model.pt2: the graph is JSON, the weights raw
+    bytes; the one pickled record is the example input, and torch's weights_only unpickler (tensors and containers only) accepts it."""
     archive = zipfile.ZipFile(_model_folder(registered, tmp_path / "dl") / serving.PYTORCH_DATA / "model.pt2")
     names = archive.namelist()
     config = json.loads(archive.read(next(n for n in names if n.endswith("model_weights_config.json"))))["config"]
@@ -220,8 +220,8 @@ STOCK_LOAD = "import mlflow, sys\nmlflow.pytorch.load_model(sys.argv[1])\n"
 def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(store, registered, tmp_path):
     """A tampered model.pt2 (its example-input record replaced by a pickle that runs code): load_torch_model and
     the pyfunc refuse it, whatever MLFLOW_ALLOW_PICKLE_DESERIALIZATION says; stock mlflow.pytorch.load_model
-    refuses it with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, and runs it under MLflow 3.17's default (true): the
-    README says so, and this test notices if MLflow changes that default."""
+    refuses it with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, and runs it under MLflow 3.17's default (true):
+    docs/security.md says so, and this test notices if MLflow changes that default."""
     folder = _model_folder(registered, tmp_path / "dl")
     marker = tmp_path / "planted-code-ran"
     subprocess.run(
@@ -257,7 +257,7 @@ def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(
     assert refused.returncode != 0 and "is not a pickle-free payload" in refused.stderr, refused.stderr[-2000:]
     assert not marker.exists(), "the planted code ran"
     stock()
-    assert marker.exists(), "MLflow's default now checks pt2 archives: update the README (Using a registered model)"
+    assert marker.exists(), "MLflow's default now checks pt2 archives: update docs/security.md (Loading a model)"
 
 
 def test_the_exported_graph_is_bound_to_no_device(registered):

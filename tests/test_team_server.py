@@ -1,6 +1,6 @@
-"""The team setup of the README ("Team tracking server"), for real: `mlflow server` on a PostgreSQL backend store
-(a throwaway cluster of Debian's postgresql on 127.0.0.1) with artifacts served by the server, and the whole flow
-a team member runs against it: `mlflow run -e main` trains and registers, `mlflow run -e analyze` analyses the
+"""The team setup of docs/tracking-servers.md ("Team tracking server"), for real: `mlflow server` on a PostgreSQL
+backend store (a throwaway cluster of Debian's postgresql on 127.0.0.1) with artifacts served by the server, and the
+whole flow a team member runs against it: `mlflow run -e main` trains and registers, `mlflow run -e analyze` analyses the
 @champion. Then the rows are read back from PostgreSQL itself and the files from the server's artifact folder."""
 
 import subprocess
@@ -46,7 +46,7 @@ def postgres(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def team_server(postgres, tmp_path_factory):
-    """The README's server command, on 127.0.0.1 (and one worker) instead of 0.0.0.0."""
+    """The server command of docs/tracking-servers.md, on 127.0.0.1 (and one worker) instead of 0.0.0.0."""
     uri = postgres.create_database(DB, owner=ROLE, password=PASSWORD)
     srv = MlflowServer(
         tmp_path_factory.mktemp("team-server"),
@@ -181,7 +181,7 @@ def _status(url, **headers):
 
 def test_server_answers_the_team_host_name_and_refuses_others(team_server):
     """--allowed-hosts / --cors-allowed-origins: MLflow 3 refuses Host headers and browser origins it was not
-    told about (DNS-rebinding and CSRF protection), so the README names the team's host in both."""
+    told about (DNS-rebinding and CSRF protection), so docs/tracking-servers.md names the team's host in both."""
     search = f"{team_server.uri}/api/2.0/mlflow/experiments/search?max_results=1"
     port = team_server.port
     assert _status(search, Host=f"{TEAM_HOST}:{port}") == 200
@@ -208,7 +208,7 @@ def test_two_workers_share_one_sweep_through_postgresql(team_server, postgres, t
     would: the study holds exactly n_trials finished trials, each run once, in one child run each, all under one
     parent run; the second worker's run is nested under it too; one version is registered."""
     storage = postgres.create_database("optuna", owner="optuna", password="study-pass")
-    # as the README advises: the password in PGPASSWORD (libpq reads it), not in the URL that becomes a run param
+    # as docs/sweep.md advises: the password in PGPASSWORD (libpq reads it), not in the URL that becomes a run param
     without_password = storage.replace("optuna:study-pass@", "optuna@")
     client = MlflowClient(team_server.uri)
     experiment_id = client.create_experiment("team-sweep")

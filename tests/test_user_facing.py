@@ -118,7 +118,7 @@ def test_served_champion_answers_like_the_model_in_process(trained, served_model
     from cifar_mlflow import data
 
     test = data.read_cifar10(cifar_root, max_test=4, test_only=True).test
-    # The README's recipe: image files -> float32 (N, 3, 32, 32) in [0, 1] -> {"inputs": nested lists}
+    # The recipe of docs/models.md: image files -> float32 (N, 3, 32, 32) in [0, 1] -> {"inputs": nested lists}
     paths = []
     for i, img in enumerate(test.images):
         paths.append(tmp_path / f"image{i}.png")
@@ -153,7 +153,7 @@ def test_served_champion_answers_like_the_model_in_process(trained, served_model
 
 def test_served_model_answers_what_real_clients_send(trained, served_model, tmp_path):
     """Request bodies other programs wrote: MLflow's own serving_input_example.json (logged beside MLmodel), and
-    the README's curl command on a file. Formats MLflow accepts for other models (pandas' dataframe_split,
+    the curl command of docs/models.md on a file. Formats MLflow accepts for other models (pandas' dataframe_split,
     TF-serving's instances) and malformed JSON get a 400 with a reason, never a 500 or a traceback."""
     import mlflow
 

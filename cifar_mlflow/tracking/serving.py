@@ -15,8 +15,9 @@
 Loading model.pt2 here (load_torch_model, the pyfunc) unpickles nothing but tensor data: MLflow's check of the
 archive is forced on (served_model.load_network: every record is JSON, text, raw tensor bytes, or the example input
 that torch's weights_only unpickler accepts), then torch.export.load rebuilds the graph from JSON. Stock
-mlflow.pytorch.load_model runs that check only with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (README). Models registered before this layout (a pyfunc whose loader is `_load_pyfunc` below,
-with model_config.json + weights.safetensors) still load through the same functions."""
+mlflow.pytorch.load_model runs that check only with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (docs/security.md).
+Models registered before this layout (a pyfunc whose loader is `_load_pyfunc` below, with model_config.json +
+weights.safetensors) still load through the same functions."""
 
 from __future__ import annotations
 
