@@ -48,6 +48,11 @@ class EpochSampler:
             order = np.arange(self.n)
         return iter((order[: self.used][self.rank :: self.world] + self.epoch * self.n).tolist())
 
+    def indices(self, epoch: int) -> list[int]:
+        """The split indices this process draws in `epoch` (its shard, in order); sets the epoch."""
+        self.set_epoch(epoch)
+        return [k - epoch * self.n for k in self]
+
 
 class SplitDataset:
     """Map-style dataset over one split that returns whole batches (`__getitems__`), already collated as

@@ -61,7 +61,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome | None:
         # run stops here, without touching it.
         with RunLease() if is_main else contextlib.nullcontext() as lease:
             setup = prepare(cfg, cfg.max_test_samples, ctx)  # everything that can fail on bad input, before the run
-            shards = distributed.gather_objects(_epoch1_indices(setup.train_loader), ctx.world) if ctx else None
+            shards = distributed.gather_objects(setup.train_loader.sampler.indices(1), ctx.world) if ctx else None
             with runs.open_run(lease) if is_main else contextlib.nullcontext() as log:
                 return train(cfg, setup, log, lease, shards)
     finally:
@@ -261,13 +261,6 @@ def _process_start() -> float:
     return psutil.Process().create_time()
 
 
-def _epoch1_indices(loader) -> list[int]:
-    """The training-set indices this process draws in epoch 1 (its shard, in order)."""
-    sampler = loader.sampler
-    sampler.set_epoch(1)
-    return [k - sampler.n for k in sampler]
-
-
 def _log_run_inputs(log: RunLogger, setup: TrainingSetup, shards: list[list[int]] | None = None) -> None:
     """What a fresh run records once: datasets, model summary, augmentations and a sample grid; data-parallel,
     also the processes and the training indices each drew in epoch 1 (disjoint shards, checkable)."""
@@ -290,10 +283,8 @@ def _log_run_inputs(log: RunLogger, setup: TrainingSetup, shards: list[list[int]
 
 def _augmented_grid(loader, class_names):
     """The first training batch of epoch 1 exactly as the model will see it (before normalisation)."""
-    sampler = loader.sampler
-    sampler.set_epoch(1)
-    keys = list(iter(sampler))[:SAMPLE_GRID]
-    images, labels = loader.dataset.__getitems__(keys)
+    loader.sampler.set_epoch(1)
+    images, labels = loader.dataset.__getitems__(list(loader.sampler)[:SAMPLE_GRID])
     return plots.image_grid(
         images.cpu().numpy(), [class_names[i] for i in labels.tolist()], title="augmented training samples"
     )
