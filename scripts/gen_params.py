@@ -1,4 +1,4 @@
-"""Write the MLproject file and the README's parameter tables from cifar_mlflow/config.py.
+"""Write the MLproject file and the README's parameter tables from cifar_mlflow/config.py and sweep_config.py.
 
 python scripts/gen_params.py           # rewrite what is stale
 python scripts/gen_params.py --check   # exit 1 naming each stale file, write nothing

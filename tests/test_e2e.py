@@ -10,7 +10,8 @@ import textwrap
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, SweepConfig, TrainConfig
+from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
+from cifar_mlflow.sweep_config import SweepConfig
 from tests.conftest import REPO, TINY, mlflow_run, runs_of
 
 METRICS = {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"}

@@ -16,8 +16,9 @@ import yaml
 
 from cifar_mlflow import params_doc
 from cifar_mlflow.cli import NumberOrWord, TrueFalse
-from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, SweepConfig, TrainConfig
+from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
 from cifar_mlflow.fields import as_param
+from cifar_mlflow.sweep_config import SweepConfig
 from entrypoints.analyze import analyze as analyze_command
 from entrypoints.lr_find import lr_find as lr_find_command
 from entrypoints.pipeline import pipeline as pipeline_command

@@ -155,8 +155,8 @@ def test_a_second_worker_finishing_at_the_same_moment_registers_nothing_more(swe
     """Two workers that see the study done together both try to register the best trial: the one that finds its
     run leased to the other stands back; one finishing later finds the version there and adds none."""
     from cifar_mlflow import studies
-    from cifar_mlflow.config import SweepConfig
     from cifar_mlflow.jobs.sweep import Sweep
+    from cifar_mlflow.sweep_config import SweepConfig
     from cifar_mlflow.tracking.run_lease import RunLease
     from cifar_mlflow.tracking.runs import logger_of
 

@@ -17,8 +17,9 @@ from optuna.trial import TrialState
 
 from cifar_mlflow import studies
 from cifar_mlflow.cli import invoke
-from cifar_mlflow.config import SweepConfig, TrainConfig
+from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import ConfigError
+from cifar_mlflow.sweep_config import SweepConfig
 from cifar_mlflow.sweep_space import Dim, default_space, load_space
 from tests.conftest import cli_args
 

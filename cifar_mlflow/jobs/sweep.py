@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cifar_mlflow import data, studies
-from cifar_mlflow.config import SweepConfig, TrainConfig
+from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import RunBusy, StoppedEarly, Terminated, TrainingDiverged
 from cifar_mlflow.prepare import prepare
+from cifar_mlflow.sweep_config import SweepConfig
 from cifar_mlflow.sweep_space import Dim
 from cifar_mlflow.tracking import registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
