@@ -188,5 +188,54 @@ def test_only_the_tracking_package_imports_mlflow():
     assert importers == {"cifar_mlflow/tracking"}
 
 
+def _package_imports(root=REPO) -> dict[str, set[str]]:
+    """cifar_mlflow's modules -> the package's modules each imports, module-level or inside a function alike (a
+    package's own name stands for its __init__.py; `from pkg import name` is pkg.name where that is a module)."""
+    paths = {}
+    for path in (root / "cifar_mlflow").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in paths.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's package, one level up per dot after the first
+                    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                    package = package.rsplit(".", node.level - 1)[0]
+                    base = f"{package}.{base}" if base else package
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in paths:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    found.add(target)
+        graph[name] = found
+    return graph
+
+
+def test_the_package_imports_have_no_cycle():
+    """No two modules of cifar_mlflow import each other, directly or round a longer circle, not even inside a
+    function: data flows one way (cifar_mlflow/__init__.py)."""
+    graph = _package_imports()
+    assert {"cifar_mlflow.config", "cifar_mlflow.sweep_space"} <= graph["cifar_mlflow.sweep_config"]
+    reach = {name: set(targets) for name, targets in graph.items()}
+    changed = True
+    while changed:  # transitive closure (a few dozen modules)
+        changed = False
+        for seen in reach.values():
+            more = set().union(*(reach[t] for t in seen)) - seen
+            if more:
+                seen |= more
+                changed = True
+    circles = sorted(name for name, seen in reach.items() if name in seen)
+    assert not circles, f"modules on an import cycle: {circles}"
+
+
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (REPO / ".ci" / "run").read_text()
