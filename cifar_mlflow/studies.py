@@ -28,8 +28,6 @@ SURPLUS_ATTR = "surplus"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 
 def make_pruner(name: str, after_trials: int, after_epochs: int) -> optuna.pruners.BasePruner:
     """The pruner by name; steps are epochs (1-based), so none is pruned before epoch `after_epochs`."""

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import optuna
+
 from cifar_mlflow import data, studies, study_storage
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import RunBusy, StoppedEarly, Terminated, TrainingDiverged
@@ -56,6 +58,7 @@ def recipe(metric: str, base: TrainConfig, dims: list[Dim]) -> dict[str, Any]:
 
 
 def run_sweep(cfg: SweepConfig) -> SweepOutcome:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial: the sweep prints its own
     dims, base = cfg.dims(), cfg.base()
     url = storage_url(cfg.storage)
     storage = study_storage.open_storage(url)  # a storage that cannot be opened fails here, before any run is touched
