@@ -16,13 +16,15 @@ from cifar_mlflow.sweep_config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# MLproject entry point -> (config, command before the options). `ddp` is `main` under torchrun (written below).
+# The project's entry points, the one list of them (the tests and benchmarks loop over it): MLproject name ->
+# (config, module run as `python -m <module>`, whose click command is named as the module's last part). `ddp` is
+# `main` under torchrun (written below).
 ENTRY_POINTS: dict[str, tuple[Any, str]] = {
-    "main": (TrainConfig, "python -m entrypoints.train"),
-    "analyze": (AnalyzeConfig, "python -m entrypoints.analyze"),
-    "lr_find": (LRFindConfig, "python -m entrypoints.lr_find"),
-    "pipeline": (PipelineConfig, "python -m entrypoints.pipeline"),
-    "sweep": (SweepConfig, "python -m entrypoints.sweep"),
+    "main": (TrainConfig, "entrypoints.train"),
+    "analyze": (AnalyzeConfig, "entrypoints.analyze"),
+    "lr_find": (LRFindConfig, "entrypoints.lr_find"),
+    "pipeline": (PipelineConfig, "entrypoints.pipeline"),
+    "sweep": (SweepConfig, "entrypoints.sweep"),
 }
 DDP_LAUNCHER = "torchrun --standalone --nproc_per_node {nproc_per_node} -m entrypoints.train"
 # The pipeline's steps: each receives the pipeline's parameters of the same name (PipelineConfig.steps).
@@ -86,8 +88,8 @@ def _entry_point(name: str, config: type, start: str, extra: tuple[str, ...] = (
 def mlproject() -> str:
     """The whole MLproject file."""
     lines = [MLPROJECT_HEAD]
-    for name, (config, start) in ENTRY_POINTS.items():
-        lines += _entry_point(name, config, start) + [""]
+    for name, (config, module) in ENTRY_POINTS.items():
+        lines += _entry_point(name, config, f"python -m {module}") + [""]
     lines += [DDP_COMMENT]
     lines += _entry_point("ddp", TrainConfig, DDP_LAUNCHER, ("      nproc_per_node: {type: int, default: 2}",))
     return "\n".join(lines) + "\n"
