@@ -84,8 +84,10 @@ def config_options(config_cls: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
-# Only training writes checkpoints; an interrupted analysis or range test has nothing to keep.
-_KEPT = {"train": " and its last checkpoint kept"}
+# Training writes checkpoints: `main` (and `ddp`, the same command), and each sweep trial, trained in the sweep's
+# process (its retry resumes from them). The pipeline's main step is a process of its own and says so itself; an
+# interrupted analysis or range test has nothing to keep.
+_KEPT = {"train": " and its last checkpoint kept", "sweep": " and the trial's last checkpoint kept for its retry"}
 
 
 def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, str]:
