@@ -14,7 +14,7 @@ import click
 
 from cifar_mlflow import stop
 from cifar_mlflow.errors import CifarMlflowError, RunBusy, Terminated
-from cifar_mlflow.fields import allowed, as_param, field_type
+from cifar_mlflow.fields import allowed, bool_as_word, field_type
 
 # Exits that leave the MLflow run as it is: Ctrl-C and SIGTERM end it KILLED themselves; a run another process
 # trains is not this process's to end.
@@ -75,7 +75,7 @@ def config_options(config_cls: type) -> Callable[[Callable], Callable]:
                 f"--{f.name}",
                 f.name,
                 type=_click_type(f),
-                default=as_param(f.default),  # booleans as `false`, as in MLproject and --help
+                default=bool_as_word(f.default),  # booleans as `false`, as in MLproject and --help
                 show_default=True,
                 help=f"{f.metadata['help']} Allowed: {allowed(f)}.",
             )(fn)

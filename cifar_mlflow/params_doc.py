@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, TrainConfig
-from cifar_mlflow.fields import allowed, as_param
+from cifar_mlflow.fields import allowed, bool_as_word
 from cifar_mlflow.sweep_config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ DDP_COMMENT = """\
 
 def _yaml_scalar(value: object) -> str:
     """A default as YAML that loads back as the same value (booleans as the strings "true"/"false")."""
-    value = as_param(value)
+    value = bool_as_word(value)
     if isinstance(value, float):
         text = f"{value:.12f}".rstrip("0")
         return text + "0" if text.endswith(".") else text
@@ -114,7 +114,7 @@ def table(entry: str) -> str:
             why = f"passed to the {steps_text} step{'s' * (len(steps) > 1)}" if config is PipelineConfig else ""
         else:
             what, why = allowed(f), f.metadata["help"]
-        cells = [f"`{f.name}`", str(as_param(f.default)), what, why]
+        cells = [f"`{f.name}`", str(bool_as_word(f.default)), what, why]
         cells = [cell.replace("|", "\\|") for cell in cells]
         rows.append("|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|")
     return "\n".join(rows)

@@ -18,7 +18,7 @@ import yaml
 from cifar_mlflow import params_doc
 from cifar_mlflow.cli import NumberOrWord, TrueFalse
 from cifar_mlflow.config import LRFindConfig, PipelineConfig, TrainConfig
-from cifar_mlflow.fields import as_param
+from cifar_mlflow.fields import bool_as_word
 from tests.conftest import REPO
 
 # MLproject entry point -> (config dataclass, click command, python module), from params_doc's one list
@@ -100,7 +100,7 @@ def test_mlproject_matches_config_names_types_defaults(entry):
     for name, spec in params.items():
         kind = fields[name].type
         assert kind in YAML_TYPES[spec["type"]], name
-        expected = as_param(fields[name].default)  # booleans: the strings "true"/"false" mlflow passes and logs
+        expected = bool_as_word(fields[name].default)  # booleans: the strings "true"/"false" mlflow passes and logs
         assert spec["default"] == expected and type(spec["default"]) is type(expected), name
 
 
@@ -120,7 +120,7 @@ def test_click_options_match_config(entry):
     fields = {f.name: f for f in dataclasses.fields(config)}
     assert set(options) == set(fields)
     for name, f in fields.items():
-        assert options[name].default == as_param(f.default), name
+        assert options[name].default == bool_as_word(f.default), name
         assert options[name].type.convert(options[name].default, None, None) == f.default, name
         assert options[name].opts == [f"--{name}"]
         click_kind = {
@@ -160,7 +160,7 @@ def test_readme_documents_every_parameter(entry):
     readme = (REPO / "README.md").read_text()
     section = readme.split(f"## Parameters (`{entry}` entry point)", 1)[1].split("\n## ", 1)[0]
     for f in dataclasses.fields(config):
-        assert re.search(rf"^\| `{f.name}` \| {re.escape(str(as_param(f.default)))} \|", section, re.M), (
+        assert re.search(rf"^\| `{f.name}` \| {re.escape(str(bool_as_word(f.default)))} \|", section, re.M), (
             f"README {entry} table lacks {f.name} with default {f.default}"
         )
     assert "make train" in readme and "make test" in readme
