@@ -83,7 +83,7 @@ def standard_loaders(split, test, batch_size: int, pin_memory: bool = False) -> 
 
 def add_width_option(parser: argparse.ArgumentParser) -> None:
     """--width: ResNet18's width, the training config's default unless given (the smoke tests build narrow nets)."""
-    from cifar_mlflow.config import WIDTH
+    from cifar_mlflow.values import WIDTH
 
     parser.add_argument("--width", type=int, default=WIDTH, help=f"ResNet18's width ({WIDTH}: the published network)")
 

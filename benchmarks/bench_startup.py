@@ -17,6 +17,7 @@ from pathlib import Path
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import add_width_option, machine, median, table
+from cifar_mlflow.params_doc import ENTRY_POINTS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     rows = []
     out = {}
-    for module in ("entrypoints.train", "entrypoints.analyze", "entrypoints.lr_find", "entrypoints.pipeline"):
+    for _, module in ENTRY_POINTS.values():
         runs = [help_seconds(module) for _ in range(args.repeats)]
         out[module] = median(runs)
         rows.append([f"{module} --help (target < 1 s)", median(runs), ", ".join(f"{r:.2f}" for r in runs)])

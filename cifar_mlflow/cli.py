@@ -14,7 +14,7 @@ import click
 
 from cifar_mlflow import stop
 from cifar_mlflow.errors import CifarMlflowError, RunBusy, Terminated
-from cifar_mlflow.fields import allowed, as_param, field_type
+from cifar_mlflow.fields import allowed, bool_as_word, field_type
 
 # Exits that leave the MLflow run as it is: Ctrl-C and SIGTERM end it KILLED themselves; a run another process
 # trains is not this process's to end.
@@ -75,7 +75,7 @@ def config_options(config_cls: type) -> Callable[[Callable], Callable]:
                 f"--{f.name}",
                 f.name,
                 type=_click_type(f),
-                default=as_param(f.default),  # booleans as `false`, as in MLproject and --help
+                default=bool_as_word(f.default),  # booleans as `false`, as in MLproject and --help
                 show_default=True,
                 help=f"{f.metadata['help']} Allowed: {allowed(f)}.",
             )(fn)
@@ -84,8 +84,10 @@ def config_options(config_cls: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
-# Only training writes checkpoints; an interrupted analysis or range test has nothing to keep.
-_KEPT = {"train": " and its last checkpoint kept"}
+# Training writes checkpoints: `main` (and `ddp`, the same command), and each sweep trial, trained in the sweep's
+# process (its retry resumes from them). The pipeline's main step is a process of its own and says so itself; an
+# interrupted analysis or range test has nothing to keep.
+_KEPT = {"train": " and its last checkpoint kept", "sweep": " and the trial's last checkpoint kept for its retry"}
 
 
 def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, str]:

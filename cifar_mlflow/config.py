@@ -1,4 +1,5 @@
-"""Run configuration: frozen dataclasses holding every parameter, its default, its reason and its allowed values.
+"""Run configuration: frozen dataclasses holding every parameter, its default, its reason and its allowed values
+(the choices and ranges named in values.py); the sweep's own parameters are sweep_config.py's.
 
 This is the one place parameters are written. The click options are generated from these dataclasses
 (cifar_mlflow/cli.py), and so are the MLproject's parameters and commands and the parameter tables of the docs/
@@ -10,28 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from cifar_mlflow import values
 from cifar_mlflow.errors import ConfigError
 from cifar_mlflow.fields import Composed, Validated, config, param
 
-ARCHS = ("resnet18", "resnet34")
-# ResNet's published width: 64 channels in layer1 (128, 256, 512 after). GroupNorm's 32 groups must divide it.
-WIDTH, WIDTHS, GROUPNORM_GROUPS = 64, (8, 512), 32
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("onecycle", "cosine", "plateau", "cyclic", "none")
-AUGMENT_PRESETS = ("standard", "flip-cutout", "heavy", "rotate", "none")
-NORMS = ("batch", "group", "layer")
-DATASETS = ("cifar10", "digits", "synthetic")
-ANALYZE_DATASETS = ("auto",) + DATASETS
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LOADERS = ("auto", "device", "workers")
-
-
-# Registered model names as this project writes them into model URIs (models:/<name>/<version>) and MLflow's
-# search filters: MLflow itself refuses '/' and ':'; '@' would read as an alias, quotes and spaces break both.
-MODEL_NAME = (
-    r"[A-Za-z0-9][A-Za-z0-9_.-]{0,255}",
-    "letters, digits, '_', '-' and '.', starting with a letter or digit (at most 256 characters)",
-)
 MODEL_URI_FORMS = "models:/<name>/<version>, models:/<name>@<alias>, models:/<logged model id> or runs:/<run id>/<path>"
 DATA_FILES = (
     "cifar-10-batches-py/ is read from, or extracted to from the cifar-10-python.tar.gz put there or downloaded "
@@ -88,7 +71,7 @@ class TrainConfig(Validated):
         "sgd",
         "Optimiser; SGD with Nesterov momentum (Sutskever et al. 2013): adaptive methods "
         "generalise worse on CIFAR image classifiers (Wilson et al. 2017).",
-        choices=OPTIMIZERS,
+        choices=values.OPTIMIZERS,
     )
     momentum: float = param(
         0.9,
@@ -121,34 +104,34 @@ class TrainConfig(Validated):
         "convergence in short budgets (Smith & Topin 2019), the shape of Page's 24-epoch CIFAR-10 runs (2018). "
         "cosine: per-step cosine decay to 0; plateau: x0.1 when the test loss stalls for 2 epochs; cyclic: "
         "triangular2 between lr/10 and lr, 2-epoch half cycles (docs/training.md: *Schedules*).",
-        choices=SCHEDULERS,
+        choices=values.SCHEDULERS,
     )
     augment: str = param(
         "standard",
         "Augmentation preset; standard = reflect-pad 4 + random crop 32 and horizontal flip (He et al. "
         "2016), one 16x16 cutout centred anywhere (DeVries & Taylor 2017: the best size for CIFAR-10). See "
         "docs/training.md (*Augmentation presets*) for flip-cutout, heavy, rotate.",
-        choices=AUGMENT_PRESETS,
+        choices=values.AUGMENT_PRESETS,
     )
     arch: str = param(
         "resnet18",
         "Network: torchvision ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool); 11,173,962 "
         "(resnet34: 21,282,122) parameters.",
-        choices=ARCHS,
+        choices=values.ARCHS,
     )
     width: int = param(
-        WIDTH,
+        values.WIDTH,
         "Channels of layer1 (layer2-layer4: 2x, 4x, 8x); 64 is the published ResNet, the network every figure "
         "cited here is for. Compute grows with its square: 16 trains a run on a CPU several times faster "
         "(benchmarks/RESULTS.md), for quick experiments and the test suite. With norm=group, a multiple of 32.",
-        low=WIDTHS[0],
-        high=WIDTHS[1],
+        low=values.WIDTHS[0],
+        high=values.WIDTHS[1],
     )
     norm: str = param(
         "batch",
         "Normalisation layers; batch (Ioffe & Szegedy 2015), as every recipe cited here; group (GroupNorm with 32 "
         "groups, Wu & He 2018) and layer (GroupNorm with one group) do not depend on the batch size.",
-        choices=NORMS,
+        choices=values.NORMS,
     )
     seed: int = param(0, "Seed for weights, shuffling and augmentation; same seed = same run on CPU.", low=0)
     data_dir: str = param(
@@ -161,7 +144,7 @@ class TrainConfig(Validated):
         "cifar10 (read or downloaded); digits: scikit-learn's handwritten digits as 32x32 RGB in the CIFAR-10 "
         "layout, real images built offline (docs/data.md); synthetic: a generated 10-class set for speed runs, "
         "learnable by any recipe (it proves plumbing, not learning).",
-        choices=DATASETS,
+        choices=values.DATASETS,
     )
     max_train_samples: int = param(0, "Use only the first N training images (0 = all); for quick runs.", low=0)
     max_test_samples: int = param(0, "Use only the first N test images (0 = all); for quick runs.", low=0)
@@ -173,7 +156,7 @@ class TrainConfig(Validated):
         "Compute precision; auto = bf16 autocast where the device runs it natively (CUDA with bf16, CPUs with "
         "AVX512-BF16/AMX), else fp32. bf16 or fp16 on a CPU without AVX512-BF16 is emulated, 10x or more slower: "
         "the run prints a warning and logs env/precision_emulated.",
-        choices=PRECISIONS,
+        choices=values.PRECISIONS,
     )
     loader: str = param(
         "auto",
@@ -182,7 +165,7 @@ class TrainConfig(Validated):
         "as the albumentations presets (standard, flip-cutout, none; no worker processes, no copy per batch); "
         "workers: albumentations in loader worker processes (every preset); auto = device on a GPU for the "
         "presets it has, else workers (on a CPU the workers augment beside the training threads).",
-        choices=LOADERS,
+        choices=values.LOADERS,
     )
     compile: bool = param(
         False,
@@ -200,38 +183,13 @@ class TrainConfig(Validated):
         "cifar10-resnet18",
         "Registered model that receives each new version; the name goes into model URIs and registry searches, "
         "where /, @, quotes and spaces break.",
-        pattern=MODEL_NAME,
+        pattern=values.MODEL_NAME,
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_loader(self)
-        check_width(self.width, self.norm)
-
-
-# The presets that have a batched tensor version (augment.BATCH_RECIPES; kept here so config imports no torch).
-DEVICE_PRESETS = ("standard", "flip-cutout", "none")
-
-
-def check_width(width: int, norm: str, error: type[Exception] = ConfigError, where: str = "") -> None:
-    """The width a network can be built with (its type and range are the field's; a model's config is read here
-    too, hence `error` and `where`)."""
-    if type(width) is not int or not WIDTHS[0] <= width <= WIDTHS[1]:
-        raise error(f"{where}width={width!r:.40} is not allowed: expected an integer from {WIDTHS[0]} to {WIDTHS[1]}")
-    if norm == "group" and width % GROUPNORM_GROUPS:
-        raise error(
-            f"{where}width={width} is not allowed with norm='group': GroupNorm's {GROUPNORM_GROUPS} groups need a "
-            f"multiple of {GROUPNORM_GROUPS}"
-        )
-
-
-def check_loader(cfg: Any) -> None:
-    """loader=device needs a preset with a batched version."""
-    if cfg.loader == "device" and cfg.augment not in DEVICE_PRESETS:
-        raise ConfigError(
-            f"loader='device' is not allowed with augment={cfg.augment!r}: the device loader has "
-            f"{', '.join(DEVICE_PRESETS)}; use loader=workers or auto"
-        )
+        values.check_loader(self)
+        values.check_width(self.width, self.norm)
 
 
 @config()
@@ -257,7 +215,7 @@ class AnalyzeConfig(Validated):
     dataset: str = param(
         "auto",
         "Test data: auto = the dataset the model's training run used; or cifar10, digits, synthetic.",
-        choices=ANALYZE_DATASETS,
+        choices=values.ANALYZE_DATASETS,
     )
     max_test_samples: int = param(0, "Analyse only the first N test images (0 = all); for quick runs.", low=0)
     batch_size: int = param(
@@ -297,8 +255,8 @@ class LRFindConfig(Composed):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_loader(self)
-        check_width(self.width, self.norm)
+        values.check_loader(self)
+        values.check_width(self.width, self.norm)
         if self.end_lr <= self.start_lr:
             raise ConfigError(f"end_lr={self.end_lr!r} is not allowed: expected a number > start_lr={self.start_lr!r}")
 
@@ -331,101 +289,3 @@ class PipelineConfig(Composed):
             pick(TrainConfig),
             pick(AnalyzeConfig, model_uri=f"models:/{self.registered_model_name}/1", dataset=self.dataset),
         )
-
-
-SWEEP_METRICS = ("test/accuracy", "test/loss")
-PRUNERS = ("median", "halving", "none")
-REGISTER = ("best", "always", "none")
-# Every `main` parameter is the sweep's fixed base; the GradCAM panel is the sweep's own (off by default: one panel
-# per trial and epoch would cost more than a short trial).
-SWEEP_BASE = [name for name in TrainConfig.__dataclass_fields__ if name != "log_images_every"]
-
-
-@config((TrainConfig, SWEEP_BASE), own_first=True)
-class SweepConfig(Composed):
-    """Parameters of the `sweep` entry point: the search (trials, metric, space, pruner, study and its storage),
-    then every `main` parameter as the fixed recipe each trial starts from."""
-
-    n_trials: int = param(
-        10,
-        "Trials in the study, over all its workers (finished or pruned ones count; a failed one is retried); the "
-        "first is the base recipe itself, so the best is never worse than the defaults. At most 10,000: TPE's "
-        "suggestions slow with every trial it has seen, and each trial keeps two checkpoints (~90 MB).",
-        low=1,
-        high=10_000,
-    )
-    metric: str = param(
-        "test/accuracy",
-        "What a trial is judged by: its test/accuracy after the last epoch (maximised), or test/loss "
-        "(minimised); the pruner compares it epoch by epoch.",
-        choices=SWEEP_METRICS,
-    )
-    space: str = param(
-        "default",
-        "Search space: default = peak lr log-uniform from lr/4 to 4*lr (lr: the base's peak LR, lr=scaled's value "
-        "at the base's batch size), weight_decay log-uniform 5e-5-5e-3, "
-        "label_smoothing 0-0.2, augment in {standard, flip-cutout, none}; or a YAML file (docs/sweep.md).",
-    )
-    pruner: str = param(
-        "median",
-        "Stops hopeless trials after an epoch: median = below the median of earlier trials at the same epoch "
-        "(Optuna's MedianPruner); halving = successive halving (Li et al. 2018, Optuna's SuccessiveHalvingPruner); "
-        "none = every trial runs all its epochs.",
-        choices=PRUNERS,
-    )
-    prune_after_trials: int = param(
-        2,
-        "The median pruner prunes nothing until this many trials have finished (they set the bar).",
-        low=0,
-    )
-    prune_after_epochs: int = param(
-        1,
-        "No trial is pruned before it has run this many epochs (the median pruner's warm-up, successive halving's "
-        "first rung); one-cycle's warm-up makes first-epoch accuracy a noisy judge on longer trials.",
-        low=1,
-    )
-    study: str = param(
-        "auto",
-        "Optuna study name; workers started with the same name on one storage share its trials, and a sweep "
-        "started again with it continues. auto = sweep-<this run's id>.",
-        pattern=(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", "letters, digits, '_', '-' and '.' (at most 128)"),
-    )
-    storage: str = param(
-        "auto",
-        "Optuna storage (an RDB URL): auto = sqlite optuna.db beside a local sqlite tracking store (./optuna.db "
-        "otherwise); postgresql+psycopg2://user@host/db for a team's workers (the password in PGPASSWORD, not in "
-        "the URL: it would be logged as a param).",
-        pattern=(
-            r"auto|(sqlite|postgresql|mysql)(\+\w+)?://\S*",
-            "auto, or an RDB URL: sqlite:///<file>, postgresql+psycopg2://<user>:<password>@<host>/<db> or mysql://...",
-        ),
-    )
-    register: str = param(
-        "best",
-        "best = register the best trial's model as one version once the study is done (the champion rule as in "
-        "main), unless that trial is at chance (it learned nothing: then nothing is registered and the sweep says "
-        "so); always = register the best trial even at chance (never @champion then); none = register nothing.",
-        choices=REGISTER,
-    )
-    log_images_every: int = param(
-        0,
-        "Each trial's GradCAM panel, as in `main` (-1 = auto, N = every N epochs); 0 = off, the sweep's default.",
-        low=-1,
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_loader(self)
-        self.dims()  # a bad space is refused now, before any trial
-
-    def base(self) -> TrainConfig:
-        """The fixed recipe every trial starts from (validated as `main` would)."""
-        mine = dataclasses.asdict(self)
-        return TrainConfig(**{k: v for k, v in mine.items() if k in TrainConfig.__dataclass_fields__})
-
-    def dims(self) -> list:
-        """The search space (sweep_space.Dim list), checked."""
-        from cifar_mlflow import sweep_space
-
-        base = self.base()
-        return sweep_space.default_space(base) if self.space == "default" else sweep_space.load_space(self.space, base)

@@ -71,8 +71,9 @@ def field_type(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "str": str, "bool": bool, "float | str": float}[name]
 
 
-def as_param(value: Any) -> Any:
-    """A value as logged to MLflow and passed as `-P`: booleans as the MLproject spells them (true/false)."""
+def bool_as_word(value: Any) -> Any:
+    """Booleans as the words the MLproject, `-P` and MLflow's params spell them (true/false); any other value as
+    it is."""
     return str(value).lower() if isinstance(value, bool) else value
 
 
@@ -124,7 +125,7 @@ class Validated:
     def to_params(self) -> dict[str, Any]:
         """Every field as a flat dict: what gets logged as MLflow params (no hand-kept list), booleans as the
         strings `mlflow run` logs for them (true/false)."""
-        return {k: as_param(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+        return {k: bool_as_word(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
 
 
 def replace(cfg: _Config, **changes: Any) -> _Config:

@@ -82,8 +82,8 @@ def _steepest_before_minimum(lrs: Sequence[float], level: np.ndarray, slope: np.
     start = max(1, int(SKIP * len(lrs)))
     if not np.isfinite(level[start:]).any():
         raise ValueError("the range test recorded no finite loss to suggest an LR from")
-    stop = start + int(np.nanargmin(level[start:]))
-    candidates = np.where(np.isfinite(slope[start : stop + 1]), slope[start : stop + 1], np.inf)
+    lowest = start + int(np.nanargmin(level[start:]))
+    candidates = np.where(np.isfinite(slope[start : lowest + 1]), slope[start : lowest + 1], np.inf)
     return float(lrs[start + int(np.argmin(candidates))])
 
 

@@ -21,14 +21,14 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from cifar_mlflow import inference
-from cifar_mlflow.config import GROUPNORM_GROUPS, NORMS, WIDTH, check_width
 from cifar_mlflow.errors import ModelError, first_line
+from cifar_mlflow.values import GROUPNORM_GROUPS, NORMS, WIDTH, check_width
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 1
 _LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
-GROUPS = GROUPNORM_GROUPS  # GroupNorm's default group count (Wu & He 2018); config.check_width keeps widths divisible
+GROUPS = GROUPNORM_GROUPS  # GroupNorm's default group count (Wu & He 2018); values.check_width keeps widths divisible
 
 
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:

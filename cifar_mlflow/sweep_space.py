@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_mlflow.config import TrainConfig, check_loader, scaled_lr
+from cifar_mlflow.config import TrainConfig, scaled_lr
 from cifar_mlflow.errors import ConfigError
 from cifar_mlflow.fields import check, field_type, shown
+from cifar_mlflow.values import check_loader
 
 # `main` parameters a sweep may search: the recipe, not where the data lives, how long a trial runs or how the
 # machine computes it (those are the sweep's fixed base).

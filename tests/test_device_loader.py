@@ -172,7 +172,7 @@ def test_loader_device_with_a_preset_it_lacks_is_a_one_line_config_error():
             "loader has standard, flip-cutout, none; use loader=workers or auto",
         ):
             config(loader="device", augment="heavy")
-    from cifar_mlflow.config import DEVICE_PRESETS
+    from cifar_mlflow.values import DEVICE_PRESETS
 
     assert DEVICE_PRESETS == tuple(augment.BATCH_RECIPES)
 

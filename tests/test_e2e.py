@@ -10,7 +10,8 @@ import textwrap
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, SweepConfig, TrainConfig
+from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.params_doc import ENTRY_POINTS
 from tests.conftest import REPO, TINY, mlflow_run, runs_of
 
 METRICS = {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec"}
@@ -170,16 +171,7 @@ def test_direct_run_on_synthetic_data(store):
     assert MlflowClient(store.uri).get_model_version_by_alias("synthetic-test", "champion").run_id == run.info.run_id
 
 
-@pytest.mark.parametrize(
-    "module, config",
-    [
-        ("entrypoints.train", TrainConfig),
-        ("entrypoints.analyze", AnalyzeConfig),
-        ("entrypoints.lr_find", LRFindConfig),
-        ("entrypoints.pipeline", PipelineConfig),
-        ("entrypoints.sweep", SweepConfig),
-    ],
-)
+@pytest.mark.parametrize("module, config", [(module, config) for config, module in ENTRY_POINTS.values()])
 def test_help_lists_every_option_without_importing_torch(module, config):
     """The one `--help` check of every entry point (its speed: tests/test_benchmarks.py). -X importtime lists on
     stderr every module the process imported."""

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifar_mlflow import models, studies
+from cifar_mlflow import models, studies, study_storage
 from cifar_mlflow.errors import ConfigError, TrackingError
 from cifar_mlflow.tracking import registry, runs
 from cifar_mlflow.tracking.store import check_tracking_server
@@ -96,7 +96,7 @@ def test_a_store_with_an_out_of_date_schema_names_mlflows_upgrade_command(tmp_pa
 
 def test_an_optuna_4_storage_opens_and_a_study_it_made_is_refused_at_once(tmp_path):
     url = f"sqlite:///{_copy('optuna-4.9.0-storage', tmp_path)}"
-    storage = studies.open_storage(url)
+    storage = study_storage.open_storage(url)
     legacy = optuna.load_study(study_name="legacy-study", storage=storage)
     assert [t.state.name for t in legacy.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     start = time.monotonic()
@@ -136,7 +136,7 @@ def test_an_optuna_3_storage_names_optunas_upgrade_command_which_then_works(tmp_
     db = _copy("optuna-3.1.1-storage", tmp_path)
     url = f"sqlite:///{db}"
     with pytest.raises(TrackingError) as err:
-        studies.open_storage(url)
+        study_storage.open_storage(url)
     assert str(err.value) == (
         f"storage={url!r} was made by Optuna 3.1.1, whose tables Optuna {optuna.__version__} no longer reads; take "
         f"a backup of it, then run `optuna storage upgrade --storage {url}`"
@@ -144,5 +144,5 @@ def test_an_optuna_3_storage_names_optunas_upgrade_command_which_then_works(tmp_
     optuna_cli = Path(sys.executable).with_name("optuna")
     done = subprocess.run([str(optuna_cli), "storage", "upgrade", "--storage", url], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    legacy = optuna.load_study(study_name="legacy-study", storage=studies.open_storage(url))
+    legacy = optuna.load_study(study_name="legacy-study", storage=study_storage.open_storage(url))
     assert legacy.best_trial.value == 0.75 and legacy.user_attrs == {"made_by": "optuna 3.1.1"}

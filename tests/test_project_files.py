@@ -4,6 +4,7 @@ the tracking package imports mlflow. The README stays short and links every docs
 
 import ast
 import dataclasses
+import importlib
 import re
 import shutil
 import subprocess
@@ -16,22 +17,14 @@ import yaml
 
 from cifar_mlflow import params_doc
 from cifar_mlflow.cli import NumberOrWord, TrueFalse
-from cifar_mlflow.config import AnalyzeConfig, LRFindConfig, PipelineConfig, SweepConfig, TrainConfig
-from cifar_mlflow.fields import as_param
-from entrypoints.analyze import analyze as analyze_command
-from entrypoints.lr_find import lr_find as lr_find_command
-from entrypoints.pipeline import pipeline as pipeline_command
-from entrypoints.sweep import sweep as sweep_command
-from entrypoints.train import train as train_command
+from cifar_mlflow.config import LRFindConfig, PipelineConfig, TrainConfig
+from cifar_mlflow.fields import bool_as_word
 from tests.conftest import REPO
 
-# MLproject entry point -> (config dataclass, click command, python module)
+# MLproject entry point -> (config dataclass, click command, python module), from params_doc's one list
 ENTRY_POINTS = {
-    "main": (TrainConfig, train_command, "entrypoints.train"),
-    "analyze": (AnalyzeConfig, analyze_command, "entrypoints.analyze"),
-    "lr_find": (LRFindConfig, lr_find_command, "entrypoints.lr_find"),
-    "pipeline": (PipelineConfig, pipeline_command, "entrypoints.pipeline"),
-    "sweep": (SweepConfig, sweep_command, "entrypoints.sweep"),
+    name: (config, getattr(importlib.import_module(module), module.rpartition(".")[2]), module)
+    for name, (config, module) in params_doc.ENTRY_POINTS.items()
 }
 each_entry_point = pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 # MLproject entry point -> the docs page that holds its parameter table
@@ -53,7 +46,6 @@ def _mlproject():
 
 def test_mlproject_and_docs_tables_are_generated_from_the_configs():
     assert params_doc.stale() == [], "stale: run python scripts/gen_params.py"
-    assert set(params_doc.ENTRY_POINTS) == set(ENTRY_POINTS)
     assert params_doc.PAGES == PAGES
 
 
@@ -96,7 +88,10 @@ def test_derived_configs_take_each_field_from_where_it_is_defined():
     assert set(TrainConfig.__dataclass_fields__) - set(PipelineConfig.__dataclass_fields__) == {"lr"}
 
 
-def test_every_entry_point_is_tested_here():
+def test_every_entry_point_is_in_the_one_list():
+    """Each module of entrypoints/ is an entry point of params_doc.ENTRY_POINTS, and so of the MLproject."""
+    modules = {f"entrypoints.{path.stem}" for path in (REPO / "entrypoints").glob("*.py") if path.stem != "__init__"}
+    assert modules == {module for _, _, module in ENTRY_POINTS.values()}
     assert set(_mlproject()["entry_points"]) == set(ENTRY_POINTS) | {"ddp"}
 
 
@@ -121,7 +116,7 @@ def test_mlproject_matches_config_names_types_defaults(entry):
     for name, spec in params.items():
         kind = fields[name].type
         assert kind in YAML_TYPES[spec["type"]], name
-        expected = as_param(fields[name].default)  # booleans: the strings "true"/"false" mlflow passes and logs
+        expected = bool_as_word(fields[name].default)  # booleans: the strings "true"/"false" mlflow passes and logs
         assert spec["default"] == expected and type(spec["default"]) is type(expected), name
 
 
@@ -141,7 +136,7 @@ def test_click_options_match_config(entry):
     fields = {f.name: f for f in dataclasses.fields(config)}
     assert set(options) == set(fields)
     for name, f in fields.items():
-        assert options[name].default == as_param(f.default), name
+        assert options[name].default == bool_as_word(f.default), name
         assert options[name].type.convert(options[name].default, None, None) == f.default, name
         assert options[name].opts == [f"--{name}"]
         click_kind = {
@@ -181,7 +176,7 @@ def test_docs_page_documents_every_parameter(entry):
     page = (REPO / PAGES[entry]).read_text()
     section = page.split(f"## Parameters (`{entry}` entry point)", 1)[1].split("\n## ", 1)[0]
     for f in dataclasses.fields(config):
-        assert re.search(rf"^\| `{f.name}` \| {re.escape(str(as_param(f.default)))} \|", section, re.M), (
+        assert re.search(rf"^\| `{f.name}` \| {re.escape(str(bool_as_word(f.default)))} \|", section, re.M), (
             f"{PAGES[entry]} table lacks {f.name} with default {f.default}"
         )
     readme = (REPO / "README.md").read_text()
@@ -252,6 +247,55 @@ def test_only_the_tracking_package_imports_mlflow():
             if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 importers.add("/".join(path.relative_to(REPO).parts[:2]))
     assert importers == {"cifar_mlflow/tracking"}
+
+
+def _package_imports(root=REPO) -> dict[str, set[str]]:
+    """cifar_mlflow's modules -> the package's modules each imports, module-level or inside a function alike (a
+    package's own name stands for its __init__.py; `from pkg import name` is pkg.name where that is a module)."""
+    paths = {}
+    for path in (root / "cifar_mlflow").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in paths.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's package, one level up per dot after the first
+                    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                    package = package.rsplit(".", node.level - 1)[0]
+                    base = f"{package}.{base}" if base else package
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in paths:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    found.add(target)
+        graph[name] = found
+    return graph
+
+
+def test_the_package_imports_have_no_cycle():
+    """No two modules of cifar_mlflow import each other, directly or round a longer circle, not even inside a
+    function: data flows one way (cifar_mlflow/__init__.py)."""
+    graph = _package_imports()
+    assert {"cifar_mlflow.config", "cifar_mlflow.sweep_space"} <= graph["cifar_mlflow.sweep_config"]
+    reach = {name: set(targets) for name, targets in graph.items()}
+    changed = True
+    while changed:  # transitive closure (a few dozen modules)
+        changed = False
+        for seen in reach.values():
+            more = set().union(*(reach[t] for t in seen)) - seen
+            if more:
+                seen |= more
+                changed = True
+    circles = sorted(name for name, seen in reach.items() if name in seen)
+    assert not circles, f"modules on an import cycle: {circles}"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -154,15 +154,15 @@ def test_only_the_best_trial_registers_and_its_version_reproduces_the_trial(swep
 def test_a_second_worker_finishing_at_the_same_moment_registers_nothing_more(swept):
     """Two workers that see the study done together both try to register the best trial: the one that finds its
     run leased to the other stands back; one finishing later finds the version there and adds none."""
-    from cifar_mlflow import studies
-    from cifar_mlflow.config import SweepConfig
+    from cifar_mlflow import studies, study_storage
     from cifar_mlflow.jobs.sweep import Sweep
+    from cifar_mlflow.sweep_config import SweepConfig
     from cifar_mlflow.tracking.run_lease import RunLease
     from cifar_mlflow.tracking.runs import logger_of
 
     root = swept.store.root
     cfg = SweepConfig(**{**PARAMS, "space": str(root / "space.yaml"), "data_dir": str(root / "data")})
-    storage = studies.open_storage(f"sqlite:///{root / 'optuna.db'}")
+    storage = study_storage.open_storage(f"sqlite:///{root / 'optuna.db'}")
     study = optuna.load_study(study_name=f"sweep-{swept.parent.info.run_id}", storage=storage)
     sweep = Sweep(cfg, cfg.base(), cfg.dims(), storage, study, logger_of(swept.parent.info.run_id))
     best = study.best_trial

@@ -15,10 +15,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cifar_mlflow import studies
+from cifar_mlflow import studies, study_storage
 from cifar_mlflow.cli import invoke
-from cifar_mlflow.config import SweepConfig, TrainConfig
-from cifar_mlflow.errors import ConfigError
+from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.errors import ConfigError, TrackingError
+from cifar_mlflow.sweep_config import SweepConfig
 from cifar_mlflow.sweep_space import Dim, default_space, load_space
 from tests.conftest import cli_args
 
@@ -201,8 +202,8 @@ def test_bad_sweep_parameters_are_one_line_before_any_work(tmp_path):
 def test_a_storage_that_cannot_be_used_is_one_line(tmp_path, url, reason):
     (tmp_path / "garbage.db").write_bytes(b"this is not sqlite" * 100)
     url = url.format(tmp=tmp_path)
-    with pytest.raises(studies.TrackingError) as err:
-        studies.open_storage(url)
+    with pytest.raises(TrackingError) as err:
+        study_storage.open_storage(url)
     message = str(err.value)
     assert message.startswith(f"storage={url!r} cannot be opened (") and reason in message and "\n" not in message
 
@@ -228,7 +229,7 @@ DIMS = [Dim("lr", "float", 0.05, 0.8, log=True)]
 
 
 def test_study_is_created_with_the_base_first_and_joined_with_its_parent(tmp_path):
-    storage = studies.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = study_storage.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study, parent = _open(storage)
     assert parent == "parent-1"
     first = studies.ask(study)
@@ -240,7 +241,7 @@ def test_study_is_created_with_the_base_first_and_joined_with_its_parent(tmp_pat
 
 
 def test_workers_never_exceed_n_trials_a_late_one_is_closed_as_surplus(tmp_path):
-    storage = studies.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = study_storage.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study, _ = _open(storage, n_trials=2)
     a, b, c = (studies.ask(study) for _ in range(3))  # three workers asking at once for two slots
     assert studies.claim(study, a, 2) and studies.claim(study, b, 2)
@@ -254,42 +255,46 @@ def test_workers_never_exceed_n_trials_a_late_one_is_closed_as_surplus(tmp_path)
 
 
 def test_a_dead_workers_trial_is_failed_and_retried_with_its_run(tmp_path):
-    storage = studies.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = study_storage.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study, _ = _open(storage)
     trial = studies.ask(study)
     studies.suggest(trial, DIMS)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial.set_user_attr(studies.RUN_ATTR, "run-of-trial-0")
-    for key, value in ((studies.HOST_ATTR, os.uname().nodename), (studies.PID_ATTR, dead.pid)):
+    for key, value in ((study_storage.HOST_ATTR, os.uname().nodename), (study_storage.PID_ATTR, dead.pid)):
         trial.set_user_attr(key, value)
-    trial.set_user_attr(studies.STARTED_ATTR, time.time() - 5)
-    assert studies.fail_dead(storage, study) == [trial.number]
+    trial.set_user_attr(study_storage.STARTED_ATTR, time.time() - 5)
+    assert study_storage.fail_dead(storage, study) == [trial.number]
     trials = study.get_trials()
     assert trials[trial.number].state == TrialState.FAIL
     retry = trials[-1]
     assert retry.state == TrialState.WAITING and retry.params == {"lr": 0.2}
     assert retry.user_attrs[studies.RUN_ATTR] == "run-of-trial-0", "the retry resumes the same MLflow run"
     again = studies.ask(study)
-    assert again.number == retry.number and studies.retry_of(storage, again) == trial.number
+    assert again.number == retry.number and study_storage.retry_of(storage, again) == trial.number
     # a live process's trial (this one) is left alone
-    assert studies.claim(study, again, 3) and studies.fail_dead(storage, study) == []
+    assert studies.claim(study, again, 3) and study_storage.fail_dead(storage, study) == []
 
 
 def test_a_silent_worker_on_another_machine_is_failed_after_the_grace_period(tmp_path):
     """A remote worker's death is seen only through its heartbeat (grace shortened from 120 s to 1 s here)."""
-    storage = studies.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = study_storage.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     storage.grace_period = 1
     study, _ = _open(storage)
     trial = studies.ask(study)
     studies.suggest(trial, DIMS)
-    for key, value in ((studies.HOST_ATTR, "gpu-box-7"), (studies.PID_ATTR, 1), (studies.STARTED_ATTR, 1.0)):
+    for key, value in (
+        (study_storage.HOST_ATTR, "gpu-box-7"),
+        (study_storage.PID_ATTR, 1),
+        (study_storage.STARTED_ATTR, 1.0),
+    ):
         trial.set_user_attr(key, value)
-    with studies.heartbeat(storage, trial):
-        assert studies.fail_dead(storage, study) == [], "beating: alive"
+    with study_storage.heartbeat(storage, trial):
+        assert study_storage.fail_dead(storage, study) == [], "beating: alive"
     assert study.get_trials()[trial.number].state == TrialState.RUNNING, "another host's pid is not checked here"
     time.sleep(2.5)  # > grace + 1: the heartbeat's time is compared at the store's resolution of one second
-    studies.fail_dead(storage, study)
+    study_storage.fail_dead(storage, study)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].params == trials[0].params
@@ -320,7 +325,7 @@ def open_at_once(url: str, workers: int = 4) -> list[str]:
     def open_one() -> None:
         barrier.wait()
         try:
-            studies.open_storage(url)
+            study_storage.open_storage(url)
             out.append("ok")
         except Exception as exc:
             out.append(str(exc))
@@ -339,8 +344,6 @@ def test_workers_opening_a_new_sqlite_storage_at_once_all_succeed(tmp_path):
 
 
 def test_storage_errors_hide_the_password(tmp_path):
-    from cifar_mlflow.errors import TrackingError
-
     with pytest.raises(TrackingError) as err:
-        studies.open_storage("postgresql+psycopg2://bob:s3cret@127.0.0.1:1/optuna")
+        study_storage.open_storage("postgresql+psycopg2://bob:s3cret@127.0.0.1:1/optuna")
     assert "s3cret" not in str(err.value) and "bob:***@127.0.0.1:1/optuna" in str(err.value)

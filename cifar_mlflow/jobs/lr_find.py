@@ -46,9 +46,9 @@ def run_lr_find(cfg: LRFindConfig) -> float:
         result = range_test(setup, cfg)
         data.shutdown_workers(setup.train_loader)
         log_range_test(log, result)
-        stop = "stopped when the loss diverged" if result.diverged else "no divergence within the sweep"
+        ending = "stopped when the loss diverged" if result.diverged else "no divergence within the sweep"
         print(
-            f"\nLR range test: {len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g} ({stop})"
+            f"\nLR range test: {len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g} ({ending})"
             f"\n  suggested lr {result.suggested_lr:.4g} (steepest descent of the smoothed loss before its "
             f"minimum)\n"
         )

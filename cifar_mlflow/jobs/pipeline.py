@@ -32,7 +32,7 @@ class PipelineOutcome:
 def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
     # Steps run in the project's folder: a relative data_dir must mean the same folder as for this process.
     absolute = fields.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()))
-    sweep, train, analyze = absolute.steps()  # every step's parameters validated before anything runs
+    range_test, train, analyze = absolute.steps()  # every step's parameters validated before anything runs
     # the analysis step's layers too, on the network training will build (not after an hour of training)
     blank = models.ModelSpec(
         train.arch, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, train.norm, width=train.width
@@ -56,7 +56,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
 
         # A finished step is reused only while what it made is still there: a deleted run is never found, and a
         # run whose artifacts or registered version were removed since is run again.
-        found = step("lr_find", sweep.to_params(), lambda r: SUGGESTED in r.data.metrics and _kept(r, LR_FIND_FILES))
+        found = step(
+            "lr_find", range_test.to_params(), lambda r: SUGGESTED in r.data.metrics and _kept(r, LR_FIND_FILES)
+        )
         suggested = found.data.metrics[SUGGESTED]
         lr = lr_finder.clamp_lr(suggested, train.optimizer)
         trained = step("main", {**train.to_params(), "lr": lr}, lambda r: _registered(r, cfg.registered_model_name))
@@ -114,9 +116,9 @@ def finished_step(parent: RunLogger, entry_point: str, params: dict[str, Any], n
     return None
 
 
-def _print_summary(runs, reused, suggested, lr, model_uri, analysed, url) -> None:
+def _print_summary(step_runs, reused, suggested, lr, model_uri, analysed, url) -> None:
     lines = ["", "pipeline finished"]
-    for entry, run in runs.items():
+    for entry, run in step_runs.items():
         lines.append(f"  {entry:8s} run {run.info.run_id}" + ("  (reused)" if reused[entry] else ""))
     acc = analysed.data.metrics.get("test/accuracy")
     lines += [

@@ -17,10 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from cifar_mlflow import data, studies
-from cifar_mlflow.config import SweepConfig, TrainConfig
+import optuna
+
+from cifar_mlflow import data, studies, study_storage
+from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import RunBusy, StoppedEarly, Terminated, TrackingError, TrainingDiverged
 from cifar_mlflow.prepare import prepare
+from cifar_mlflow.sweep_config import SweepConfig
 from cifar_mlflow.sweep_space import Dim
 from cifar_mlflow.tracking import checkpoints, registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
@@ -56,9 +59,10 @@ def recipe(metric: str, base: TrainConfig, dims: list[Dim]) -> dict[str, Any]:
 
 
 def run_sweep(cfg: SweepConfig) -> SweepOutcome:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial: the sweep prints its own
     dims, base = cfg.dims(), cfg.base()
     url = storage_url(cfg.storage)
-    storage = studies.open_storage(url)  # a storage that cannot be opened fails here, before any run is touched
+    storage = study_storage.open_storage(url)  # a storage that cannot be opened fails here, before any run is touched
     with RunLease() as lease, runs.open_run(lease) as log:
         name = f"sweep-{log.run_id}" if cfg.study == "auto" else cfg.study
         log.log_params(cfg.to_params())
@@ -73,7 +77,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
             seed=cfg.seed,
             n_trials=cfg.n_trials,
         )
-        tags = {STUDY_TAG: name, STORAGE_TAG: studies.redacted(url)}
+        tags = {STUDY_TAG: name, STORAGE_TAG: study_storage.redacted(url)}
         if parent_id == log.run_id:
             parent = log
             log.set_tags({ROLE_TAG: "parent", **tags})
@@ -104,7 +108,7 @@ class Sweep:
     def run_trials(self) -> None:
         """Ask for trials until the study holds n_trials (a retry waiting counts, and is taken first)."""
         while True:
-            retried = studies.fail_dead(self.storage, self.study)
+            retried = study_storage.fail_dead(self.storage, self.study)
             if retried:
                 print(f"sweep: trial(s) {retried} of a process that died are failed; each is retried")
             waiting = self.study.get_trials(deepcopy=False, states=(studies.TrialState.WAITING,))
@@ -122,7 +126,7 @@ class Sweep:
         params = studies.suggest(trial, self.dims)
         cfg = self.trial_config(params)
         metric = self.cfg.metric
-        retry_of = studies.retry_of(self.storage, trial)
+        retry_of = study_storage.retry_of(self.storage, trial)
         run_id = trial.user_attrs.get(studies.RUN_ATTR)  # a retry resumes the run its first attempt trained
         if run_id is None:
             run_id = runs.child_run(self.parent.run_id, f"trial-{trial.number}", {STUDY_TAG: self.study.study_name})
@@ -141,7 +145,11 @@ class Sweep:
 
         try:
             setup = prepare(cfg, cfg.max_test_samples)
-            with studies.heartbeat(self.storage, trial), RunLease(run_id) as lease, runs.open_run(lease, run_id) as log:
+            with (
+                study_storage.heartbeat(self.storage, trial),
+                RunLease(run_id) as lease,
+                runs.open_run(lease, run_id) as log,
+            ):
                 log.set_tags(
                     {
                         TRIAL_TAG: str(trial.number),
@@ -160,7 +168,7 @@ class Sweep:
             return
         except (KeyboardInterrupt, Terminated):  # this worker is stopping: fail the trial, enqueue its retry
             with contextlib.suppress(Exception):
-                studies.retry(self.storage, self.study, self.study.get_trials(deepcopy=False)[trial.number])
+                study_storage.retry(self.storage, self.study, self.study.get_trials(deepcopy=False)[trial.number])
                 runs.logger_of(run_id).set_tags({STATE_TAG: "FAIL"})
             raise
         except BaseException:
@@ -291,6 +299,6 @@ def _trials_table(trials: list[Any], dims: list[Dim]) -> dict[str, list[Any]]:
         "value": [value(t) for t in trials],
         "epochs_run": [max(t.intermediate_values, default=0) for t in trials],
         **{d.name: [t.params.get(d.name) for t in trials] for d in dims},
-        "retry_of": [studies.retried_from(t) for t in trials],
+        "retry_of": [study_storage.retried_from(t) for t in trials],
         "run_id": [t.user_attrs.get(studies.RUN_ATTR) for t in trials],
     }

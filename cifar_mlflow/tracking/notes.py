@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from cifar_mlflow.config import WIDTH
+from cifar_mlflow.values import WIDTH
 
 if TYPE_CHECKING:
     from cifar_mlflow import data

@@ -10,8 +10,8 @@ from cifar_mlflow import fields
 
 def as_param(value: Any) -> str:
     """How a value is logged: tuples (mean, std) as comma-separated numbers, booleans as the configs log them
-    (fields.as_param: "true"/"false", as MLproject passes them), everything else as str()."""
-    value = fields.as_param(value)
+    (fields.bool_as_word: "true"/"false", as MLproject passes them), everything else as str()."""
+    value = fields.bool_as_word(value)
     return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
 
 
