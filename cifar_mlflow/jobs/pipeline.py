@@ -12,7 +12,7 @@ from typing import Any
 from cifar_mlflow import analysis, fields, lr_finder, models
 from cifar_mlflow.config import PipelineConfig
 from cifar_mlflow.errors import ConfigError
-from cifar_mlflow.tracking import runs
+from cifar_mlflow.tracking import provenance, runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.params import same
 
@@ -95,7 +95,7 @@ def _registered(run: Any, name: str) -> bool:
 
 def project_dir() -> Path:
     """The MLflow Project this package belongs to (the folder holding MLproject)."""
-    root = runs.PACKAGE_DIR.parent
+    root = provenance.PACKAGE_DIR.parent
     if not (root / "MLproject").is_file():
         raise ConfigError(
             f"the pipeline runs the MLflow Project's entry points, but {root} holds no MLproject "

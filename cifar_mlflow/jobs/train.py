@@ -19,10 +19,10 @@ from cifar_mlflow.prepare import TrainingSetup, prepare
 from cifar_mlflow.tracking import checkpoints, notes, registry, runs
 from cifar_mlflow.tracking.logger import Logger, NullLogger, RunLogger
 from cifar_mlflow.tracking.params import as_param, same
+from cifar_mlflow.tracking.provenance import versions
 from cifar_mlflow.tracking.registry import RegisteredVersion
 from cifar_mlflow.tracking.reporter import EpochReporter
 from cifar_mlflow.tracking.run_lease import RunLease
-from cifar_mlflow.tracking.store import versions
 
 SAMPLE_GRID = 32  # augmented training images shown in augmented_samples.png
 

@@ -4,7 +4,6 @@ KILLED with the reason; find finished runs of an entry point and launch one as a
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,31 +15,14 @@ from mlflow.exceptions import MlflowException
 from cifar_mlflow.errors import StoppedEarly, Terminated, TrackingError, TrackingUnavailable
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.params import as_param
+from cifar_mlflow.tracking.provenance import CODE_VERSION_TAG, code_version
 from cifar_mlflow.tracking.run_lease import RunLease
 from cifar_mlflow.tracking.store import give_up_quickly, read_run, retry_settings, server_down
 
 FAILURE_TAG = "failure_reason"
 DIVERGED_TAG = "diverged_at_step"
-CODE_VERSION_TAG = "code_version"
 PRUNED_TAG = "pruned_at_epoch"
 PARENT_TAG = "mlflow.parentRunId"  # how the MLflow UI nests a run under another
-PACKAGE_DIR = Path(__file__).resolve().parent.parent  # cifar_mlflow/
-
-
-@functools.cache  # the files a process runs do not change under it: hash them once (the pipeline asks 4 times)
-def code_version() -> str:
-    """A digest of the code a run executes (this package, the entry points, MLproject and the pins), tagged on
-    every run: the pipeline reuses a step only if it ran the same code. Unlike the git commit it also sees
-    uncommitted edits, and it exists where there is no git checkout."""
-    import hashlib
-
-    root = PACKAGE_DIR.parent
-    files = sorted([*PACKAGE_DIR.rglob("*.py"), *(root / "entrypoints").glob("*.py")])
-    files += [f for f in (root / "MLproject", root / "pyproject.toml") if f.is_file()]
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +14,6 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from cifar_mlflow.errors import TrackingError, first_line
-
-
-def versions() -> dict[str, str]:
-    """Library versions logged with every run."""
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "torchvision", "mlflow", "albumentations", "numpy"):
-        out[pkg] = metadata.version(pkg)
-    return out
 
 
 def check_tracking_server(timeout: float = 5.0) -> None:
