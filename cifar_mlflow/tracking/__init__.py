@@ -2,6 +2,7 @@
 
 - store: check the tracking store before any work (and create a new sqlite one safely);
 - runs: open a run (or the one `mlflow run` made) as a RunLogger, end it FAILED/KILLED with the reason; child runs;
+- steps: a pipeline's steps, launched as child runs of its run or found finished (with their outputs) for reuse;
 - provenance: the digest of the code a run executes (tagged code_version) and the library versions it logs;
 - run_lease: this process's lease on the run it trains, so two processes never train one run;
 - logger: RunLogger, one object bound to a run id (params, metrics, tags, datasets, artifacts); NullLogger;
