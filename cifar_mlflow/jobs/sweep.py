@@ -25,7 +25,7 @@ from cifar_mlflow.sweep_space import Dim
 from cifar_mlflow.tracking import registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.run_lease import RunLease
-from cifar_mlflow.tracking.store import beside_store
+from cifar_mlflow.tracking.sweeps import beside_store, child_run
 
 STUDY_FILE = "optuna.db"
 # tags: on the sweep's runs (parent, workers) and on each trial's run
@@ -124,7 +124,7 @@ class Sweep:
         retry_of = studies.retry_of(self.storage, trial)
         run_id = trial.user_attrs.get(studies.RUN_ATTR)  # a retry resumes the run its first attempt trained
         if run_id is None:
-            run_id = runs.child_run(self.parent.run_id, f"trial-{trial.number}", {STUDY_TAG: self.study.study_name})
+            run_id = child_run(self.parent, f"trial-{trial.number}", {STUDY_TAG: self.study.study_name})
             trial.set_user_attr(studies.RUN_ATTR, run_id)
         label = f"trial {trial.number}" + (f" (retry of {retry_of})" if retry_of is not None else "")
         print(

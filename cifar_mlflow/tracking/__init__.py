@@ -1,7 +1,8 @@
 """The one package that talks to MLflow; each module has one job:
 
 - store: check the tracking store before any work (and create a new sqlite one safely);
-- runs: open a run (or the one `mlflow run` made) as a RunLogger, end it FAILED/KILLED with the reason; child runs;
+- runs: open a run (or the one `mlflow run` made) as a RunLogger, end it FAILED/KILLED with the reason;
+- sweeps: a sweep's trials as child runs of its run; where its Optuna study lives beside a local store;
 - steps: a pipeline's steps, launched as child runs of its run or found finished (with their outputs) for reuse;
 - provenance: the digest of the code a run executes (tagged code_version) and the library versions it logs;
 - run_lease: this process's lease on the run it trains, so two processes never train one run;

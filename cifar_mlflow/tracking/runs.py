@@ -1,5 +1,5 @@
 """A run's life: open it (or the one `mlflow run` created) as a RunLogger, tag the code version, end it FAILED or
-KILLED with the reason; create a child run (a sweep's trial) for open_run to open."""
+KILLED with the reason; a RunLogger for a run that exists already."""
 
 from __future__ import annotations
 
@@ -113,16 +113,6 @@ def run_url(log: RunLogger) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"
     return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{path}"
-
-
-def child_run(parent_run_id: str, name: str, tags: dict[str, str]) -> str:
-    """A new run in the parent's experiment, shown nested under it (mlflow.parentRunId); opened by open_run."""
-    client = MlflowClient()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    run = client.create_run(
-        experiment_id, run_name=name, tags={PARENT_TAG: parent_run_id, CODE_VERSION_TAG: code_version(), **tags}
-    )
-    return run.info.run_id
 
 
 def logger_of(run_id: str) -> RunLogger:

@@ -155,15 +155,6 @@ def _probe_server(uri: str, timeout: float) -> None:
         )
 
 
-def beside_store(name: str) -> Path:
-    """A file named `name` in the folder of a local sqlite tracking store (the working directory for any other
-    store): where a sweep keeps its Optuna study by default."""
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
-        return Path(uri[len("sqlite:///") :]).resolve().parent / name
-    return Path(name).resolve()
-
-
 def read_run(client: MlflowClient, run_id: str, note: str = "") -> Any:
     """The run, or a TrackingError naming it (and `note`, where the id came from) and the store."""
     try:
