@@ -77,10 +77,10 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
             parent = log
             log.set_tags({ROLE_TAG: "parent", **tags})
         else:
-            parent = runs.logger_of(parent_id)  # TrackingError if the study's parent run was deleted
+            parent = runs.logger_of(log.client, parent_id)  # TrackingError if the study's parent run was deleted
             log.set_tags({ROLE_TAG: "worker", runs.PARENT_TAG: parent_id, **tags})
-            if runs.status(parent_id) != "RUNNING":
-                runs.set_status(parent_id, "RUNNING")  # restarted: the sweep is running again
+            if parent.status() != "RUNNING":
+                parent.set_status("RUNNING")  # restarted: the sweep is running again
             print(f"sweep: joined study {name!r}; trials go under its parent run {parent_id}")
         sweep = Sweep(cfg, base, dims, storage, study, parent)
         sweep.run_trials()
@@ -90,7 +90,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
         best, registered = sweep.finish()
         if parent is not log:  # (the parent's own process ends it FINISHED as open_run does)
             runs.clear_failure(parent)  # a sweep stopped by SIGTERM and finished by a restart has not failed
-            runs.set_status(parent_id, "FINISHED")
+            parent.set_status("FINISHED")
         return SweepOutcome(name, parent_id, True, best, registered)
 
 
@@ -154,20 +154,22 @@ class Sweep:
         except TrainingDiverged as exc:  # a recipe that blows up is a result, not a crash: pruned, the run FAILED
             trial.set_user_attr("diverged_at_epoch", exc.epoch)
             self.study.tell(trial, state=studies.TrialState.PRUNED)
-            runs.logger_of(run_id).set_tags({STATE_TAG: "PRUNED", "trial/diverged_at_epoch": str(exc.epoch)})
+            runs.logger_of(self.parent.client, run_id).set_tags(
+                {STATE_TAG: "PRUNED", "trial/diverged_at_epoch": str(exc.epoch)}
+            )
             print(f"sweep: {label} diverged at epoch {exc.epoch}: pruned")
             return
         except (KeyboardInterrupt, Terminated):  # this worker is stopping: fail the trial, enqueue its retry
             with contextlib.suppress(Exception):
                 studies.retry(self.storage, self.study, self.study.get_trials(deepcopy=False)[trial.number])
-                runs.logger_of(run_id).set_tags({STATE_TAG: "FAIL"})
+                runs.logger_of(self.parent.client, run_id).set_tags({STATE_TAG: "FAIL"})
             raise
         except BaseException:
             with contextlib.suppress(Exception):
                 self.study.tell(trial, state=studies.TrialState.FAIL)
-                runs.logger_of(run_id).set_tags({STATE_TAG: "FAIL"})
+                runs.logger_of(self.parent.client, run_id).set_tags({STATE_TAG: "FAIL"})
             raise
-        tlog = runs.logger_of(run_id)
+        tlog = runs.logger_of(self.parent.client, run_id)
         if stopped:
             self.study.tell(trial, state=studies.TrialState.PRUNED)
             tlog.set_tags({STATE_TAG: "PRUNED"})

@@ -1,5 +1,5 @@
 """A run's life: open it (or the one `mlflow run` created) as a RunLogger, tag the code version, end it FAILED or
-KILLED with the reason; a RunLogger for a run that exists already."""
+KILLED with the reason; a RunLogger for a run that exists already (a sweep's parent, its trials)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def fail_run_from_env(reason: str) -> None:
     if not run_id:
         return
     with contextlib.suppress(Exception):
-        client = MlflowClient()
+        client = MlflowClient()  # the process failed before it opened the run: no RunLogger, nor lease, exists
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
         client.set_terminated(run_id, "FAILED")
 
@@ -116,25 +116,13 @@ def run_url(log: RunLogger) -> str:
     return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{path}"
 
 
-def logger_of(run_id: str) -> RunLogger:
-    """A RunLogger for an existing run (which need not be open). TrackingError if the store has no such run."""
-    run = read_run(MlflowClient(), run_id)
+def logger_of(client: MlflowClient, run_id: str) -> RunLogger:
+    """A RunLogger for an existing run (which need not be open), on `client`. TrackingError if the store has no
+    such run."""
+    run = read_run(client, run_id)
     if run.info.lifecycle_stage != "active":
         raise TrackingError(f"run {run_id} is deleted in {mlflow.get_tracking_uri()}; restore it or start anew")
-    return RunLogger(run_id, run.info.experiment_id)
-
-
-def status(run_id: str) -> str:
-    return MlflowClient().get_run(run_id).info.status
-
-
-def set_status(run_id: str, value: str) -> None:
-    """RUNNING while any process works for the run; FINISHED (with an end time) when its work is done."""
-    client = MlflowClient()
-    if value == "RUNNING":
-        client.update_run(run_id, status="RUNNING")
-    else:
-        client.set_terminated(run_id, value)
+    return RunLogger(run_id, run.info.experiment_id, client)
 
 
 def tracking_uri() -> str:
