@@ -86,7 +86,7 @@ def train_in_run(
 def register_from_checkpoint(cfg: TrainConfig, log: RunLogger) -> RegisteredVersion:
     """Register the model of a finished run (open as the active run) from its last checkpoint: a sweep's best
     trial, trained with register=False. The run's test accuracy tags the version, as in run_training."""
-    state = checkpoints.load_latest_checkpoint(log.run_id)
+    state = checkpoints.load_latest_checkpoint(log)
     if state is None or state["epoch"] < cfg.epochs:
         raise TrackingError(f"run {log.run_id} has no checkpoint of its last epoch ({cfg.epochs}) to register")
     p = prepare(cfg, cfg.max_test_samples)
@@ -133,7 +133,7 @@ def _start(cfg: TrainConfig, p: TrainingSetup, log: Logger, shards: list[list[in
         log, {**cfg.to_params(), **p.derived_params(), **{f"env/{k}_version": v for k, v in versions().items()}}
     )
     _measured_on(log, p)
-    resume = checkpoints.load_latest_checkpoint(log.run_id)
+    resume = checkpoints.load_latest_checkpoint(log)
     run = log.run()
     tagged = run.data.tags.get("registered_model_version")
     # Killed after registering but before tagging the run: the version exists, and is the run's result.
@@ -153,7 +153,7 @@ def _start(cfg: TrainConfig, p: TrainingSetup, log: Logger, shards: list[list[in
         )
         return Start(done=True)
     else:
-        checkpoints.backfill_epochs(log.run_id, resume["history"])
+        checkpoints.backfill_epochs(log, resume["history"])
         log.set_tags({"resumed_from_epoch": str(resume["epoch"])})
         print(f"resuming run {log.run_id} after epoch {resume['epoch']} of {cfg.epochs}")
     if cfg.lr == "auto":
@@ -184,7 +184,7 @@ def _fit_and_register(
     main = isinstance(log, RunLogger)
     # epochs whose metrics the run holds (a resume from the other slot trains one of them again): logged once
     reporter = (
-        EpochReporter(log, held, checkpoints.logged_through(log.run_id) if resume else 0)
+        EpochReporter(log, held, checkpoints.logged_through(log) if resume else 0)
         if isinstance(log, RunLogger)
         else None
     )

@@ -66,8 +66,8 @@ class EpochReporter:
         if self.lease is not None:
             self.lease.check()
         if self._previous is None and epoch > 1:  # the first epoch this process reports, on a resume
-            self._previous = entry_of(self.run_id, epoch - 1)
-        self._previous = log_checkpoint(self.run_id, state, epoch, self._previous)
+            self._previous = entry_of(self.log, epoch - 1)
+        self._previous = log_checkpoint(self.log, state, epoch, self._previous)
         if epoch <= self.logged_through:
             return
         self.log.log_metrics(metrics, step=epoch)
