@@ -141,12 +141,12 @@ def _start(cfg: TrainConfig, p: TrainingSetup, log: Logger, shards: list[list[in
         not tagged
         and resume is not None
         and resume["epoch"] >= cfg.epochs
-        and registry.version_of_run(cfg.registered_model_name, log.run_id)
+        and registry.version_of_run(log.client, cfg.registered_model_name, log.run_id)
     )
     if resume is None:
         _log_run_inputs(log, p, shards)
     elif tagged or registered:
-        version = tagged or registry.finish_registration(cfg.registered_model_name, log.run_id).version
+        version = tagged or registry.finish_registration(log, cfg.registered_model_name).version
         print(
             f"run {log.run_id} already finished all {resume['epoch']} epochs and registered version {version}; "
             "nothing to resume"
