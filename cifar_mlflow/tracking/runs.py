@@ -24,12 +24,15 @@ PARENT_TAG = "mlflow.parentRunId"  # how the MLflow UI nests a run under another
 
 
 @contextlib.contextmanager
-def open_run(held: RunLease | None = None, run_id: str | None = None) -> Iterator[RunLogger]:
+def open_run(
+    held: RunLease | None = None, run_id: str | None = None, client: MlflowClient | None = None
+) -> Iterator[RunLogger]:
     """Open the run: the one `mlflow run` created (MLFLOW_RUN_ID) or a new one, with system metrics sampled and
     the code version tagged, as a RunLogger bound to it. An exception ends it FAILED, Ctrl-C or SIGTERM ends it
     KILLED, each with a tag saying why; success removes a `failure_reason` left by an earlier attempt. held: the
     run is leased to this process while it is open (a new run is claimed as it opens), and the RunLogger uses
-    the lease's MLflow client: one client for the run's work.
+    the lease's MLflow client: one client for the run's work. client: the one to use where there is no lease
+    (the analysis job's, which read the model's lineage before the run opened); else the RunLogger makes one.
 
     The one use of MLflow's global active run: MLflow's system-metrics sampler and `pyfunc.log_model` (which
     has no run_id argument) attach to it. run_id: open that run (a sweep's trial, made by child_run) instead,
@@ -37,7 +40,7 @@ def open_run(held: RunLease | None = None, run_id: str | None = None) -> Iterato
     pruned_at_epoch."""
     nested = run_id is not None and mlflow.active_run() is not None
     with mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=True) as run:
-        log = RunLogger(run.info.run_id, run.info.experiment_id, held.client if held is not None else None)
+        log = RunLogger(run.info.run_id, run.info.experiment_id, held.client if held is not None else client)
         try:
             if held is not None:
                 held.claim(log.run_id)

@@ -155,6 +155,12 @@ def _probe_server(uri: str, timeout: float) -> None:
         )
 
 
+def new_client() -> MlflowClient:
+    """A client of the tracking store, for code that must not import mlflow (the jobs) to read the store before its
+    run is opened and then open the run with (tracking.runs.open_run's client)."""
+    return MlflowClient()  # the analysis job's one client: its run's RunLogger takes it over
+
+
 def read_run(client: MlflowClient, run_id: str, note: str = "") -> Any:
     """The run, or a TrackingError naming it (and `note`, where the id came from) and the store."""
     try:
