@@ -28,8 +28,8 @@ class RunLease:
 
     def __init__(self, run_id: str | None = None, client: MlflowClient | None = None) -> None:
         self._target = run_id  # the run to claim on entry (a sweep's trial); None: the one `mlflow run` named
-        # A client is a handle on the store MLflow caches per URI (shared by every thread): the renewing thread
-        # uses this one too.
+        # The run's one client, made here: the lease claims the run before its RunLogger exists. A client is a
+        # handle on the store MLflow caches per tracking URI (every thread shares it): the renewing thread uses it too.
         self.client = client or MlflowClient()
         self.run_id: str | None = None
         self.holder: lease.Holder | None = None

@@ -1,4 +1,5 @@
-"""The tracking store: check, before any work, that MLflow can open it (and create a new sqlite one safely)."""
+"""The tracking store: check, before any work, that MLflow can open it (and create a new sqlite one safely), and
+whether a server answers; a client of it for the jobs, which do not import mlflow."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def check_tracking_server(timeout: float = 5.0) -> None:
     uri = mlflow.get_tracking_uri()
     try:
         with _sqlite_lock(uri):
-            MlflowClient(uri)  # MLflow's own registry of store schemes; creates and migrates a new sqlite file
+            # A probe, dropped (no run's client): MLflow's own registry of store schemes; it creates and migrates a
+            # new sqlite file.
+            MlflowClient(uri)
     except (MlflowException, ImportError, OSError) as exc:
         if "out-of-date database schema" in str(exc):  # MLflow's own advice, whole: back up, then upgrade
             found = re.search(r"found version (\w+), but expected (\w+)", str(exc))
