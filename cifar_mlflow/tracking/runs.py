@@ -105,7 +105,7 @@ def fail_run_from_env(reason: str) -> None:
     if not run_id:
         return
     with contextlib.suppress(Exception):
-        client = MlflowClient()  # the process failed before it opened the run: no RunLogger, nor lease, exists
+        client = MlflowClient()  # called once the job is over: its RunLogger and lease, if it made any, are gone
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
         client.set_terminated(run_id, "FAILED")
 
