@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from cifar_mlflow import data
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.tracking.checkpoints import load_latest_checkpoint
+from cifar_mlflow.tracking.runs import logger_of
 from entrypoints.train import train
 from tests.conftest import REPO, TINY, cli_args
 
@@ -64,7 +65,7 @@ def _load_latest(run_id: str) -> str:
     from cifar_mlflow.errors import ModelError
 
     with pytest.raises(ModelError) as err:
-        load_latest_checkpoint(run_id)
+        load_latest_checkpoint(logger_of(MlflowClient(), run_id))
     assert "\n" not in str(err.value)
     return str(err.value)
 
@@ -102,7 +103,7 @@ def test_truncated_latest_slot_falls_back_to_the_other_slot(checkpoints, capsys)
     run_id, folder = checkpoints
     latest = folder / "slot-b" / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[:4096])
-    state = load_latest_checkpoint(run_id)
+    state = load_latest_checkpoint(logger_of(MlflowClient(), run_id))
     assert state["epoch"] == 1 and len(state["history"]) == 1
     assert capsys.readouterr().out.strip() == (
         f"run {run_id}: checkpoints/slot-b/checkpoint.pt does not match the SHA-256 in checkpoints/latest.json; "

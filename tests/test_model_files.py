@@ -191,5 +191,5 @@ def test_search_filters_quote_names_holding_a_quote(store, registered):
     client = MlflowClient(store.uri)
     client.create_registered_model("it's")
     client.create_model_version("it's", "models:/tamper-me/1", tags={"run_id": "r1", "test_accuracy": "0.5"})
-    assert str(registry.version_of_run("it's", "r1").version) == "1"
-    assert registry.settle_champion("it's") == "1"
+    assert str(registry.version_of_run(client, "it's", "r1").version) == "1"
+    assert registry.settle_champion(client, "it's") == "1"

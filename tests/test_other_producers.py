@@ -56,7 +56,7 @@ def test_a_store_mlflow_2_wrote_keeps_its_runs_and_champion_when_this_project_re
     old = client.get_run(MLFLOW2_RUN)
     assert (old.info.status, old.data.params["epochs"]) == ("FINISHED", "2")
     assert [(m.step, m.value) for m in client.get_metric_history(MLFLOW2_RUN, "test/accuracy")] == [(1, 0.5), (2, 0.75)]
-    assert str(registry.current_champion("cifar10-resnet18").version) == "1"
+    assert str(registry.current_champion(client, "cifar10-resnet18").version) == "1"
 
     torch.manual_seed(0)
     net = models.build_model(SPEC).eval()
@@ -69,7 +69,7 @@ def test_a_store_mlflow_2_wrote_keeps_its_runs_and_champion_when_this_project_re
             )
     # the version MLflow 2 registered takes part in the champion rule: 0.5 does not beat its 0.75, 0.9 does
     assert [(v.version, v.is_champion) for v in results] == [("2", False), ("3", True)]
-    assert str(registry.current_champion("cifar10-resnet18").version) == "3"
+    assert str(registry.current_champion(client, "cifar10-resnet18").version) == "3"
 
 
 def test_a_store_with_an_out_of_date_schema_names_mlflows_upgrade_command(tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from cifar_mlflow import lr_finder
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.jobs.pipeline import finished_step
-from cifar_mlflow.tracking.runs import code_version, open_run
+from cifar_mlflow.tracking.provenance import code_version
+from cifar_mlflow.tracking.runs import open_run
 from entrypoints.pipeline import pipeline
 from tests.conftest import REPO, cli_args, mlflow_run_cmd, runs_of
 
@@ -160,24 +161,24 @@ def test_a_reused_steps_outputs_must_still_be_there(store):
     import mlflow
 
     from cifar_mlflow.jobs import pipeline as pipeline_job
-    from cifar_mlflow.tracking import runs as tracking_runs
+    from cifar_mlflow.tracking import steps
 
     client = MlflowClient(store.uri)
     exp = client.get_experiment_by_name(store.experiment).experiment_id
     with mlflow.start_run(tags={"mlflow.project.entryPoint": "lr_find", "code_version": code_version()}) as run:
         mlflow.log_table({"lr": [0.1], "loss": [1.0], "smoothed_loss": [1.0]}, "lr_find/curve.json")
     kept = client.get_run(run.info.run_id)
-    assert pipeline_job._kept(kept, pipeline_job.LR_FIND_FILES)
+    assert pipeline_job._kept(client, kept, pipeline_job.LR_FIND_FILES)
     artifacts = Path(kept.info.artifact_uri.removeprefix("file://"))
     shutil.rmtree(artifacts / "lr_find")  # removed from the artifact store since
-    assert not pipeline_job._kept(kept, pipeline_job.LR_FIND_FILES)
+    assert not pipeline_job._kept(client, kept, pipeline_job.LR_FIND_FILES)
 
     with mlflow.start_run() as trained:
         mlflow.log_dict({"epoch": 1}, "checkpoints/latest.json")
     client.create_registered_model("gone")
     client.create_model_version("gone", f"{trained.info.artifact_uri}/nowhere", run_id=trained.info.run_id)
     client.set_tag(trained.info.run_id, "registered_model_version", "1")
-    assert not pipeline_job._registered(client.get_run(trained.info.run_id), "gone"), "no MLmodel at the source"
-    assert not pipeline_job._registered(client.get_run(trained.info.run_id), "other"), "no such version"
+    assert not pipeline_job._registered(client, client.get_run(trained.info.run_id), "gone"), "no MLmodel at the source"
+    assert not pipeline_job._registered(client, client.get_run(trained.info.run_id), "other"), "no such version"
     client.delete_run(trained.info.run_id)
-    assert trained.info.run_id not in {r.info.run_id for r in tracking_runs.finished_runs(exp, "main")}
+    assert trained.info.run_id not in {r.info.run_id for r in steps.finished_runs(client, exp, "main")}

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from cifar_mlflow.tracking.checkpoints import load_latest_checkpoint
 from cifar_mlflow.tracking.run_lease import RunLease
+from cifar_mlflow.tracking.runs import logger_of
 from tests.conftest import TINY, cli_args, mlflow_run_cmd, train_process
 
 
@@ -189,4 +190,4 @@ def test_two_resumes_of_one_crashed_run_at_once_train_it_once(store):
     assert version.run_id == run_id and run.data.tags["registered_model_version"] == "1"
     assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
     assert run.data.tags["resumed_from_epoch"] == "1"
-    assert load_latest_checkpoint(run_id)["epoch"] == 3
+    assert load_latest_checkpoint(logger_of(client, run_id))["epoch"] == 3

@@ -276,7 +276,7 @@ def test_the_exported_graph_is_bound_to_no_device(registered):
 def test_the_logged_model_carries_the_final_metrics_and_search_finds_the_champion(store, net):
     client = MlflowClient()
     runs_and_versions = [_register(net, "search", accuracy) for accuracy in (0.6, 0.9, 0.7)]
-    champion = registry.current_champion("search")
+    champion = registry.current_champion(client, "search")
     assert str(champion.version) == "2"
     run2, v2 = runs_and_versions[1]
     assert v2.model_id and registry.logged_model_id(champion) == v2.model_id

@@ -164,7 +164,7 @@ def test_a_second_worker_finishing_at_the_same_moment_registers_nothing_more(swe
     cfg = SweepConfig(**{**PARAMS, "space": str(root / "space.yaml"), "data_dir": str(root / "data")})
     storage = study_storage.open_storage(f"sqlite:///{root / 'optuna.db'}")
     study = optuna.load_study(study_name=f"sweep-{swept.parent.info.run_id}", storage=storage)
-    sweep = Sweep(cfg, cfg.base(), cfg.dims(), storage, study, logger_of(swept.parent.info.run_id))
+    sweep = Sweep(cfg, cfg.base(), cfg.dims(), storage, study, logger_of(swept.client, swept.parent.info.run_id))
     best = study.best_trial
     run_id = best.user_attrs[studies.RUN_ATTR]
     with RunLease(run_id):  # the other worker, registering it right now

@@ -101,7 +101,7 @@ def test_a_model_at_chance_is_registered_but_never_champion(store, net):
         "images): the model learned nothing"
     )
     assert (v1.version, v1.is_champion, v1.withheld) == ("1", False, reason)
-    assert registry.current_champion("chance") is None
+    assert registry.current_champion(client, "chance") is None
     tags = client.get_run(run1).data.tags
     assert (tags["champion"], tags["champion_withheld"]) == ("false", reason)
     version = client.get_model_version("chance", "1")
@@ -109,7 +109,7 @@ def test_a_model_at_chance_is_registered_but_never_champion(store, net):
     _run2, v2 = _register(net, 0.15, name="chance")  # below the bar too, though higher
     _run3, v3 = _register(net, 0.16, name="chance")
     assert [(v.is_champion, v.withheld is None) for v in (v2, v3)] == [(False, False), (True, True)]
-    assert str(registry.current_champion("chance").version) == "3"
+    assert str(registry.current_champion(client, "chance").version) == "3"
 
 
 def test_champion_rule_skips_versions_other_tools_tagged(store, net):

@@ -11,7 +11,7 @@ import torch
 from cifar_mlflow import analysis, data, hardware, plots
 from cifar_mlflow.config import AnalyzeConfig
 from cifar_mlflow.errors import DataError
-from cifar_mlflow.tracking import lineage, notes, runs, serving
+from cifar_mlflow.tracking import lineage, notes, runs, serving, store
 
 DEFAULT_BATCH = 256  # when the training run's batch size is unknown (runs logged elsewhere)
 CONFUSED_PAIRS = 10
@@ -26,8 +26,9 @@ class AnalyzeOutcome:
 
 def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     # Resolve, load and check everything before the run is opened: bad input leaves nothing half-written.
-    ref = lineage.resolve_model(cfg.model_uri)
-    trained_with = lineage.run_params(ref.run_id)
+    client = store.new_client()  # the analysis run's: the model's lineage is read with it before the run opens
+    ref = lineage.resolve_model(client, cfg.model_uri)
+    trained_with = lineage.run_params(client, ref.run_id)
     device = hardware.resolve_device()
     # The training run's precision and batch size, so that the accuracy reproduces the training run's exactly.
     precision = trained_with.get("env/precision") or hardware.resolve_precision("auto", device)
@@ -45,7 +46,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
     model = model.to(memory_format=torch.channels_last)  # the layout training evaluated in
     loader = data.make_loader(dataset.test, batch_size=batch_size, train=False)
 
-    with lineage.analysis_run(ref) as log:
+    with lineage.analysis_run(ref, client) as log:
         log.log_params(
             {
                 **cfg.to_params(),

@@ -12,9 +12,10 @@ from typing import Any
 from cifar_mlflow import analysis, fields, lr_finder, models
 from cifar_mlflow.config import PipelineConfig
 from cifar_mlflow.errors import ConfigError
-from cifar_mlflow.tracking import runs
+from cifar_mlflow.tracking import provenance, runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.params import same
+from cifar_mlflow.tracking.steps import finished_runs, has_artifacts, model_version_exists, run_entry_point
 
 SUGGESTED = "lr_find/suggested_lr"
 VERSION_TAG = "registered_model_version"
@@ -48,7 +49,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
             found = finished_step(parent, entry, params, needs) if cfg.reuse else None
             reused[entry] = found is not None
             print(f"pipeline: {entry}: " + (f"reusing finished run {found.info.run_id}" if found else "running"))
-            steps[entry] = found or runs.run_entry_point(project, entry, params, parent)
+            steps[entry] = found or run_entry_point(project, entry, params, parent)
             parent.set_tags(
                 {f"step/{entry}/run_id": steps[entry].info.run_id, f"step/{entry}/reused": str(reused[entry]).lower()}
             )
@@ -57,13 +58,21 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
         # A finished step is reused only while what it made is still there: a deleted run is never found, and a
         # run whose artifacts or registered version were removed since is run again.
         found = step(
-            "lr_find", range_test.to_params(), lambda r: SUGGESTED in r.data.metrics and _kept(r, LR_FIND_FILES)
+            "lr_find",
+            range_test.to_params(),
+            lambda r: SUGGESTED in r.data.metrics and _kept(parent.client, r, LR_FIND_FILES),
         )
         suggested = found.data.metrics[SUGGESTED]
         lr = lr_finder.clamp_lr(suggested, train.optimizer)
-        trained = step("main", {**train.to_params(), "lr": lr}, lambda r: _registered(r, cfg.registered_model_name))
+        trained = step(
+            "main", {**train.to_params(), "lr": lr}, lambda r: _registered(parent.client, r, cfg.registered_model_name)
+        )
         model_uri = f"models:/{cfg.registered_model_name}/{trained.data.tags[VERSION_TAG]}"
-        analysed = step("analyze", {**analyze.to_params(), "model_uri": model_uri}, lambda r: _kept(r, ANALYSIS_FILES))
+        analysed = step(
+            "analyze",
+            {**analyze.to_params(), "model_uri": model_uri},
+            lambda r: _kept(parent.client, r, ANALYSIS_FILES),
+        )
 
         summary = {
             SUGGESTED: suggested,
@@ -85,19 +94,19 @@ TRAIN_FILES = ("checkpoints/latest.json",)
 ANALYSIS_FILES = ("confusion_matrix.png",)
 
 
-def _kept(run: Any, files: tuple[str, ...]) -> bool:
-    return runs.has_artifacts(run.info.run_id, *files)
+def _kept(client: Any, run: Any, files: tuple[str, ...]) -> bool:
+    return has_artifacts(client, run.info.run_id, *files)
 
 
-def _registered(run: Any, name: str) -> bool:
+def _registered(client: Any, run: Any, name: str) -> bool:
     """A training step is reusable while its version is registered and its model and checkpoints are there."""
     version = run.data.tags.get(VERSION_TAG)
-    return version is not None and runs.model_version_exists(name, version) and _kept(run, TRAIN_FILES)
+    return version is not None and model_version_exists(client, name, version) and _kept(client, run, TRAIN_FILES)
 
 
 def project_dir() -> Path:
     """The MLflow Project this package belongs to (the folder holding MLproject)."""
-    root = runs.PACKAGE_DIR.parent
+    root = provenance.PACKAGE_DIR.parent
     if not (root / "MLproject").is_file():
         raise ConfigError(
             f"the pipeline runs the MLflow Project's entry points, but {root} holds no MLproject "
@@ -109,7 +118,7 @@ def project_dir() -> Path:
 def finished_step(parent: RunLogger, entry_point: str, params: dict[str, Any], needs: Callable[[Any], bool]) -> Any:
     """The newest FINISHED run of the parent's experiment made by `entry_point` of this project with the same
     code version and the same value for every one of `params`, for which needs(run) holds; else None."""
-    for run in runs.finished_runs(parent.experiment_id, entry_point):
+    for run in finished_runs(parent.client, parent.experiment_id, entry_point):
         logged = run.data.params
         if all(k in logged and same(logged[k], v) for k, v in params.items()) and needs(run):
             return run

@@ -29,7 +29,7 @@ from cifar_mlflow.tracking import checkpoints, registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.registry import RegisteredVersion
 from cifar_mlflow.tracking.run_lease import RunLease
-from cifar_mlflow.tracking.store import beside_store
+from cifar_mlflow.tracking.sweeps import beside_store, child_run
 
 STUDY_FILE = "optuna.db"
 # tags: on the sweep's runs (parent, workers) and on each trial's run
@@ -82,10 +82,10 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
             parent = log
             log.set_tags({ROLE_TAG: "parent", **tags})
         else:
-            parent = runs.logger_of(parent_id)  # TrackingError if the study's parent run was deleted
+            parent = runs.logger_of(log.client, parent_id)  # TrackingError if the study's parent run was deleted
             log.set_tags({ROLE_TAG: "worker", runs.PARENT_TAG: parent_id, **tags})
-            if runs.status(parent_id) != "RUNNING":
-                runs.set_status(parent_id, "RUNNING")  # restarted: the sweep is running again
+            if parent.status() != "RUNNING":
+                parent.set_status("RUNNING")  # restarted: the sweep is running again
             print(f"sweep: joined study {name!r}; trials go under its parent run {parent_id}")
         sweep = Sweep(cfg, base, dims, storage, study, parent)
         sweep.run_trials()
@@ -95,7 +95,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
         best, registered = sweep.finish()
         if parent is not log:  # (the parent's own process ends it FINISHED as open_run does)
             runs.clear_failure(parent)  # a sweep stopped by SIGTERM and finished by a restart has not failed
-            runs.set_status(parent_id, "FINISHED")
+            parent.set_status("FINISHED")
         return SweepOutcome(name, parent_id, True, best, registered)
 
 
@@ -129,7 +129,7 @@ class Sweep:
         retry_of = study_storage.retry_of(self.storage, trial)
         run_id = trial.user_attrs.get(studies.RUN_ATTR)  # a retry resumes the run its first attempt trained
         if run_id is None:
-            run_id = runs.child_run(self.parent.run_id, f"trial-{trial.number}", {STUDY_TAG: self.study.study_name})
+            run_id = child_run(self.parent, f"trial-{trial.number}", {STUDY_TAG: self.study.study_name})
             trial.set_user_attr(studies.RUN_ATTR, run_id)
         label = f"trial {trial.number}" + (f" (retry of {retry_of})" if retry_of is not None else "")
         print(
@@ -163,20 +163,22 @@ class Sweep:
         except TrainingDiverged as exc:  # a recipe that blows up is a result, not a crash: pruned, the run FAILED
             trial.set_user_attr("diverged_at_epoch", exc.epoch)
             self.study.tell(trial, state=studies.TrialState.PRUNED)
-            runs.logger_of(run_id).set_tags({STATE_TAG: "PRUNED", "trial/diverged_at_epoch": str(exc.epoch)})
+            runs.logger_of(self.parent.client, run_id).set_tags(
+                {STATE_TAG: "PRUNED", "trial/diverged_at_epoch": str(exc.epoch)}
+            )
             print(f"sweep: {label} diverged at epoch {exc.epoch}: pruned")
             return
         except (KeyboardInterrupt, Terminated):  # this worker is stopping: fail the trial, enqueue its retry
             with contextlib.suppress(Exception):
                 study_storage.retry(self.storage, self.study, self.study.get_trials(deepcopy=False)[trial.number])
-                runs.logger_of(run_id).set_tags({STATE_TAG: "FAIL"})
+                runs.logger_of(self.parent.client, run_id).set_tags({STATE_TAG: "FAIL"})
             raise
         except BaseException:
             with contextlib.suppress(Exception):
                 self.study.tell(trial, state=studies.TrialState.FAIL)
-                runs.logger_of(run_id).set_tags({STATE_TAG: "FAIL"})
+                runs.logger_of(self.parent.client, run_id).set_tags({STATE_TAG: "FAIL"})
             raise
-        tlog = runs.logger_of(run_id)
+        tlog = runs.logger_of(self.parent.client, run_id)
         if stopped:
             self.study.tell(trial, state=studies.TrialState.PRUNED)
             tlog.set_tags({STATE_TAG: "PRUNED"})
@@ -275,7 +277,7 @@ def _register_from_checkpoint(cfg: TrainConfig, log: RunLogger) -> RegisteredVer
     the run's test accuracy tags the version."""
     from cifar_mlflow.jobs.train import measured_on, register_model
 
-    state = checkpoints.load_latest_checkpoint(log.run_id)
+    state = checkpoints.load_latest_checkpoint(log)
     if state is None or state["epoch"] < cfg.epochs:
         raise TrackingError(f"run {log.run_id} has no checkpoint of its last epoch ({cfg.epochs}) to register")
     setup = prepare(cfg, cfg.max_test_samples)

@@ -23,10 +23,10 @@ from cifar_mlflow.prepare import TrainingSetup, prepare
 from cifar_mlflow.tracking import checkpoints, notes, registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.params import as_param, same
+from cifar_mlflow.tracking.provenance import versions
 from cifar_mlflow.tracking.registry import RegisteredVersion
 from cifar_mlflow.tracking.reporter import EpochReporter
 from cifar_mlflow.tracking.run_lease import RunLease
-from cifar_mlflow.tracking.store import versions
 
 SAMPLE_GRID = 32  # augmented training images shown in augmented_samples.png
 
@@ -92,7 +92,7 @@ def train(
     with stop.deferred():
         # epochs whose metrics the run holds (a resume from the other slot trains one of them again): logged once
         reporter = (
-            EpochReporter(log, lease, checkpoints.logged_through(log.run_id) if start.resume else 0)
+            EpochReporter(log, lease, checkpoints.logged_through(log) if start.resume else 0)
             if log is not None
             else None
         )
@@ -173,7 +173,7 @@ def _start(cfg: TrainConfig, setup: TrainingSetup, log: RunLogger, shards: list[
         log, {**cfg.to_params(), **setup.derived_params(), **{f"env/{k}_version": v for k, v in versions().items()}}
     )
     measured_on(log, setup)
-    resume = checkpoints.load_latest_checkpoint(log.run_id)
+    resume = checkpoints.load_latest_checkpoint(log)
     run = log.run()
     tagged = run.data.tags.get("registered_model_version")
     # Killed after registering but before tagging the run: the version exists, and is the run's result.
@@ -181,19 +181,19 @@ def _start(cfg: TrainConfig, setup: TrainingSetup, log: RunLogger, shards: list[
         not tagged
         and resume is not None
         and resume["epoch"] >= cfg.epochs
-        and registry.version_of_run(cfg.registered_model_name, log.run_id)
+        and registry.version_of_run(log.client, cfg.registered_model_name, log.run_id)
     )
     if resume is None:
         _log_run_inputs(log, setup, shards)
     elif tagged or registered:
-        version = tagged or registry.finish_registration(cfg.registered_model_name, log.run_id).version
+        version = tagged or registry.finish_registration(log, cfg.registered_model_name).version
         print(
             f"run {log.run_id} already finished all {resume['epoch']} epochs and registered version {version}; "
             "nothing to resume"
         )
         return Start(done=True)
     else:
-        checkpoints.backfill_epochs(log.run_id, resume["history"])
+        checkpoints.backfill_epochs(log, resume["history"])
         log.set_tags({"resumed_from_epoch": str(resume["epoch"])})
         print(f"resuming run {log.run_id} after epoch {resume['epoch']} of {cfg.epochs}")
     if cfg.lr == "auto":

@@ -1,6 +1,6 @@
 """Checkpoints in the run's artifacts: two slots written in turn and a manifest naming the complete one with its
 SHA-256, so a crash while writing never leaves a run without a checkpoint to resume from; reading them back
-verified; the epochs a run has logged, for a resume."""
+verified; the epochs a run has logged, for a resume. Each function takes the run's RunLogger and uses its client."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from cifar_mlflow import checkpoint, data
 from cifar_mlflow.errors import ModelError, StorageError, first_line
+from cifar_mlflow.tracking.logger import RunLogger
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = f"{CHECKPOINTS}/latest.json"
@@ -35,12 +36,12 @@ def _slot_path(epoch: int) -> str:
 
 
 def log_checkpoint(
-    run_id: str, state: dict[str, Any], epoch: int, previous: dict[str, Any] | None = None
+    log: RunLogger, state: dict[str, Any], epoch: int, previous: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Two slots used in turn, then a manifest naming the slot just finished with its SHA-256, and the other
     slot's entry (`previous`) as the fallback. A crash while uploading a slot leaves the manifest on the other,
     complete one; the store holds two checkpoints, not one per epoch. Returns the manifest's entry."""
-    client = MlflowClient()
+    client, run_id = log.client, log.run_id
     entry: dict[str, Any] = {"epoch": epoch, "path": _slot_path(epoch)}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / SLOT_FILE
@@ -97,9 +98,9 @@ def _entry_problem(entry: Any) -> str | None:
     return None
 
 
-def read_manifest(run_id: str) -> dict[str, Any] | None:
+def read_manifest(log: RunLogger) -> dict[str, Any] | None:
     """The run's checkpoint manifest, checked, or None if the run has no checkpoints."""
-    client = MlflowClient()
+    client, run_id = log.client, log.run_id
     if not client.list_artifacts(run_id, CHECKPOINTS):
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,14 +136,14 @@ def _verified(client: MlflowClient, run_id: str, entry: dict[str, Any], tmp: str
     return state
 
 
-def load_latest_checkpoint(run_id: str) -> dict[str, Any] | None:
+def load_latest_checkpoint(log: RunLogger) -> dict[str, Any] | None:
     """The run's last complete checkpoint, verified against the manifest, or None if it has none. If the latest
     slot fails verification (truncated, altered), the other slot's checkpoint of the epoch before is used, when
     the manifest vouches for it."""
-    manifest = read_manifest(run_id)
+    manifest = read_manifest(log)
     if manifest is None:
         return None
-    client = MlflowClient()
+    client, run_id = log.client, log.run_id
     previous: Any = manifest.get("previous")
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -156,25 +157,25 @@ def load_latest_checkpoint(run_id: str) -> dict[str, Any] | None:
     return state
 
 
-def entry_of(run_id: str, epoch: int) -> dict[str, Any] | None:
+def entry_of(log: RunLogger, epoch: int) -> dict[str, Any] | None:
     """The manifest's entry for `epoch` (its latest, or the other slot after a fallback), or None."""
     with contextlib.suppress(ModelError):
-        manifest = read_manifest(run_id)
+        manifest = read_manifest(log)
         for entry in (manifest, (manifest or {}).get("previous")):
             if isinstance(entry, dict) and entry.get("epoch") == epoch and _entry_problem(entry) is None:
                 return entry
     return None
 
 
-def logged_through(run_id: str, key: str = "test/accuracy") -> int:
+def logged_through(log: RunLogger, key: str = "test/accuracy") -> int:
     """The last epoch whose metrics the run holds (0: none)."""
-    return max((m.step for m in MlflowClient().get_metric_history(run_id, key)), default=0)
+    return max((m.step for m in log.client.get_metric_history(log.run_id, key)), default=0)
 
 
-def backfill_epochs(run_id: str, history: list[dict[str, float]]) -> None:
+def backfill_epochs(log: RunLogger, history: list[dict[str, float]]) -> None:
     """After a crash between a checkpoint and its metrics: log the metrics of checkpointed epochs that the run
     lacks, so that its history holds every epoch exactly once."""
-    client = MlflowClient()
+    client, run_id = log.client, log.run_id
     missing = []
     now = int(time.time() * 1000)
     for key in history[0] if history else ():

@@ -1,4 +1,5 @@
-"""From a model URI to its registered version and the run that trained it; the analysis run linked both ways."""
+"""From a model URI to its registered version and the run that trained it; the analysis run linked both ways. The
+model is resolved before the analysis run opens, through the client that run then uses (the caller's)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelInput
 from mlflow.exceptions import MlflowException
@@ -36,10 +36,9 @@ def _describe_versions(client: MlflowClient, name: str) -> str:
     return f"versions: {', '.join(map(str, versions)) or 'none'}; aliases: {alias_text}"
 
 
-def resolve_model(uri: str) -> ModelRef:
+def resolve_model(client: MlflowClient, uri: str) -> ModelRef:
     """Resolve models:/name/version, models:/name@alias, models:/<logged model id> or runs:/<run id>/<path>.
     An unknown name, version or alias is a one-line ModelError naming what exists."""
-    client = MlflowClient()
     if uri.startswith("runs:/"):
         run_id, _, path = uri[len("runs:/") :].partition("/")
         if ".." in path.split("/") or not path.strip("/"):
@@ -56,7 +55,7 @@ def resolve_model(uri: str) -> ModelRef:
     name, sep, ref = rest.partition("@") if "@" in rest else rest.partition("/")
     if not sep:  # models:/<logged model id> (MLflow 3)
         try:
-            return ModelRef(uri, None, None, mlflow.get_logged_model(name).source_run_id, name)
+            return ModelRef(uri, None, None, client.get_logged_model(name).source_run_id, name)
         except MlflowException:
             pass
     try:
@@ -84,16 +83,16 @@ def _run_model_id(client: MlflowClient, run_id: str, path: str) -> str | None:
     return None
 
 
-def run_params(run_id: str | None) -> dict[str, str]:
+def run_params(client: MlflowClient, run_id: str | None) -> dict[str, str]:
     """The training run's params ({} for a model logged outside any run)."""
-    return MlflowClient().get_run(run_id).data.params if run_id else {}
+    return client.get_run(run_id).data.params if run_id else {}
 
 
 @contextlib.contextmanager
-def analysis_run(ref: ModelRef) -> Iterator[RunLogger]:
-    """Open the analysis run (or the one `mlflow run` created), tagged with the model it analyses; the model
-    version is tagged back with this run's id, so the lineage reads both ways."""
-    with open_run() as log:
+def analysis_run(ref: ModelRef, client: MlflowClient) -> Iterator[RunLogger]:
+    """Open the analysis run (or the one `mlflow run` created) on `client`, tagged with the model it analyses; the
+    model version is tagged back with this run's id, so the lineage reads both ways."""
+    with open_run(client=client) as log:
         log.set_tags(
             {
                 "model_uri": ref.uri,

@@ -34,6 +34,8 @@ class RunLogger:
 
     def __init__(self, run_id: str, experiment_id: str, client: MlflowClient | None = None) -> None:
         self.run_id, self.experiment_id = run_id, experiment_id
+        # The run's one client: every call for the run goes through it (checkpoints, registry, lineage and the
+        # reporter's thread take it from here). Made here unless the run's RunLease made it first (open_run).
         self.client = client or MlflowClient()
         # metric-name prefix -> (dataset name, digest) it is measured on (measured_on); MLflow shows the dataset
         # beside the metric and carries it to the logged model
@@ -49,6 +51,16 @@ class RunLogger:
     def run(self) -> Any:
         """The run as the store holds it now (params, tags, status)."""
         return self.client.get_run(self.run_id)
+
+    def status(self) -> str:
+        return str(self.run().info.status)
+
+    def set_status(self, value: str) -> None:
+        """RUNNING while any process works for the run; FINISHED (with an end time) when its work is done."""
+        if value == "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(self.run_id, value)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params, skipping those the run already holds with the same value (as `mlflow run` logs its -P

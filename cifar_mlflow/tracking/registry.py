@@ -75,7 +75,7 @@ def log_and_register_model(
     # A stop (Ctrl-C, SIGTERM) waits for the next step: raised inside torch.export or MLflow's client it can land in
     # a lock, or in a weakref callback that swallows it (seen in CI: a SIGTERM'd registration that went on).
     with stop.deferred():
-        mv = version_of_run(registered_name, log.run_id)
+        mv = version_of_run(log.client, registered_name, log.run_id)
         if mv is None:
             model_id = serving.log_model(log, model, spec, input_example, step=epochs)
             stop.check()
@@ -90,18 +90,18 @@ def log_and_register_model(
             }
             mv = mlflow.register_model(f"models:/{model_id}", registered_name, tags=tags)
             stop.check()
-        return _settle_and_tag(registered_name, str(mv.version), log.run_id)
+        return _settle_and_tag(log, registered_name, str(mv.version))
 
 
-def finish_registration(registered_name: str, run_id: str) -> RegisteredVersion:
+def finish_registration(log: RunLogger, registered_name: str) -> RegisteredVersion:
     """A run killed right after registering its version: settle `champion` and tag the run, registering
     nothing new."""
-    return _settle_and_tag(registered_name, str(version_of_run(registered_name, run_id).version), run_id)
+    return _settle_and_tag(log, registered_name, str(version_of_run(log.client, registered_name, log.run_id).version))
 
 
-def _settle_and_tag(registered_name: str, version: str, run_id: str) -> RegisteredVersion:
-    client = MlflowClient()
-    is_champion = settle_champion(registered_name) == version
+def _settle_and_tag(log: RunLogger, registered_name: str, version: str) -> RegisteredVersion:
+    client = log.client
+    is_champion = settle_champion(client, registered_name) == version
     mv = client.get_model_version(registered_name, version)
     withheld = _withheld(mv)
     tags = {
@@ -110,7 +110,7 @@ def _settle_and_tag(registered_name: str, version: str, run_id: str) -> Register
         "champion": str(is_champion).lower(),
         **({"champion_withheld": withheld} if withheld else {}),
     }
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_batch(log.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     uri = f"models:/{registered_name}/{version}"
     return RegisteredVersion(registered_name, version, uri, is_champion, withheld, logged_model_id(mv))
 
@@ -146,10 +146,10 @@ def versions_of(client: MlflowClient, name: str) -> list[Any]:
     return client.search_model_versions(f"name={_quoted(name)}")
 
 
-def version_of_run(name: str, run_id: str) -> Any:
+def version_of_run(client: MlflowClient, name: str, run_id: str) -> Any:
     """The version of `name` registered from this run (tagged run_id), or None."""
     try:
-        return next((v for v in versions_of(MlflowClient(), name) if v.tags.get("run_id") == run_id), None)
+        return next((v for v in versions_of(client, name) if v.tags.get("run_id") == run_id), None)
     except MlflowException:
         return None
 
@@ -174,28 +174,27 @@ def _best_version(client: MlflowClient, name: str) -> str | None:
     return max(scored)[2] if scored else None
 
 
-def settle_champion(name: str, attempts: int = 10) -> str | None:
+def settle_champion(client: MlflowClient, name: str, attempts: int = 10) -> str | None:
     """Point `champion` at the best version, race-safe without a compare-and-set: write the best of a fresh
     read, read again, and repeat until the alias and the best agree. Two runs registering at once both end
     with the alias on the better one, whichever writes last."""
-    client = MlflowClient()
     for _ in range(attempts):
         best = _best_version(client, name)
         if best is None:
             return None
-        current = current_champion(name)
+        current = current_champion(client, name)
         if current is None or str(current.version) != best:
             client.set_registered_model_alias(name, CHAMPION, best)
         time.sleep(0.05)
-        current = current_champion(name)
+        current = current_champion(client, name)
         if current is not None and str(current.version) == _best_version(client, name):
             return str(current.version)
     return best
 
 
-def current_champion(name: str) -> Any:
+def current_champion(client: MlflowClient, name: str) -> Any:
     """The model version holding the champion alias, or None (no such model, or no alias yet)."""
     try:
-        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None

@@ -29,7 +29,9 @@ class EpochReporter:
 
     def __init__(self, log: RunLogger, lease: RunLease | None = None, logged_through: int = 0) -> None:
         self.run_id, self.lease, self.logged_through = log.run_id, lease, logged_through
-        self.log = RunLogger(log.run_id, log.experiment_id)  # a client of its own, for its own thread
+        # A RunLogger of its own for this thread, on the run's one client: a client is a handle on the store that
+        # MLflow caches per tracking URI, which every thread of the process shares anyway.
+        self.log = RunLogger(log.run_id, log.experiment_id, log.client)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-reporter")
         self._pending: list[Future] = []
         self._previous: dict[str, Any] | None = None  # the manifest entry of the epoch before
@@ -64,8 +66,8 @@ class EpochReporter:
         if self.lease is not None:
             self.lease.check()
         if self._previous is None and epoch > 1:  # the first epoch this process reports, on a resume
-            self._previous = entry_of(self.run_id, epoch - 1)
-        self._previous = log_checkpoint(self.run_id, state, epoch, self._previous)
+            self._previous = entry_of(self.log, epoch - 1)
+        self._previous = log_checkpoint(self.log, state, epoch, self._previous)
         if epoch <= self.logged_through:
             return
         self.log.log_metrics(metrics, step=epoch)

@@ -21,10 +21,16 @@ class RunLease:
     """This process's lease on the run it trains (cifar_mlflow.lease). `with RunLease():` claims the run
     `mlflow run` named (MLFLOW_RUN_ID: a fresh run or a resume) before any work; open_run(held) claims a run it
     creates. A run whose lease a live process holds is refused with RunBusy, before anything in it is changed.
-    While held, a daemon thread renews the lease; on exit it is released, so the run can be resumed at once."""
+    While held, a daemon thread renews the lease; on exit it is released, so the run can be resumed at once.
 
-    def __init__(self, run_id: str | None = None) -> None:
+    client: the one MLflow client of the run's work. The lease claims the run before its RunLogger exists, so it
+    makes the client (unless given one), and open_run(held) hands it on to the run's RunLogger."""
+
+    def __init__(self, run_id: str | None = None, client: MlflowClient | None = None) -> None:
         self._target = run_id  # the run to claim on entry (a sweep's trial); None: the one `mlflow run` named
+        # The run's one client, made here: the lease claims the run before its RunLogger exists. A client is a
+        # handle on the store MLflow caches per tracking URI (every thread shares it): the renewing thread uses it too.
+        self.client = client or MlflowClient()
         self.run_id: str | None = None
         self.holder: lease.Holder | None = None
         self.lost = False
@@ -41,12 +47,12 @@ class RunLease:
         self.stop()
         if self.run_id is not None and self.holder is not None and not self.lost:
             with contextlib.suppress(Exception):
-                MlflowClient().set_tag(self.run_id, lease.TAG, self.holder.released().to_json())
+                self.client.set_tag(self.run_id, lease.TAG, self.holder.released().to_json())
 
     def claim(self, run_id: str) -> None:
         if self.run_id == run_id:
             return
-        client = MlflowClient()
+        client = self.client
         run = read_run(client, run_id, "" if self._target else " (MLFLOW_RUN_ID)")
         n, holder = lease.latest(run.data.params, run.data.tags)
         now = time.time()
@@ -76,7 +82,7 @@ class RunLease:
         `mlflow run --run-id` marks the run FAILED as it exits (MLflow's CLI does, not our code): the holder,
         which is still training it, sets it back to RUNNING."""
         assert self.run_id is not None and self.holder is not None, "renew() before claim()"
-        client = MlflowClient()
+        client = self.client
         run = client.get_run(self.run_id)
         _, holder = lease.latest(run.data.params, run.data.tags)
         if holder is None or holder.id != self.holder.id:

@@ -1,13 +1,11 @@
 """A run's life: open it (or the one `mlflow run` created) as a RunLogger, tag the code version, end it FAILED or
-KILLED with the reason; find finished runs of an entry point and launch one as a child run."""
+KILLED with the reason; a RunLogger for a run that exists already (a sweep's parent, its trials)."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
@@ -15,40 +13,26 @@ from mlflow.exceptions import MlflowException
 
 from cifar_mlflow.errors import StoppedEarly, Terminated, TrackingError, TrackingUnavailable
 from cifar_mlflow.tracking.logger import RunLogger
-from cifar_mlflow.tracking.params import as_param
+from cifar_mlflow.tracking.provenance import CODE_VERSION_TAG, code_version
 from cifar_mlflow.tracking.run_lease import RunLease
 from cifar_mlflow.tracking.store import give_up_quickly, read_run, retry_settings, server_down
 
 FAILURE_TAG = "failure_reason"
 DIVERGED_TAG = "diverged_at_step"
-CODE_VERSION_TAG = "code_version"
 PRUNED_TAG = "pruned_at_epoch"
 PARENT_TAG = "mlflow.parentRunId"  # how the MLflow UI nests a run under another
-PACKAGE_DIR = Path(__file__).resolve().parent.parent  # cifar_mlflow/
-
-
-@functools.cache  # the files a process runs do not change under it: hash them once (the pipeline asks 4 times)
-def code_version() -> str:
-    """A digest of the code a run executes (this package, the entry points, MLproject and the pins), tagged on
-    every run: the pipeline reuses a step only if it ran the same code. Unlike the git commit it also sees
-    uncommitted edits, and it exists where there is no git checkout."""
-    import hashlib
-
-    root = PACKAGE_DIR.parent
-    files = sorted([*PACKAGE_DIR.rglob("*.py"), *(root / "entrypoints").glob("*.py")])
-    files += [f for f in (root / "MLproject", root / "pyproject.toml") if f.is_file()]
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager
-def open_run(held: RunLease | None = None, run_id: str | None = None) -> Iterator[RunLogger]:
+def open_run(
+    held: RunLease | None = None, run_id: str | None = None, client: MlflowClient | None = None
+) -> Iterator[RunLogger]:
     """Open the run: the one `mlflow run` created (MLFLOW_RUN_ID) or a new one, with system metrics sampled and
     the code version tagged, as a RunLogger bound to it. An exception ends it FAILED, Ctrl-C or SIGTERM ends it
     KILLED, each with a tag saying why; success removes a `failure_reason` left by an earlier attempt. held: the
-    run is leased to this process while it is open (a new run is claimed as it opens).
+    run is leased to this process while it is open (a new run is claimed as it opens), and the RunLogger uses
+    the lease's MLflow client: one client for the run's work. client: the one to use where there is no lease
+    (the analysis job's, which read the model's lineage before the run opened); else the RunLogger makes one.
 
     The one use of MLflow's global active run: MLflow's system-metrics sampler and `pyfunc.log_model` (which
     has no run_id argument) attach to it. run_id: open that run (a sweep's trial, made by child_run) instead,
@@ -56,7 +40,7 @@ def open_run(held: RunLease | None = None, run_id: str | None = None) -> Iterato
     pruned_at_epoch."""
     nested = run_id is not None and mlflow.active_run() is not None
     with mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=True) as run:
-        log = RunLogger(run.info.run_id, run.info.experiment_id)
+        log = RunLogger(run.info.run_id, run.info.experiment_id, held.client if held is not None else client)
         try:
             if held is not None:
                 held.claim(log.run_id)
@@ -121,7 +105,7 @@ def fail_run_from_env(reason: str) -> None:
     if not run_id:
         return
     with contextlib.suppress(Exception):
-        client = MlflowClient()
+        client = MlflowClient()  # called once the job is over: its RunLogger and lease, if it made any, are gone
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
         client.set_terminated(run_id, "FAILED")
 
@@ -135,103 +119,13 @@ def run_url(log: RunLogger) -> str:
     return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{path}"
 
 
-def finished_runs(experiment_id: str, entry_point: str) -> list:
-    """The FINISHED runs of this experiment that `entry_point` of this project ran with this code version,
-    newest first. (MLflow's multistep example compares the git commit; code_version also sees uncommitted edits.)"""
-    query = (
-        f"attributes.status = 'FINISHED' and tags.`mlflow.project.entryPoint` = '{entry_point}' "
-        f"and tags.{CODE_VERSION_TAG} = '{code_version()}'"
-    )
-    return MlflowClient().search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
-
-
-def has_artifacts(run_id: str, *paths: str) -> bool:
-    """Does the run still hold each of these artifact files (`folder/name`)? False for one deleted from the
-    artifact store since, or a run whose artifacts cannot be listed."""
-    client = MlflowClient()
-    try:
-        for path in paths:
-            folder, _, _name = path.rpartition("/")
-            if path not in {a.path for a in client.list_artifacts(run_id, folder or None)}:
-                return False
-    except (MlflowException, OSError):
-        return False
-    return True
-
-
-def model_version_exists(name: str, version: str) -> bool:
-    """Is the version registered, with its model's files (MLmodel) still in the artifact store?"""
-    try:
-        MlflowClient().get_model_version(name, version)
-        files = mlflow.artifacts.list_artifacts(artifact_uri=f"models:/{name}/{version}")
-    except (MlflowException, OSError):
-        return False
-    return any(f.path.rsplit("/", 1)[-1] == "MLmodel" for f in files)
-
-
-def run_entry_point(project: Path, entry_point: str, params: dict, parent: RunLogger):
-    """Run an entry point of the project as a child of `parent` (`mlflow run` semantics: a fresh process and a
-    run of its own, tagged with mlflow.parentRunId) and return the run as it ended. A step that failed is a
-    TrackingError naming the run and the reason it recorded."""
-    from mlflow.projects import run as run_project
-
-    try:
-        submitted = run_project(
-            str(project),
-            entry_point=entry_point,
-            env_manager="local",
-            parameters={k: as_param(v) for k, v in params.items()},
-            experiment_id=parent.experiment_id,
-            run_name=entry_point,
-            synchronous=False,
-        )
-    except MlflowException as exc:
-        raise TrackingError(f"pipeline step {entry_point!r} could not start: {exc.message.splitlines()[0]}") from None
-    try:
-        ok = submitted.wait()
-    except BaseException:  # Ctrl-C or SIGTERM of the pipeline: stop the step too (it ends KILLED)
-        submitted.cancel()
-        raise
-    client = MlflowClient()
-    run = client.get_run(submitted.run_id)
-    if run.info.status == "RUNNING":  # its process exited without closing its run: close it as the process ended
-        client.set_terminated(submitted.run_id, "FINISHED" if ok else "FAILED")
-        run = client.get_run(submitted.run_id)
-    if not ok or run.info.status != "FINISHED":
-        why = run.data.tags.get(FAILURE_TAG, "see its log above")
-        raise TrackingError(f"pipeline step {entry_point!r} (run {submitted.run_id}) ended {run.info.status}: {why}")
-    return run
-
-
-def child_run(parent_run_id: str, name: str, tags: dict[str, str]) -> str:
-    """A new run in the parent's experiment, shown nested under it (mlflow.parentRunId); opened by open_run."""
-    client = MlflowClient()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    run = client.create_run(
-        experiment_id, run_name=name, tags={PARENT_TAG: parent_run_id, CODE_VERSION_TAG: code_version(), **tags}
-    )
-    return run.info.run_id
-
-
-def logger_of(run_id: str) -> RunLogger:
-    """A RunLogger for an existing run (which need not be open). TrackingError if the store has no such run."""
-    run = read_run(MlflowClient(), run_id)
+def logger_of(client: MlflowClient, run_id: str) -> RunLogger:
+    """A RunLogger for an existing run (which need not be open), on `client`. TrackingError if the store has no
+    such run."""
+    run = read_run(client, run_id)
     if run.info.lifecycle_stage != "active":
         raise TrackingError(f"run {run_id} is deleted in {mlflow.get_tracking_uri()}; restore it or start anew")
-    return RunLogger(run_id, run.info.experiment_id)
-
-
-def status(run_id: str) -> str:
-    return MlflowClient().get_run(run_id).info.status
-
-
-def set_status(run_id: str, value: str) -> None:
-    """RUNNING while any process works for the run; FINISHED (with an end time) when its work is done."""
-    client = MlflowClient()
-    if value == "RUNNING":
-        client.update_run(run_id, status="RUNNING")
-    else:
-        client.set_terminated(run_id, value)
+    return RunLogger(run_id, run.info.experiment_id, client)
 
 
 def tracking_uri() -> str:

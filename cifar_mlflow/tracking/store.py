@@ -1,13 +1,12 @@
-"""The tracking store: check, before any work, that MLflow can open it (and create a new sqlite one safely)."""
+"""The tracking store: check, before any work, that MLflow can open it (and create a new sqlite one safely), and
+whether a server answers; a client of it for the jobs, which do not import mlflow."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import sys
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,6 @@ from mlflow.exceptions import MlflowException
 from cifar_mlflow.errors import TrackingError, first_line
 
 
-def versions() -> dict[str, str]:
-    """Library versions logged with every run."""
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "torchvision", "mlflow", "albumentations", "numpy"):
-        out[pkg] = metadata.version(pkg)
-    return out
-
-
 def check_tracking_server(timeout: float = 5.0) -> None:
     """Before any work, the tracking store must be one MLflow can open: an unknown URI is one line at once; a
     server that is down or refuses our credentials fails in seconds with its URI named (instead of after MLflow's
@@ -34,7 +25,9 @@ def check_tracking_server(timeout: float = 5.0) -> None:
     uri = mlflow.get_tracking_uri()
     try:
         with _sqlite_lock(uri):
-            MlflowClient(uri)  # MLflow's own registry of store schemes; creates and migrates a new sqlite file
+            # A probe, dropped (no run's client): MLflow's own registry of store schemes; it creates and migrates a
+            # new sqlite file.
+            MlflowClient(uri)
     except (MlflowException, ImportError, OSError) as exc:
         if "out-of-date database schema" in str(exc):  # MLflow's own advice, whole: back up, then upgrade
             found = re.search(r"found version (\w+), but expected (\w+)", str(exc))
@@ -165,13 +158,10 @@ def _probe_server(uri: str, timeout: float) -> None:
         )
 
 
-def beside_store(name: str) -> Path:
-    """A file named `name` in the folder of a local sqlite tracking store (the working directory for any other
-    store): where a sweep keeps its Optuna study by default."""
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
-        return Path(uri[len("sqlite:///") :]).resolve().parent / name
-    return Path(name).resolve()
+def new_client() -> MlflowClient:
+    """A client of the tracking store, for code that must not import mlflow (the jobs) to read the store before its
+    run is opened and then open the run with (tracking.runs.open_run's client)."""
+    return MlflowClient()  # the analysis job's one client: its run's RunLogger takes it over
 
 
 def read_run(client: MlflowClient, run_id: str, note: str = "") -> Any:
