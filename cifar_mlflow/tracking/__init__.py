@@ -7,7 +7,7 @@
 - provenance: the digest of the code a run executes (tagged code_version) and the library versions it logs;
 - run_lease: this process's lease on the run it trains, so two processes never train one run;
 - logger: RunLogger, one object bound to a run id (params, metrics, tags, datasets, artifacts), holding the run's
-  one MLflow client, which the functions below that act on the run take from it; NullLogger;
+  one MLflow client, which the functions below that act on the run take from it;
 - params: how a value is written as a param, and whether a logged param is the same value;
 - checkpoints: two checkpoint slots and a verified manifest in the run's artifacts; resume state;
 - reporter: EpochReporter, each finished epoch's checkpoint and metrics written from a background thread;

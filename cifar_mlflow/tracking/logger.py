@@ -1,6 +1,6 @@
 """One object per run: `RunLogger` writes params, metrics, tags, datasets and artifacts to the run it is bound to
-(through MlflowClient, never MLflow's global "active run"); `NullLogger` has the same methods and writes nothing,
-for the processes that must not log (torchrun ranks > 0)."""
+(through MlflowClient, never MLflow's global "active run"). Processes that must not log (torchrun ranks > 0) hold
+none (jobs/train.py)."""
 
 from __future__ import annotations
 
@@ -176,25 +176,6 @@ class RunLogger:
     def log_table(self, columns: dict[str, list[Any]], artifact_file: str) -> None:
         """A table the MLflow UI can sort and filter (Artifacts view / evaluation tables)."""
         self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
-
-
-class NullLogger:
-    """RunLogger's methods, writing nothing: what a process that must not log (a torchrun rank > 0) holds, so
-    that it runs the same lines as rank 0."""
-
-    run_id = None
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        if not hasattr(RunLogger, name):
-            raise AttributeError(name)
-        return _nothing
-
-
-def _nothing(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-Logger = RunLogger | NullLogger  # what a process that may or may not log holds
 
 
 def figure_rgb(fig: Figure) -> np.ndarray:

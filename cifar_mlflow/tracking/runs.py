@@ -126,7 +126,3 @@ def logger_of(client: MlflowClient, run_id: str) -> RunLogger:
     if run.info.lifecycle_stage != "active":
         raise TrackingError(f"run {run_id} is deleted in {mlflow.get_tracking_uri()}; restore it or start anew")
     return RunLogger(run_id, run.info.experiment_id, client)
-
-
-def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
