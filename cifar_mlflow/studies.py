@@ -10,6 +10,7 @@ FAIL as surplus, before any work."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -182,3 +183,21 @@ def figures(study: optuna.Study) -> dict[str, Any]:
             except (ValueError, RuntimeError, ZeroDivisionError) as exc:
                 print(f"sweep: {name} not drawn ({first_line(exc, 120)})")
     return out
+
+
+def trials_table(trials: list[Any], dims: list[Dim]) -> dict[str, list[Any]]:
+    """The study's trials as columns (the sweep's trials.json): number, state, value, epochs run, each dimension's
+    value, the trial it retried and its run."""
+
+    def value(t: Any) -> float | None:
+        return t.value if t.value is not None and math.isfinite(t.value) else None
+
+    return {
+        "trial": [t.number for t in trials],
+        "state": [t.state.name for t in trials],
+        "value": [value(t) for t in trials],
+        "epochs_run": [max(t.intermediate_values, default=0) for t in trials],
+        **{d.name: [t.params.get(d.name) for t in trials] for d in dims},
+        "retry_of": [study_storage.retried_from(t) for t in trials],
+        "run_id": [t.user_attrs.get(RUN_ATTR) for t in trials],
+    }

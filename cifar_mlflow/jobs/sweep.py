@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,7 +205,7 @@ class Sweep:
             "sweep/epochs_saved_fraction": 1 - epochs_run / asked if asked else 0.0,
         }
         complete = [t for t in done if t.state == studies.TrialState.COMPLETE and t.value is not None]
-        self.parent.log_table(_trials_table(trials, self.dims), "sweep/trials.json")
+        self.parent.log_table(studies.trials_table(trials, self.dims), "sweep/trials.json")
         for name, fig in studies.figures(self.study).items():
             self.parent.log_figure(fig, f"sweep/{name}")
         if not complete:
@@ -289,18 +288,3 @@ def _register_from_checkpoint(cfg: TrainConfig, log: RunLogger) -> RegisteredVer
 
 def _text(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _trials_table(trials: list[Any], dims: list[Dim]) -> dict[str, list[Any]]:
-    def value(t: Any) -> float | None:
-        return t.value if t.value is not None and math.isfinite(t.value) else None
-
-    return {
-        "trial": [t.number for t in trials],
-        "state": [t.state.name for t in trials],
-        "value": [value(t) for t in trials],
-        "epochs_run": [max(t.intermediate_values, default=0) for t in trials],
-        **{d.name: [t.params.get(d.name) for t in trials] for d in dims},
-        "retry_of": [study_storage.retried_from(t) for t in trials],
-        "run_id": [t.user_attrs.get(studies.RUN_ATTR) for t in trials],
-    }

@@ -20,9 +20,8 @@ from cifar_mlflow import augment, data, distributed, engine, gradcam_panel, hard
 from cifar_mlflow.config import TrainConfig, scaled_lr
 from cifar_mlflow.jobs.lr_find import resolve_auto_lr
 from cifar_mlflow.prepare import TrainingSetup, prepare
-from cifar_mlflow.tracking import checkpoints, notes, registry, runs
+from cifar_mlflow.tracking import checkpoints, notes, params, registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
-from cifar_mlflow.tracking.params import as_param, same
 from cifar_mlflow.tracking.provenance import versions
 from cifar_mlflow.tracking.registry import RegisteredVersion
 from cifar_mlflow.tracking.reporter import EpochReporter
@@ -130,7 +129,7 @@ def train(
         notes.training_finished(log, cfg, setup.dataset, log.run().data.params.get("lr", cfg.lr), final | last, version)
         # what a user waits for after the last epoch: TTA, figures, model logging and registration
         log.log_metrics({"perf/seconds_after_last_epoch": time.time() - trained_at})
-        _print_summary({**last, "test/accuracy_tta": tta}, version, runs.run_url(log))
+        notes.print_summary({**last, "test/accuracy_tta": tta}, version, runs.run_url(log))
         return TrainOutcome(log.run_id, last, version)
 
 
@@ -169,7 +168,7 @@ def _decided(ctx: distributed.Context | None, decide: Callable[[], Any]) -> Any:
 def _start(cfg: TrainConfig, setup: TrainingSetup, log: RunLogger, shards: list[list[int]] | None) -> Start:
     """In the open run: log the params (on a resumed run this also refuses parameters that differ from the logged
     ones), find the checkpoint to resume from, and resolve lr=auto and lr=scaled."""
-    _log_params(
+    params.log_run_params(
         log, {**cfg.to_params(), **setup.derived_params(), **{f"env/{k}_version": v for k, v in versions().items()}}
     )
     measured_on(log, setup)
@@ -234,27 +233,6 @@ def with_panels(
     return on_epoch_end
 
 
-ENV_ON_RESUME = "resumed_env"  # tag prefix: what the environment was when a resume ran in another one
-
-
-def _log_params(log: RunLogger, params: dict[str, Any]) -> None:
-    """The run's params; on a resumed run (an earlier process of ours logged its env/*) the recipe and the data
-    must be the same (one line naming what differs), while the environment may have changed: another machine,
-    device or library version after a crash is a resume, not another run. Its new values are tagged
-    resumed_env/<key> (params cannot change) and printed."""
-    logged = log.run().data.params
-    env = {k: v for k, v in params.items() if k.startswith("env/")}
-    if not any(k.startswith("env/") for k in logged):
-        log.log_params(params)
-        return
-    log.log_params({k: v for k, v in params.items() if k not in env})
-    changed = {k: v for k, v in env.items() if k not in logged or not same(logged[k], v)}
-    if changed:
-        log.set_tags({f"{ENV_ON_RESUME}/{k.removeprefix('env/')}": as_param(v) for k, v in changed.items()})
-        was = ", ".join(f"{k} {logged.get(k, '-')} -> {as_param(v)}" for k, v in changed.items())
-        print(f"note: resuming in another environment ({was}); tagged {ENV_ON_RESUME}/*")
-
-
 def _process_start() -> float:
     import psutil
 
@@ -287,24 +265,4 @@ def _augmented_grid(loader, class_names):
     images, labels = loader.dataset.__getitems__(list(loader.sampler)[:SAMPLE_GRID])
     return plots.image_grid(
         images.cpu().numpy(), [class_names[i] for i in labels.tolist()], title="augmented training samples"
-    )
-
-
-def _print_summary(final: dict[str, float], version: RegisteredVersion | None, url: str) -> None:
-    print(
-        "\n".join(
-            [
-                "",
-                "training finished",
-                f"  test accuracy {final['test/accuracy']:.4f} (flip TTA {final['test/accuracy_tta']:.4f})"
-                f"   test loss {final['test/loss']:.4f}",
-                f"  registered {version.model_uri}"
-                + ("  (now @champion)" if version.is_champion else "")
-                + (f"  (not @champion: {version.withheld})" if version.withheld else "")
-                if version
-                else "  no model registered (a sweep registers only its best trial)",
-                f"  view: {url}",
-                "",
-            ]
-        )
     )

@@ -70,3 +70,24 @@ def analysis_finished(log: RunLogger, ref: Any, dataset_name: str, accuracy: flo
             )
         }
     )
+
+
+def print_summary(final: dict[str, float], version: RegisteredVersion | None, url: str) -> None:
+    """The console's last words of a training run: its test accuracy, the version registered, its URL."""
+    print(
+        "\n".join(
+            [
+                "",
+                "training finished",
+                f"  test accuracy {final['test/accuracy']:.4f} (flip TTA {final['test/accuracy_tta']:.4f})"
+                f"   test loss {final['test/loss']:.4f}",
+                f"  registered {version.model_uri}"
+                + ("  (now @champion)" if version.is_champion else "")
+                + (f"  (not @champion: {version.withheld})" if version.withheld else "")
+                if version
+                else "  no model registered (a sweep registers only its best trial)",
+                f"  view: {url}",
+                "",
+            ]
+        )
+    )
