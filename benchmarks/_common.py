@@ -64,7 +64,8 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 def standard_loaders(split, test, batch_size: int, pin_memory: bool = False) -> tuple[object, object, int]:
     """Training loader (the `standard` augmentation, auto worker count, seed 0) and test loader, as a training
     run builds them on the CPU path; and the worker count."""
-    from cifar_mlflow import augment, data
+    from cifar_mlflow import data
+    from cifar_mlflow.training import augment
 
     workers = data.auto_num_workers(-1)
     mean, _ = data.channel_stats(split.images)

@@ -81,9 +81,9 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
     import albumentations as A
     import torch
 
-    from cifar_mlflow import augment, engine, optim
     from cifar_mlflow.config import TrainConfig
-    from cifar_mlflow.prepare import prepare
+    from cifar_mlflow.training import augment, engine, optim
+    from cifar_mlflow.training.prepare import prepare
 
     cfg = TrainConfig(
         **{

@@ -16,8 +16,9 @@ import torch
 
 import benchmarks._common as common  # (sets the environment first)
 from benchmarks._common import machine, table
-from cifar_mlflow import data, engine, hardware, models
+from cifar_mlflow import data, models
 from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.training import engine, hardware
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

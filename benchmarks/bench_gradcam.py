@@ -20,11 +20,13 @@ import torch
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import add_width_option, interleaved, machine, median, table
-from cifar_mlflow import analysis, data, engine, hardware, models
+from cifar_mlflow import data, models
+from cifar_mlflow.analysis import gradcam, predictions
 from cifar_mlflow.config import AnalyzeConfig, TrainConfig
 from cifar_mlflow.jobs import analyze as analyze_job
 from cifar_mlflow.tracking import lineage, registry, runs, serving
 from cifar_mlflow.tracking.logger import RunLogger
+from cifar_mlflow.training import engine, hardware
 
 
 def per_image(model, layer, x, classes, batch: int = 1) -> np.ndarray:
@@ -80,8 +82,8 @@ def _profile_analysis(model_uri: str, test_images: int) -> tuple[float, dict[str
         (data, "load_dataset"): "read/generate test data",
         (lineage, "resolve_model"): "registry lookups",
         (serving, "load_torch_model"): "download + load model",
-        (analysis, "predict"): "evaluate test set",
-        (analysis, "gradcam_pairs"): "GradCAM (2 layers x 25 images x 2 classes)",
+        (predictions, "predict"): "evaluate test set",
+        (gradcam, "gradcam_pairs"): "GradCAM (2 layers x 25 images x 2 classes)",
         (RunLogger, "log_figure"): "render + log figures",
         (RunLogger, "log_table"): "log table",
         (RunLogger, "log_dataset"): "log dataset input",
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         def project(_layer=layer, maps=maps) -> float:
             start = time.perf_counter()
-            maps["project"] = analysis.gradcam_maps(model, _layer, x, classes, batch_size=len(x))
+            maps["project"] = gradcam.gradcam_maps(model, _layer, x, classes, batch_size=len(x))
             return time.perf_counter() - start
 
         def batched_full(_layer=layer, maps=maps) -> float:

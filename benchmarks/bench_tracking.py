@@ -20,12 +20,14 @@ import torch
 
 import benchmarks._common as common  # (sets the environment first)
 from benchmarks._common import add_width_option, interleaved, machine, median, table
-from cifar_mlflow import data, engine, gradcam_panel, hardware, models, plots
+from cifar_mlflow import data, models, plots
+from cifar_mlflow.analysis import gradcam_panel
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.jobs.train import with_panels
 from cifar_mlflow.tracking import registry
 from cifar_mlflow.tracking.reporter import EpochReporter
 from cifar_mlflow.tracking.runs import open_run
+from cifar_mlflow.training import engine, hardware
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

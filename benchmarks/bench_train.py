@@ -22,8 +22,9 @@ from albumentations.pytorch import ToTensorV2
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
 from benchmarks._common import interleaved, machine, median, table
-from cifar_mlflow import augment, data, engine, hardware, models, optim, train_step
+from cifar_mlflow import data, models
 from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.training import augment, engine, hardware, optim, train_step
 
 
 class NotebookDataset(torch.utils.data.Dataset):

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from cifar_mlflow import stop
 from cifar_mlflow.errors import CifarMlflowError, RunBusy, Terminated
 from cifar_mlflow.fields import allowed, bool_as_word, field_type
+from cifar_mlflow.training import stop
 
 # Exits that leave the MLflow run as it is: Ctrl-C and SIGTERM end it KILLED themselves; a run another process
 # trains is not this process's to end.
@@ -119,7 +119,7 @@ def check_store() -> None:
 def run_cli(command: click.Command) -> None:
     """Run a click command as a program: user errors become one line on stderr, the MLflow run (if `mlflow run`
     made one) is ended FAILED with the reason, and the exit code is non-zero. Ctrl-C and SIGTERM end the run
-    KILLED, stopping training between two steps (cifar_mlflow.stop)."""
+    KILLED, stopping training between two steps (cifar_mlflow.training.stop)."""
     stop.install()
     code, message = invoke(command)
     # Loader workers still alive are stopped at exit; torch's SIGCHLD handler would then raise "DataLoader worker

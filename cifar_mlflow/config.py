@@ -1,5 +1,5 @@
 """Run configuration: frozen dataclasses holding every parameter, its default, its reason and its allowed values
-(the choices and ranges named in values.py); the sweep's own parameters are sweep_config.py's.
+(the choices and ranges named in values.py); the sweep's own parameters are sweeps/sweep_config.py's.
 
 This is the one place parameters are written. The click options are generated from these dataclasses
 (cifar_mlflow/cli.py), and so are the MLproject's parameters and commands and the parameter tables of the docs/

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from cifar_mlflow import inference
 from cifar_mlflow.errors import ModelError, first_line
+from cifar_mlflow.training import inference
 from cifar_mlflow.values import GROUPNORM_GROUPS, NORMS, WIDTH, check_width
 
 CONFIG_FILE = "model_config.json"

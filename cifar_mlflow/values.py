@@ -1,4 +1,4 @@
-"""The values parameters may take, shared by the configs (config.py, sweep_config.py) and the code that builds
+"""The values parameters may take, shared by the configs (config.py, sweeps/sweep_config.py) and the code that builds
 what a value names: architectures, widths and norms (models.py, which reads a model's own config file with the same
 checks), optimisers and schedules, augmentation presets, datasets, precisions and loaders. Imports nothing heavy.
 """

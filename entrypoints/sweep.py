@@ -9,7 +9,7 @@ pruned between epochs, the best trial's model registered; workers on several mac
 import click
 
 from cifar_mlflow.cli import check_store, config_options, run_cli
-from cifar_mlflow.sweep_config import SweepConfig
+from cifar_mlflow.sweeps.sweep_config import SweepConfig
 
 
 @click.command(context_settings={"show_default": True, "max_content_width": 110})

@@ -1,5 +1,5 @@
 """Write the MLproject file and the docs pages' parameter tables (docs/*.md) from cifar_mlflow/config.py and
-sweep_config.py.
+sweeps/sweep_config.py.
 
 python scripts/gen_params.py           # rewrite what is stale
 python scripts/gen_params.py --check   # exit 1 naming each stale file, write nothing

@@ -5,7 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from cifar_mlflow import augment, data
+from cifar_mlflow import data
+from cifar_mlflow.training import augment
 
 MEAN = (0.5, 0.4, 0.3)
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from cifar_mlflow import data
 from cifar_mlflow.cli import invoke
-from cifar_mlflow.tracking.checkpoints import load_latest_checkpoint
+from cifar_mlflow.tracking.checkpoint_store import load_latest_checkpoint
 from cifar_mlflow.tracking.runs import logger_of
 from entrypoints.train import train
 from tests.conftest import REPO, TINY, cli_args

@@ -21,8 +21,8 @@ def test_defaults_are_valid_and_follow_the_recipe():
 )
 def test_lr_scaled_follows_the_batch_linearly_within_its_bounds(batch, lr):
     """Issue 26: lr 0.2 is a batch-512 value; at batch 64 it learned nothing in short runs."""
-    from cifar_mlflow import optim
     from cifar_mlflow.config import scaled_lr
+    from cifar_mlflow.training import optim
 
     assert scaled_lr(batch) == pytest.approx(lr)
     opt = optim.build_optimizer(TrainConfig(batch_size=batch), [torch.nn.Parameter(torch.zeros(1))])

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_mlflow import augment, data
+from cifar_mlflow import data
 from cifar_mlflow.errors import DataError
+from cifar_mlflow.training import augment
 from tests.conftest import write_cifar_layout
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -266,7 +267,7 @@ def test_an_interrupted_digits_build_leaves_nothing_behind(tmp_path, monkeypatch
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("cifar_mlflow.data.layout.write_meta", disk_full)  # where write_layout finds it
+    monkeypatch.setattr("cifar_mlflow.data.cifar_files.write_meta", disk_full)  # where write_layout finds it
     with pytest.raises(
         DataError,
         match=r"is not writable \(No space left on device\), so the digits set cannot "

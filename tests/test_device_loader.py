@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_mlflow import augment, data
+from cifar_mlflow import data
 from cifar_mlflow.data.device_loader import DeviceLoader
+from cifar_mlflow.training import augment
 
 CPU = torch.device("cpu")
 MEAN = (0.5, 0.5, 0.5)  # cutout fill 128 in every channel
@@ -178,7 +179,7 @@ def test_loader_device_with_a_preset_it_lacks_is_a_one_line_config_error():
 
 
 def test_auto_uses_the_device_loader_on_a_gpu_for_the_presets_it_has():
-    from cifar_mlflow.prepare import resolve_loader
+    from cifar_mlflow.training.prepare import resolve_loader
 
     cuda = torch.device("cuda")
     assert resolve_loader("auto", "standard", cuda) == resolve_loader("auto", "none", cuda) == "device"
@@ -190,9 +191,9 @@ def test_auto_uses_the_device_loader_on_a_gpu_for_the_presets_it_has():
 
 
 def test_training_through_prepare_on_the_device_loader():
-    from cifar_mlflow import engine
     from cifar_mlflow.config import TrainConfig
-    from cifar_mlflow.prepare import prepare
+    from cifar_mlflow.training import engine
+    from cifar_mlflow.training.prepare import prepare
 
     cfg = TrainConfig(
         dataset="synthetic",
@@ -213,7 +214,7 @@ def test_training_through_prepare_on_the_device_loader():
 
 
 def test_emulated_precision_is_named():
-    from cifar_mlflow import hardware
+    from cifar_mlflow.training import hardware
 
     assert hardware.precision_is_emulated("fp16", CPU) and not hardware.precision_is_emulated("fp32", CPU)
     assert hardware.precision_is_emulated("bf16", CPU) == (not hardware.cpu_has_native_bf16())

@@ -14,8 +14,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifar_mlflow import data, engine
+from cifar_mlflow import data
 from cifar_mlflow.tracking.serving import load_torch_model
+from cifar_mlflow.training import engine
 from tests.conftest import TINY, mlflow_run_cmd, runs_of
 
 DDP = {**TINY, "nproc_per_node": 2, "max_test_samples": 100}

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_mlflow import augment, data, engine, gradcam_panel, hardware, inference, models, optim, train_step
+from cifar_mlflow import data, models
+from cifar_mlflow.analysis import gradcam_panel
 from cifar_mlflow.config import TrainConfig
+from cifar_mlflow.training import augment, engine, hardware, inference, optim, train_step
 
 CPU = torch.device("cpu")
 # What `precision=auto` picks here: bf16 only where the CPU runs it natively (AVX512-BF16/AMX); elsewhere bf16 is
@@ -290,7 +292,7 @@ def test_nan_loss_stops_training_at_once_naming_the_step():
 
 
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_fit():
-    from cifar_mlflow import checkpoint
+    from cifar_mlflow.training import checkpoint
 
     def run(stop_after=None, resume=None):
         model, tr, te, cfg = _setup(epochs=3, n_train=64, seed=2)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_mlflow import data, lr_finder
+from cifar_mlflow import data
 from cifar_mlflow.errors import ConfigError
+from cifar_mlflow.training import lr_finder
 
 CPU = torch.device("cpu")
 

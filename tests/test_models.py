@@ -136,7 +136,7 @@ def test_save_and_load_round_trip(net, tmp_path):
 
 def test_flip_tta_loop_gives_the_plain_and_the_mirrored_logits(net):
     """inference.logits with flip: the images' logits exactly as without flip, and their mirrors' logits."""
-    from cifar_mlflow import inference
+    from cifar_mlflow.training import inference
 
     x, cpu = torch.rand(3, 3, 32, 32), torch.device("cpu")
     ((plain, _),) = inference.logits(net, [(x, None)], cpu, "fp32")

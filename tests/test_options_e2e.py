@@ -10,9 +10,9 @@ import math
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow import lr_finder
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.tracking.serving import load_torch_model
+from cifar_mlflow.training import lr_finder
 from entrypoints.lr_find import lr_find
 from entrypoints.train import train
 from tests.conftest import cli_args

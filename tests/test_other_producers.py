@@ -19,8 +19,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifar_mlflow import models, studies, study_storage
+from cifar_mlflow import models
 from cifar_mlflow.errors import ConfigError, TrackingError
+from cifar_mlflow.sweeps import studies, study_storage
 from cifar_mlflow.tracking import registry, runs
 from cifar_mlflow.tracking.store import check_tracking_server
 

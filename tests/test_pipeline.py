@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow import lr_finder
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.jobs.pipeline import finished_step
 from cifar_mlflow.tracking.provenance import code_version
 from cifar_mlflow.tracking.runs import open_run
+from cifar_mlflow.training import lr_finder
 from entrypoints.pipeline import pipeline
 from tests.conftest import REPO, cli_args, mlflow_run_cmd, runs_of
 

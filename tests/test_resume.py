@@ -12,10 +12,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from cifar_mlflow import lease
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.errors import ModelError
-from cifar_mlflow.tracking import checkpoints, serving
+from cifar_mlflow.tracking import checkpoint_store, lease_records, serving
 from cifar_mlflow.tracking.runs import logger_of
 from entrypoints.train import train
 from tests.conftest import REPO, cli_args, mlflow_run_cmd, mlflow_run_process, train_process
@@ -62,7 +61,7 @@ def _wait_until_its_trainer_is_gone(client, run_id, timeout=60):
     deadline = time.time() + timeout
     while True:
         run = client.get_run(run_id)
-        _, holder = lease.latest(run.data.params, run.data.tags)
+        _, holder = lease_records.latest(run.data.params, run.data.tags)
         if holder is None or not holder.alive(time.time()):
             return
         assert time.time() < deadline, f"the killed trainer {holder.pid} still runs {timeout} s after SIGKILL"
@@ -176,7 +175,7 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_keeping_the_checkpoint(
     assert "Traceback" not in err, err[-3000:]
     run = client.get_run(holder[0])
     assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == status_reason
-    state = checkpoints.load_latest_checkpoint(logger_of(client, run.info.run_id))  # valid, and loads safely
+    state = checkpoint_store.load_latest_checkpoint(logger_of(client, run.info.run_id))  # valid, and loads safely
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test/accuracy")}
     assert state["epoch"] == max(logged) and logged[state["epoch"]] == state["history"][-1]["test/accuracy"]
     assert not client.search_model_versions(f"name='{name}'")
@@ -210,18 +209,18 @@ def test_pickle_planted_as_the_checkpoint_is_refused_not_executed(store, tmp_pat
     client.log_artifact(run_id, str(evil), "checkpoints/slot-a")
     client.log_dict(
         run_id,
-        {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt", "sha256": checkpoints._sha256(evil)},
+        {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt", "sha256": checkpoint_store._sha256(evil)},
         "checkpoints/latest.json",
     )
     with pytest.raises(ModelError, match="not a loadable checkpoint"):
-        checkpoints.load_latest_checkpoint(logger_of(client, run_id))
+        checkpoint_store.load_latest_checkpoint(logger_of(client, run_id))
     assert not (tmp_path / "PWNED").exists()
     # and a manifest that does not match the file is refused too
     client.log_dict(
         run_id, {"epoch": 1, "path": "checkpoints/slot-a/checkpoint.pt", "sha256": "0" * 64}, "checkpoints/latest.json"
     )
     with pytest.raises(ModelError, match="does not match the SHA-256"):
-        checkpoints.load_latest_checkpoint(logger_of(client, run_id))
+        checkpoint_store.load_latest_checkpoint(logger_of(client, run_id))
 
 
 def test_a_read_only_artifact_store_mid_run_stops_training_at_once_with_the_right_advice(
@@ -233,7 +232,7 @@ def test_a_read_only_artifact_store_mid_run_stops_training_at_once_with_the_righ
     which it resumes (in an upgraded environment: see the end)."""
     import errno
 
-    from cifar_mlflow import checkpoint
+    from cifar_mlflow.training import checkpoint
 
     real_save = checkpoint.save
 
@@ -257,7 +256,7 @@ def test_a_read_only_artifact_store_mid_run_stops_training_at_once_with_the_righ
     out = capsys.readouterr().out
     assert "epoch 2/4" in out and "epoch 3/4" not in out, "training stopped in epoch 3, at its next batch"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [1]
-    assert checkpoints.load_latest_checkpoint(logger_of(client, run.info.run_id))["epoch"] == 1
+    assert checkpoint_store.load_latest_checkpoint(logger_of(client, run.info.run_id))["epoch"] == 1
 
     # The store is writable again; the resume runs where torch has been upgraded meanwhile (another machine, a
     # pip upgrade after the crash): a resume, not another run. The new environment is tagged, not refused.

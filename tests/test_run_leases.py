@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cifar_mlflow.tracking.checkpoints import load_latest_checkpoint
+from cifar_mlflow.tracking.checkpoint_store import load_latest_checkpoint
 from cifar_mlflow.tracking.run_lease import RunLease
 from cifar_mlflow.tracking.runs import logger_of
 from tests.conftest import TINY, cli_args, mlflow_run_cmd, train_process
@@ -72,8 +72,8 @@ def test_a_lease_lapses_when_its_holder_is_gone_or_expired(store, monkeypatch):
 
     import psutil
 
-    from cifar_mlflow import lease
     from cifar_mlflow.errors import RunBusy
+    from cifar_mlflow.tracking import lease_records
 
     client = MlflowClient(store.uri)
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -81,9 +81,9 @@ def test_a_lease_lapses_when_its_holder_is_gone_or_expired(store, monkeypatch):
     proc.wait()
     now = time.time()
     cases = [  # (holder, refused?)
-        (lease.Holder("dead", socket.gethostname(), proc.pid, started, now + 3600), False),  # died here
-        (lease.Holder("far", "another-host", 4242, now - 10, now + 3600), True),  # alive elsewhere
-        (lease.Holder("late", "another-host", 4242, now - 10, now - 1), False),  # expired
+        (lease_records.Holder("dead", socket.gethostname(), proc.pid, started, now + 3600), False),  # died here
+        (lease_records.Holder("far", "another-host", 4242, now - 10, now + 3600), True),  # alive elsewhere
+        (lease_records.Holder("late", "another-host", 4242, now - 10, now - 1), False),  # expired
     ]
     for holder, refused in cases:
         run_id = _new_run(store)

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM stop training between two steps (cifar_mlflow.stop), in a real process sent real signals:
+"""Ctrl-C and SIGTERM stop training between two steps (cifar_mlflow.training.stop), in a real process sent real signals:
 a first signal raises at the next check, never inside a step (where a lock may be held: CI once saw a Ctrl-C'd run
 that never exited); a second raises at once; outside `deferred()` a signal raises at once, as Python's does."""
 
@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 CHILD = r"""
 import signal, sys, time
-from cifar_mlflow import stop
+from cifar_mlflow.training import stop
 from cifar_mlflow.errors import Terminated
 
 stop.install()

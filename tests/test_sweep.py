@@ -154,9 +154,9 @@ def test_only_the_best_trial_registers_and_its_version_reproduces_the_trial(swep
 def test_a_second_worker_finishing_at_the_same_moment_registers_nothing_more(swept):
     """Two workers that see the study done together both try to register the best trial: the one that finds its
     run leased to the other stands back; one finishing later finds the version there and adds none."""
-    from cifar_mlflow import studies, study_storage
     from cifar_mlflow.jobs.sweep import Sweep
-    from cifar_mlflow.sweep_config import SweepConfig
+    from cifar_mlflow.sweeps import studies, study_storage
+    from cifar_mlflow.sweeps.sweep_config import SweepConfig
     from cifar_mlflow.tracking.run_lease import RunLease
     from cifar_mlflow.tracking.runs import logger_of
 

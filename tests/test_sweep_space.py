@@ -15,12 +15,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cifar_mlflow import studies, study_storage
 from cifar_mlflow.cli import invoke
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import ConfigError, TrackingError
-from cifar_mlflow.sweep_config import SweepConfig
-from cifar_mlflow.sweep_space import Dim, default_space, load_space
+from cifar_mlflow.sweeps import studies, study_storage
+from cifar_mlflow.sweeps.search_space import Dim, default_space, load_space
+from cifar_mlflow.sweeps.sweep_config import SweepConfig
 from tests.conftest import cli_args
 
 

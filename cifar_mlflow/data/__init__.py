@@ -5,20 +5,7 @@ in the module that does its one job. The GPU-resident loader (`data.device_loade
 imported here: `import cifar_mlflow.data` stays as light as numpy.
 """
 
-from cifar_mlflow.data.dataset import NUM_CLASSES, Dataset, Split
-from cifar_mlflow.data.digits import (
-    DIGITS_CLASSES,
-    DIGITS_LAYOUT,
-    DIGITS_SCALE,
-    DIGITS_SPLIT_SEED,
-    DIGITS_TEST_PER_CLASS,
-    build_digits,
-    digits_splits,
-    digits_test_mask,
-)
-from cifar_mlflow.data.digits import is_current as digits_is_current
-from cifar_mlflow.data.download import ARCHIVE, CIFAR10_MD5, CIFAR10_URL, URL_ENV, download_cifar10, safe_extract
-from cifar_mlflow.data.layout import (
+from cifar_mlflow.data.cifar_files import (
     ENCODINGS,
     IMAGE_BYTES,
     LAYOUT,
@@ -33,10 +20,23 @@ from cifar_mlflow.data.layout import (
     write_layout,
     write_meta,
 )
-from cifar_mlflow.data.load import load_dataset
-from cifar_mlflow.data.loaders import EpochSampler, SplitDataset, auto_num_workers, make_loader, shutdown_workers
+from cifar_mlflow.data.dataset import NUM_CLASSES, Dataset, Split
+from cifar_mlflow.data.digits import (
+    DIGITS_CLASSES,
+    DIGITS_LAYOUT,
+    DIGITS_SCALE,
+    DIGITS_SPLIT_SEED,
+    DIGITS_TEST_PER_CLASS,
+    build_digits,
+    digits_splits,
+    digits_test_mask,
+)
+from cifar_mlflow.data.digits import is_current as digits_is_current
+from cifar_mlflow.data.download import ARCHIVE, CIFAR10_MD5, CIFAR10_URL, URL_ENV, download_cifar10, safe_extract
+from cifar_mlflow.data.sources import load_dataset
 from cifar_mlflow.data.stats import array_digest, channel_stats, file_digest
 from cifar_mlflow.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_SIZES, make_synthetic, synthetic_dataset
+from cifar_mlflow.data.worker_loader import EpochSampler, SplitDataset, auto_num_workers, make_loader, shutdown_workers
 from cifar_mlflow.errors import DataError  # raised by every module here; callers catch data.DataError
 
 __all__ = [

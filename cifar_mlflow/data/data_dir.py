@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cifar_mlflow.data.layout import LAYOUT
+from cifar_mlflow.data.cifar_files import LAYOUT
 from cifar_mlflow.errors import DataError
 
 

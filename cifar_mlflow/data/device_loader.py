@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from cifar_mlflow import augment
 from cifar_mlflow.data.dataset import Split
-from cifar_mlflow.data.loaders import EpochSampler, mix_seed
+from cifar_mlflow.data.worker_loader import EpochSampler, mix_seed
+from cifar_mlflow.training import augment
 
 
 class DeviceLoader:

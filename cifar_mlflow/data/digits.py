@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_mlflow.data.cifar_files import TEST_FILE, write_layout
 from cifar_mlflow.data.data_dir import not_writable, writable_folder
 from cifar_mlflow.data.dataset import NUM_CLASSES, Split
-from cifar_mlflow.data.layout import TEST_FILE, write_layout
 from cifar_mlflow.data.safe_pickle import load_pickle
 from cifar_mlflow.errors import DataError
 

@@ -15,8 +15,8 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+from cifar_mlflow.data.cifar_files import LAYOUT
 from cifar_mlflow.data.data_dir import not_writable, writable_folder
-from cifar_mlflow.data.layout import LAYOUT
 from cifar_mlflow.data.stats import file_digest
 from cifar_mlflow.errors import DataError
 

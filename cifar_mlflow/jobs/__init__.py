@@ -5,5 +5,5 @@ model -> engine, reported through cifar_mlflow.tracking.
 - lr_find: the `lr_find` entry point, and the `lr=auto` step of training;
 - analyze: the `analyze` entry point;
 - pipeline: the `pipeline` entry point (lr_find -> main -> analyze as child runs);
-- sweep: the `sweep` entry point (an Optuna study whose trials train as child runs through train.train_in_run).
+- sweep: the `sweep` entry point (an Optuna study whose trials train as child runs through train.train).
 """

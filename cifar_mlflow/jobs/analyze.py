@@ -8,10 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cifar_mlflow import analysis, data, hardware, plots
+from cifar_mlflow import data, plots
+from cifar_mlflow.analysis import gradcam, predictions
 from cifar_mlflow.config import AnalyzeConfig
 from cifar_mlflow.errors import DataError
 from cifar_mlflow.tracking import lineage, notes, runs, serving, store
+from cifar_mlflow.training import hardware
 
 DEFAULT_BATCH = 256  # when the training run's batch size is unknown (runs logged elsewhere)
 CONFUSED_PAIRS = 10
@@ -42,7 +44,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
             f"dataset={dataset_name}: its classes {list(dataset.class_names)} are not the model's "
             f"{list(spec.class_names)}"
         )
-    layers = analysis.resolve_layers(model, cfg.target_layers)
+    layers = gradcam.resolve_layers(model, cfg.target_layers)
     model = model.to(memory_format=torch.channels_last)  # the layout training evaluated in
     loader = data.make_loader(dataset.test, batch_size=batch_size, train=False)
 
@@ -59,9 +61,9 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
         )
         log.log_dataset(dataset, dataset.test, "evaluation")
         log.measured_on("test/", dataset, dataset.test)
-        pred = analysis.predict(model, loader, device, precision)
-        cm = analysis.confusion_matrix(pred.labels, pred.predicted, spec.num_classes)
-        stats = analysis.per_class_stats(cm)
+        pred = predictions.predict(model, loader, device, precision)
+        cm = predictions.confusion_matrix(pred.labels, pred.predicted, spec.num_classes)
+        stats = predictions.per_class_stats(cm)
         names = list(spec.class_names)
         log.log_metrics(
             {
@@ -75,7 +77,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
             }
         )
 
-        wrong = analysis.misclassified(pred)
+        wrong = predictions.misclassified(pred)
         log.log_table(
             {
                 "index": wrong.tolist(),
@@ -102,7 +104,7 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalyzeOutcome:
             )
             x = hardware.to_device_images(torch.from_numpy(images), torch.device("cpu"))
             for layer_name, layer in layers:
-                pred_maps, true_maps = analysis.gradcam_pairs(
+                pred_maps, true_maps = gradcam.gradcam_pairs(
                     model, layer, x, pred.predicted[shown], pred.labels[shown], batch_size=batch_size
                 )
                 log.log_figure(
@@ -126,6 +128,6 @@ def _confused_pairs_markdown(cm: np.ndarray, names: list[str], accuracy: float, 
         "| true | predicted as | images | share of the true class |",
         "|---|---|---|---|",
     ]
-    pairs = analysis.most_confused_pairs(cm, names, CONFUSED_PAIRS)
+    pairs = predictions.most_confused_pairs(cm, names, CONFUSED_PAIRS)
     lines += [f"| {t} | {p} | {n} | {share:.1%} |" for t, p, n, share in pairs] or ["| (none) | | | |"]
     return "\n".join(lines) + "\n"

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from cifar_mlflow import data, lr_finder, optim, plots
+from cifar_mlflow import data, plots
 from cifar_mlflow.config import LRFindConfig, TrainConfig
-from cifar_mlflow.prepare import TrainingSetup, prepare
 from cifar_mlflow.tracking import runs
 from cifar_mlflow.tracking.logger import RunLogger
+from cifar_mlflow.training import lr_finder, optim
+from cifar_mlflow.training.prepare import TrainingSetup, prepare
 
 
 def range_test(setup: TrainingSetup, cfg: LRFindConfig) -> lr_finder.RangeTestResult:

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_mlflow import analysis, fields, lr_finder, models
+from cifar_mlflow import fields, models
+from cifar_mlflow.analysis import gradcam
 from cifar_mlflow.config import PipelineConfig
 from cifar_mlflow.errors import ConfigError
 from cifar_mlflow.tracking import provenance, runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.params import same
 from cifar_mlflow.tracking.steps import finished_runs, has_artifacts, model_version_exists, run_entry_point
+from cifar_mlflow.training import lr_finder
 
 SUGGESTED = "lr_find/suggested_lr"
 VERSION_TAG = "registered_model_version"
@@ -38,7 +40,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineOutcome:
     blank = models.ModelSpec(
         train.arch, tuple(map(str, range(10))), (0.5,) * 3, (0.25,) * 3, train.norm, width=train.width
     )
-    analysis.resolve_layers(models.build_model(blank), analyze.target_layers)
+    gradcam.resolve_layers(models.build_model(blank), analyze.target_layers)
     project = project_dir()
     with runs.open_run() as parent:
         parent.log_params(cfg.to_params())

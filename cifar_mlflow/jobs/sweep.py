@@ -18,17 +18,18 @@ from typing import Any
 
 import optuna
 
-from cifar_mlflow import data, studies, study_storage
+from cifar_mlflow import data
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import RunBusy, StoppedEarly, Terminated, TrackingError, TrainingDiverged
-from cifar_mlflow.prepare import prepare
-from cifar_mlflow.sweep_config import SweepConfig
-from cifar_mlflow.sweep_space import Dim
-from cifar_mlflow.tracking import checkpoints, registry, runs
+from cifar_mlflow.sweeps import studies, study_storage
+from cifar_mlflow.sweeps.search_space import Dim
+from cifar_mlflow.sweeps.sweep_config import SweepConfig
+from cifar_mlflow.tracking import checkpoint_store, registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.registry import RegisteredVersion
 from cifar_mlflow.tracking.run_lease import RunLease
 from cifar_mlflow.tracking.sweeps import beside_store, child_run
+from cifar_mlflow.training.prepare import prepare
 
 STUDY_FILE = "optuna.db"
 # tags: on the sweep's runs (parent, workers) and on each trial's run
@@ -276,7 +277,7 @@ def _register_from_checkpoint(cfg: TrainConfig, log: RunLogger) -> RegisteredVer
     the run's test accuracy tags the version."""
     from cifar_mlflow.jobs.train import measured_on, register_model
 
-    state = checkpoints.load_latest_checkpoint(log)
+    state = checkpoint_store.load_latest_checkpoint(log)
     if state is None or state["epoch"] < cfg.epochs:
         raise TrackingError(f"run {log.run_id} has no checkpoint of its last epoch ({cfg.epochs}) to register")
     setup = prepare(cfg, cfg.max_test_samples)

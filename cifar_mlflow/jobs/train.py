@@ -16,16 +16,18 @@ from typing import Any
 
 import torch
 
-from cifar_mlflow import augment, data, distributed, engine, gradcam_panel, hardware, plots, stop
+from cifar_mlflow import data, plots
+from cifar_mlflow.analysis import gradcam_panel
 from cifar_mlflow.config import TrainConfig, scaled_lr
 from cifar_mlflow.jobs.lr_find import resolve_auto_lr
-from cifar_mlflow.prepare import TrainingSetup, prepare
-from cifar_mlflow.tracking import checkpoints, notes, params, registry, runs
+from cifar_mlflow.tracking import checkpoint_store, notes, registry, runs
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.provenance import versions
 from cifar_mlflow.tracking.registry import RegisteredVersion
 from cifar_mlflow.tracking.reporter import EpochReporter
 from cifar_mlflow.tracking.run_lease import RunLease
+from cifar_mlflow.training import augment, distributed, engine, hardware, stop
+from cifar_mlflow.training.prepare import TrainingSetup, prepare
 
 SAMPLE_GRID = 32  # augmented training images shown in augmented_samples.png
 
@@ -91,7 +93,7 @@ def train(
     with stop.deferred():
         # epochs whose metrics the run holds (a resume from the other slot trains one of them again): logged once
         reporter = (
-            EpochReporter(log, lease, checkpoints.logged_through(log) if start.resume else 0)
+            EpochReporter(log, lease, checkpoint_store.logged_through(log) if start.resume else 0)
             if log is not None
             else None
         )
@@ -168,11 +170,11 @@ def _decided(ctx: distributed.Context | None, decide: Callable[[], Any]) -> Any:
 def _start(cfg: TrainConfig, setup: TrainingSetup, log: RunLogger, shards: list[list[int]] | None) -> Start:
     """In the open run: log the params (on a resumed run this also refuses parameters that differ from the logged
     ones), find the checkpoint to resume from, and resolve lr=auto and lr=scaled."""
-    params.log_run_params(
-        log, {**cfg.to_params(), **setup.derived_params(), **{f"env/{k}_version": v for k, v in versions().items()}}
+    log.log_run_params(
+        {**cfg.to_params(), **setup.derived_params(), **{f"env/{k}_version": v for k, v in versions().items()}}
     )
     measured_on(log, setup)
-    resume = checkpoints.load_latest_checkpoint(log)
+    resume = checkpoint_store.load_latest_checkpoint(log)
     run = log.run()
     tagged = run.data.tags.get("registered_model_version")
     # Killed after registering but before tagging the run: the version exists, and is the run's result.
@@ -192,7 +194,7 @@ def _start(cfg: TrainConfig, setup: TrainingSetup, log: RunLogger, shards: list[
         )
         return Start(done=True)
     else:
-        checkpoints.backfill_epochs(log, resume["history"])
+        checkpoint_store.backfill_epochs(log, resume["history"])
         log.set_tags({"resumed_from_epoch": str(resume["epoch"])})
         print(f"resuming run {log.run_id} after epoch {resume['epoch']} of {cfg.epochs}")
     if cfg.lr == "auto":

@@ -16,8 +16,8 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from cifar_mlflow import lease
 from cifar_mlflow.errors import ConfigError
+from cifar_mlflow.tracking import lease_records
 from cifar_mlflow.tracking.params import as_param, same
 
 if TYPE_CHECKING:  # a served model needs no matplotlib
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # a served model needs no matplotlib
     from cifar_mlflow import data
 
 
+ENV_ON_RESUME = "resumed_env"  # tag prefix: what the environment was when a resume ran in another one
 PARAMS_PER_BATCH = 100  # the most params MLflow's log_batch takes in one call
 
 
@@ -76,7 +77,7 @@ class RunLogger:
             new[key] = as_param(value)
         if differ:
             # Derived params (data/..., env/..., model/...) exist only once a process of ours ran in this run.
-            resumed = any("/" in k and not k.startswith(lease.PARAM_PREFIX) for k in existing)
+            resumed = any("/" in k and not k.startswith(lease_records.PARAM_PREFIX) for k in existing)
             if resumed:
                 raise ConfigError(
                     f"run {self.run_id} was logged with other parameters: {'; '.join(differ)}; resume it "
@@ -89,6 +90,23 @@ class RunLogger:
         items = [Param(k, v) for k, v in new.items()]
         for start in range(0, len(items), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_BATCH])
+
+    def log_run_params(self, params: dict[str, Any]) -> None:
+        """The run's params; on a resumed run (an earlier process of ours logged its env/*) the recipe and the data
+        must be the same (one line naming what differs), while the environment may have changed: another machine,
+        device or library version after a crash is a resume, not another run. Its new values are tagged
+        resumed_env/<key> (params cannot change) and printed."""
+        logged = self.run().data.params
+        env = {k: v for k, v in params.items() if k.startswith("env/")}
+        if not any(k.startswith("env/") for k in logged):
+            self.log_params(params)
+            return
+        self.log_params({k: v for k, v in params.items() if k not in env})
+        changed = {k: v for k, v in env.items() if k not in logged or not same(logged[k], v)}
+        if changed:
+            self.set_tags({f"{ENV_ON_RESUME}/{k.removeprefix('env/')}": as_param(v) for k, v in changed.items()})
+            was = ", ".join(f"{k} {logged.get(k, '-')} -> {as_param(v)}" for k, v in changed.items())
+            print(f"note: resuming in another environment ({was}); tagged {ENV_ON_RESUME}/*")
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, once: bool = False) -> None:
         """once (a resumed run): skip the metrics the run holds at this step already (logged before it was

@@ -14,10 +14,11 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
-from cifar_mlflow import models, stop
+from cifar_mlflow import models
 from cifar_mlflow.errors import ModelError
 from cifar_mlflow.tracking import serving
 from cifar_mlflow.tracking.logger import RunLogger
+from cifar_mlflow.training import stop
 
 CHAMPION = "champion"
 # "Clearly above chance": a model that guesses (accuracy 1/C on average) scores above chance + 3 standard errors of

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from cifar_mlflow import stop
-from cifar_mlflow.tracking.checkpoints import entry_of, log_checkpoint
+from cifar_mlflow.tracking.checkpoint_store import entry_of, log_checkpoint
 from cifar_mlflow.tracking.logger import RunLogger
 from cifar_mlflow.tracking.run_lease import RunLease
+from cifar_mlflow.training import stop
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -1,5 +1,5 @@
 """This process's lease on the run it trains: claimed before any work, renewed by a thread, released on exit, so
-that two processes never train (and checkpoint) the same run. The lease's format is cifar_mlflow.lease."""
+that two processes never train (and checkpoint) the same run. The lease's format is cifar_mlflow.tracking.lease_records."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from cifar_mlflow import lease
 from cifar_mlflow.errors import RunBusy
+from cifar_mlflow.tracking import lease_records
 from cifar_mlflow.tracking.store import read_run
 
 
 class RunLease:
-    """This process's lease on the run it trains (cifar_mlflow.lease). `with RunLease():` claims the run
+    """This process's lease on the run it trains (cifar_mlflow.tracking.lease_records). `with RunLease():` claims the run
     `mlflow run` named (MLFLOW_RUN_ID: a fresh run or a resume) before any work; open_run(held) claims a run it
     creates. A run whose lease a live process holds is refused with RunBusy, before anything in it is changed.
     While held, a daemon thread renews the lease; on exit it is released, so the run can be resumed at once.
@@ -32,7 +32,7 @@ class RunLease:
         # handle on the store MLflow caches per tracking URI (every thread shares it): the renewing thread uses it too.
         self.client = client or MlflowClient()
         self.run_id: str | None = None
-        self.holder: lease.Holder | None = None
+        self.holder: lease_records.Holder | None = None
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -47,33 +47,33 @@ class RunLease:
         self.stop()
         if self.run_id is not None and self.holder is not None and not self.lost:
             with contextlib.suppress(Exception):
-                self.client.set_tag(self.run_id, lease.TAG, self.holder.released().to_json())
+                self.client.set_tag(self.run_id, lease_records.TAG, self.holder.released().to_json())
 
     def claim(self, run_id: str) -> None:
         if self.run_id == run_id:
             return
         client = self.client
         run = read_run(client, run_id, "" if self._target else " (MLFLOW_RUN_ID)")
-        n, holder = lease.latest(run.data.params, run.data.tags)
+        n, holder = lease_records.latest(run.data.params, run.data.tags)
         now = time.time()
         if holder is not None and holder.alive(now):
             raise RunBusy(_busy(run_id, holder))
-        mine = lease.this_process(now)
-        key = f"{lease.PARAM_PREFIX}{n + 1}"
+        mine = lease_records.this_process(now)
+        key = f"{lease_records.PARAM_PREFIX}{n + 1}"
         try:  # insert-once: of two processes claiming n + 1, the store lets exactly one write it
             client.log_param(run_id, key, mine.to_json())
         except MlflowException:
             other = client.get_run(run_id).data.params.get(key)
             if other is None:  # not a lost race: the store itself failed
                 raise
-            raise RunBusy(_busy(run_id, lease.Holder.from_json(other))) from None
-        client.set_tag(run_id, lease.TAG, mine.to_json())
+            raise RunBusy(_busy(run_id, lease_records.Holder.from_json(other))) from None
+        client.set_tag(run_id, lease_records.TAG, mine.to_json())
         self.run_id, self.holder = run_id, mine
         self._thread = threading.Thread(target=self._beat, name="mlflow-run-lease", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(lease.HEARTBEAT):
+        while not self._stop.wait(lease_records.HEARTBEAT):
             with contextlib.suppress(Exception):  # a store that is down: the next beat tries again
                 self.renew()
 
@@ -84,11 +84,11 @@ class RunLease:
         assert self.run_id is not None and self.holder is not None, "renew() before claim()"
         client = self.client
         run = client.get_run(self.run_id)
-        _, holder = lease.latest(run.data.params, run.data.tags)
+        _, holder = lease_records.latest(run.data.params, run.data.tags)
         if holder is None or holder.id != self.holder.id:
             self.lost = True
             return
-        client.set_tag(self.run_id, lease.TAG, self.holder.renewed(time.time()).to_json())
+        client.set_tag(self.run_id, lease_records.TAG, self.holder.renewed(time.time()).to_json())
         if run.info.status != "RUNNING" and not self._stop.is_set():
             client.update_run(self.run_id, status="RUNNING")
 
@@ -106,7 +106,7 @@ class RunLease:
             self._thread.join(timeout=30)
 
 
-def _busy(run_id: str, holder: lease.Holder | None) -> str:
+def _busy(run_id: str, holder: lease_records.Holder | None) -> str:
     who = holder.describe() if holder is not None else "another process"
     return (
         f"run {run_id} is being trained by {who}; this process stops without touching it: wait for that one "

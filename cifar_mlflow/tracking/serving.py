@@ -37,10 +37,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from cifar_mlflow import models, stop
+from cifar_mlflow import models
 from cifar_mlflow.errors import ModelError, first_line
 from cifar_mlflow.tracking import served_model
 from cifar_mlflow.tracking.logger import RunLogger
+from cifar_mlflow.training import stop
 
 MODEL_NAME_IN_RUN = "model"
 # What the served model imports (served_model.py and torch.export's graph: no torchvision), pinned as trained.

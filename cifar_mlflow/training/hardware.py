@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # the served model imports this module (via inference): no torch.distributed for it
-    from cifar_mlflow import distributed
+    from cifar_mlflow.training import distributed
 
 
 def resolve_device(ctx: distributed.Context | None = None) -> torch.device:

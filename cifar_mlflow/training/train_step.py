@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_mlflow.hardware import autocast, to_device_images
+from cifar_mlflow.training.hardware import autocast, to_device_images
 
 
 def l1_weights(model: nn.Module) -> list[nn.Parameter]:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from cifar_mlflow import augment, data, distributed, engine, hardware, models
+from cifar_mlflow import data, models
+from cifar_mlflow.training import augment, distributed, engine, hardware
 
 
 @dataclass

@@ -102,7 +102,7 @@ def _worker_init(_: int) -> None:
 
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
-    # A forked worker inherits the entry point's SIGINT/SIGTERM handlers (cifar_mlflow.stop), there to end the
+    # A forked worker inherits the entry point's SIGINT/SIGTERM handlers (cifar_mlflow.training.stop), there to end the
     # MLflow run KILLED; a worker has no run to end: SIGTERM (torch's terminate() at shutdown) just stops it, and
     # Ctrl-C gets Python's KeyboardInterrupt, which torch's worker loop expects.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

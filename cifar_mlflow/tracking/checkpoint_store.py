@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from cifar_mlflow import checkpoint, data
+from cifar_mlflow import data
 from cifar_mlflow.errors import ModelError, StorageError, first_line
 from cifar_mlflow.tracking.logger import RunLogger
+from cifar_mlflow.training import checkpoint
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = f"{CHECKPOINTS}/latest.json"

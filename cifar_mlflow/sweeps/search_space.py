@@ -1,6 +1,6 @@
 """A sweep's search space: which `main` parameters a trial draws, and from what. The default space, a YAML file's
 space, and the checks that refuse a bad one with one line before any trial runs. Knows nothing of Optuna or MLflow:
-studies.py turns a Dim into an Optuna suggestion.
+sweeps/studies.py turns a Dim into an Optuna suggestion.
 
 A space file is a YAML list, one entry per searched parameter:
 

@@ -1,6 +1,6 @@
 """The search side of a sweep, knowing nothing of MLflow: creating or joining a study, drawing a trial's
 parameters, sharing trials among workers, and Optuna's figures of the study. Its storage, heartbeats and the retry
-of dead workers' trials are study_storage.py's.
+of dead workers' trials are sweeps/study_storage.py's.
 
 Workers share a study through its RDB storage: each asks Optuna for the next trial (a retry of an interrupted one
 first: Optuna hands out WAITING trials before new ones) until the study holds n_trials trials that are finished,
@@ -18,9 +18,9 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import Trial, TrialState
 
-from cifar_mlflow import study_storage
 from cifar_mlflow.errors import ConfigError, TrackingError, first_line
-from cifar_mlflow.sweep_space import Dim
+from cifar_mlflow.sweeps import study_storage
+from cifar_mlflow.sweeps.search_space import Dim
 
 JOIN_WAIT_S = 60.0  # how long a joining worker waits for the creator to record the study's recipe
 # What a trial records about itself (user attrs, copied to a retry): the MLflow run it trains in.

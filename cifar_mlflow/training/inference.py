@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_mlflow.hardware import autocast, to_device_images
+from cifar_mlflow.training.hardware import autocast, to_device_images
 
 
 def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar_mlflow import analysis, data, hardware, plots
+from cifar_mlflow import data, plots
+from cifar_mlflow.analysis import gradcam
+from cifar_mlflow.training import hardware
 
 # layer3's 8x8 maps: on 32x32 images layer4's 4x4 maps are too coarse to show what the network looks at.
 PANEL_LAYER = "layer3"
@@ -62,8 +64,8 @@ def compute_panel(
     Called between epochs: the next epoch puts the model back in train mode and clears the gradients."""
     images = split.images[indices]
     x = hardware.to_device_images(torch.from_numpy(images), torch.device("cpu"))
-    layer = dict(analysis.resolve_layers(model, PANEL_LAYER))[PANEL_LAYER]
-    maps, probs = analysis.gradcam_of_predictions(model, layer, x)
+    layer = dict(gradcam.resolve_layers(model, PANEL_LAYER))[PANEL_LAYER]
+    maps, probs = gradcam.gradcam_of_predictions(model, layer, x)
     predicted = probs.argmax(axis=1)
     return Panel(
         images,

@@ -4,7 +4,7 @@ storage, the heartbeat a worker beats while it runs a trial, and the retry of th
 A trial is RUNNING while a thread of its worker beats Optuna's heartbeat; one whose worker died (no beat for
 GRACE_S, or at once if it was a process of this machine that is gone) is failed and re-enqueued as a WAITING copy
 (Optuna's RetryHeartbeatStaleTrialCallback, at most RETRIES times) carrying its user attrs, among them the MLflow run
-it trained in (studies.RUN_ATTR), so the retry resumes that run from its checkpoint. studies.py asks for trials."""
+it trained in (studies.RUN_ATTR), so the retry resumes that run from its checkpoint. sweeps/studies.py asks for trials."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from cifar_mlflow import lease
 from cifar_mlflow.errors import TrackingError, first_line
+from cifar_mlflow.tracking import lease_records
 
 HEARTBEAT_S = 30  # a RUNNING trial's worker records a beat this often...
 GRACE_S = 120  # ...and is taken for dead after this long without one (a worker on another machine)
@@ -87,7 +87,7 @@ def _lost_creation_race(exc: Exception) -> bool:
 
 def record_worker(trial: Trial) -> None:
     """Record this process as the one running the trial (fail_dead reads it)."""
-    me = lease.this_process(time.time())
+    me = lease_records.this_process(time.time())
     for key, value in ((HOST_ATTR, socket.gethostname()), (PID_ATTR, os.getpid()), (STARTED_ATTR, me.started)):
         trial.set_user_attr(key, value)
 
@@ -133,7 +133,7 @@ def fail_dead(storage: RDBStorage, study: optuna.Study) -> list[int]:
         host, pid, started = t.user_attrs.get(HOST_ATTR), t.user_attrs.get(PID_ATTR), t.user_attrs.get(STARTED_ATTR)
         if host != socket.gethostname() or not isinstance(pid, int) or not isinstance(started, float):
             continue
-        if not lease.Holder("", host, pid, started, float("inf")).alive(time.time()):
+        if not lease_records.Holder("", host, pid, started, float("inf")).alive(time.time()):
             retry(storage, study, t)
             failed.append(t.number)
     with quiet():  # ExperimentalWarning: the function is public since Optuna 2.9

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar_mlflow import hardware, stop, train_step
 from cifar_mlflow.errors import ConfigError
+from cifar_mlflow.training import hardware, stop, train_step
 
 SMOOTHING = 0.05  # EMA weight of each new loss for the stop rule (pytorch-lr-finder's smooth_f)
 DIVERGE = 4.0  # stop when the EMA exceeds 4x its best: the run is past any useful LR

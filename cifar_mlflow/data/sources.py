@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from cifar_mlflow.data.cifar_files import LAYOUT, read_layout
 from cifar_mlflow.data.dataset import Dataset
 from cifar_mlflow.data.digits import DIGITS_LAYOUT, build_digits
 from cifar_mlflow.data.digits import is_current as digits_is_current
 from cifar_mlflow.data.download import download_cifar10
-from cifar_mlflow.data.layout import LAYOUT, read_layout
 from cifar_mlflow.data.synthetic import synthetic_dataset
 from cifar_mlflow.errors import DataError
 

@@ -1,16 +1,16 @@
 """The `sweep` entry point's parameters: the search (trials, metric, space, pruner, study and its storage), then every
 `main` parameter as the fixed recipe each trial starts from. Written as config.py's dataclasses are (the click
 options, the MLproject and the docs page's table are generated from it); its space is read and checked by
-sweep_space.py, which knows only `main`'s config.
+sweeps/search_space.py, which knows only `main`'s config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from cifar_mlflow import sweep_space
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.fields import Composed, config, param
+from cifar_mlflow.sweeps import search_space
 from cifar_mlflow.values import check_loader
 
 SWEEP_METRICS = ("test/accuracy", "test/loss")
@@ -103,7 +103,9 @@ class SweepConfig(Composed):
         mine = dataclasses.asdict(self)
         return TrainConfig(**{k: v for k, v in mine.items() if k in TrainConfig.__dataclass_fields__})
 
-    def dims(self) -> list[sweep_space.Dim]:
+    def dims(self) -> list[search_space.Dim]:
         """The search space, checked."""
         base = self.base()
-        return sweep_space.default_space(base) if self.space == "default" else sweep_space.load_space(self.space, base)
+        return (
+            search_space.default_space(base) if self.space == "default" else search_space.load_space(self.space, base)
+        )

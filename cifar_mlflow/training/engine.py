@@ -1,5 +1,5 @@
-"""Training engine: train_one_epoch / evaluate / flip TTA / fit, over the step of train_step.py and the loop of
-inference.py (device and precision: hardware.py; optimiser and schedule: optim.py).
+"""Training engine: train_one_epoch / evaluate / flip TTA / fit, over the step of training/train_step.py and the loop of
+training/inference.py (device and precision: training/hardware.py; optimiser and schedule: training/optim.py).
 
 Knows nothing of MLflow: fit() returns the per-epoch metrics and calls an optional `on_epoch_end` callback.
 The hot loop reads the device only every NAN_CHECK_EVERY steps (one small read, for the NaN check) and at the end
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_mlflow import checkpoint, distributed, hardware, inference, optim, stop, train_step
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.errors import TrainingDiverged
+from cifar_mlflow.training import checkpoint, distributed, hardware, inference, optim, stop, train_step
 
 Metrics = dict[str, float]
 
@@ -36,7 +36,7 @@ def seed_everything(seed: int) -> None:
 
 def _progress(loader: Any, desc: str) -> Iterator[Any]:
     """The loader's batches, with a progress bar on a terminal (silence in CI logs); before each batch, a stop
-    that Ctrl-C or SIGTERM asked for is raised (cifar_mlflow.stop)."""
+    that Ctrl-C or SIGTERM asked for is raised (cifar_mlflow.training.stop)."""
     from tqdm import tqdm
 
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None, mininterval=1.0):
