@@ -99,13 +99,13 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
             **dict(variant.overrides),
         }
     )
-    p = prepare(cfg, cfg.max_test_samples)
+    setup = prepare(cfg, cfg.max_test_samples)
     if variant.init:
         torch.manual_seed(seed)
-        _reinit(p.model, variant.init)
+        _reinit(setup.model, variant.init)
     if variant.cutout or variant.fill:
-        steps = list(p.train_loader.dataset.transform.transforms) if p.transform else []
-        mean = p.spec.mean if variant.fill != "zero" else (0.0, 0.0, 0.0)
+        steps = list(setup.train_loader.dataset.transform.transforms) if setup.transform else []
+        mean = setup.spec.mean if variant.fill != "zero" else (0.0, 0.0, 0.0)
         keep = [t for t in steps if not isinstance(t, A.CoarseDropout)]
         hole = {
             "inside": A.CoarseDropout(
@@ -117,7 +117,7 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
             ),
             "none": None,
         }.get(variant.cutout or "", augment._cutout(mean))
-        p.train_loader.dataset.transform = A.Compose(keep + ([hole] if hole is not None else []))
+        setup.train_loader.dataset.transform = A.Compose(keep + ([hole] if hole is not None else []))
     if variant.schedule == "torch":
         optim.build_optimizer = lambda c, params, lr=None: torch.optim.SGD(
             params, lr=c.lr if lr is None else lr, momentum=c.momentum, weight_decay=c.weight_decay
@@ -126,7 +126,7 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
             torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, epochs=c.epochs, steps_per_epoch=steps_per_epoch),
             per_step=True,
         )
-    result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision, log=lambda s: None)
+    result = engine.fit(setup.model, setup.train_loader, setup.test_loader, cfg, setup.device, setup.precision, log=lambda s: None)
     return [h["test/accuracy"] for h in result.history]
 
 

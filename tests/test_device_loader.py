@@ -204,11 +204,11 @@ def test_training_through_prepare_on_the_device_loader():
         loader="device",
         precision="fp32",
     )
-    p = prepare(cfg, cfg.max_test_samples)
-    assert isinstance(p.train_loader, DeviceLoader) and isinstance(p.test_loader, DeviceLoader)
-    params = p.derived_params()
+    setup = prepare(cfg, cfg.max_test_samples)
+    assert isinstance(setup.train_loader, DeviceLoader) and isinstance(setup.test_loader, DeviceLoader)
+    params = setup.derived_params()
     assert params["env/loader"] == "device" and params["env/num_workers"] == 0
-    result = engine.fit(p.model, p.train_loader, p.test_loader, cfg, p.device, p.precision, log=lambda s: None)
+    result = engine.fit(setup.model, setup.train_loader, setup.test_loader, cfg, setup.device, setup.precision, log=lambda s: None)
     assert math.isfinite(result.history[0]["train/loss"]) and result.history[0]["test/accuracy"] >= 0
     assert len(result.lr_steps) == 2
 
