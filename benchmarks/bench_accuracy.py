@@ -126,7 +126,9 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
             torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, epochs=c.epochs, steps_per_epoch=steps_per_epoch),
             per_step=True,
         )
-    result = engine.fit(setup.model, setup.train_loader, setup.test_loader, cfg, setup.device, setup.precision, log=lambda s: None)
+    result = engine.fit(
+        setup.model, setup.train_loader, setup.test_loader, cfg, setup.device, setup.precision, log=lambda s: None
+    )
     return [h["test/accuracy"] for h in result.history]
 
 

@@ -208,7 +208,9 @@ def test_training_through_prepare_on_the_device_loader():
     assert isinstance(setup.train_loader, DeviceLoader) and isinstance(setup.test_loader, DeviceLoader)
     params = setup.derived_params()
     assert params["env/loader"] == "device" and params["env/num_workers"] == 0
-    result = engine.fit(setup.model, setup.train_loader, setup.test_loader, cfg, setup.device, setup.precision, log=lambda s: None)
+    result = engine.fit(
+        setup.model, setup.train_loader, setup.test_loader, cfg, setup.device, setup.precision, log=lambda s: None
+    )
     assert math.isfinite(result.history[0]["train/loss"]) and result.history[0]["test/accuracy"] >= 0
     assert len(result.lr_steps) == 2
 
