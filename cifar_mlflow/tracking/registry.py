@@ -185,12 +185,25 @@ def settle_champion(client: MlflowClient, name: str, attempts: int = 10) -> str 
             return None
         current = current_champion(client, name)
         if current is None or str(current.version) != best:
-            client.set_registered_model_alias(name, CHAMPION, best)
+            try:
+                client.set_registered_model_alias(name, CHAMPION, best)
+            except MlflowException as exc:
+                if not _alias_collided(exc):
+                    raise
+                # another run created the alias at the same moment (the store checks, then inserts): read again
         time.sleep(0.05)
         current = current_champion(client, name)
         if current is not None and str(current.version) == _best_version(client, name):
             return str(current.version)
     return best
+
+
+# What a store says when two writers insert the same new alias at once: sqlite, PostgreSQL, MySQL.
+ALIAS_COLLISIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def _alias_collided(exc: MlflowException) -> bool:
+    return "registered_model_aliases" in str(exc) and any(words in str(exc) for words in ALIAS_COLLISIONS)
 
 
 def current_champion(client: MlflowClient, name: str) -> Any:
