@@ -1,7 +1,7 @@
 """lr=auto on real digits: the range test must point where SGD learns. Before its fix it said 1.52e-5, the sweep's
 first decade, and the run then trained 3 epochs to 0.173.
 
-lr=auto runs exactly this range test inside the training run (jobs.train: the run's data, model and optimiser, one
+lr=auto runs exactly this range test inside the training run (jobs.lr_find.resolve_auto_lr: the run's data, model and optimiser, one
 pass over the training images, 40 steps at least) and trains with its suggestion clamped to the optimiser's safe
 range; that plumbing is tested end to end in test_options_e2e.py (lr/resolved == the clamped suggestion, the curve
 logged). Here the sweep runs through the `lr_find` entry point, in this process, on test_learning.py's data and

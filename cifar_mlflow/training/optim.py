@@ -58,8 +58,8 @@ class Schedule:
 
 def _peak_lr(cfg: TrainConfig) -> float:
     # cfg.lr is a number, "scaled" (a function of the batch size) or "auto"; training replaces "auto" with the
-    # range test's value (jobs.train) before it builds the scheduler, and config validation makes every number a
-    # float
+    # range test's value (jobs.lr_find.resolve_auto_lr) before it builds the scheduler, and config validation makes
+    # every number a float
     if cfg.lr == "scaled":
         return scaled_lr(cfg.batch_size)
     assert isinstance(cfg.lr, float), f"lr={cfg.lr!r} must be resolved to a number before a schedule is built"
