@@ -90,9 +90,9 @@ def restore(
 
 
 def save(state: dict[str, Any], path: Path) -> None:
-    """Write a checkpoint file. Crash safety comes from where it goes (tracking.checkpoints.log_checkpoint: two alternating
-    slots and a manifest written last), so this staging copy is not fsynced: forcing 90 MB to disk every epoch
-    only to upload and delete the file would cost seconds on a slow volume."""
+    """Write a checkpoint file. Crash safety comes from where it goes (tracking.checkpoint_store.log_checkpoint: two
+    alternating slots and a manifest written last), so this staging copy is not fsynced: forcing 90 MB to disk every
+    epoch only to upload and delete the file would cost seconds on a slow volume."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
