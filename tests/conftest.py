@@ -119,12 +119,9 @@ class Store:
         env.pop("MLFLOW_RUN_ID", None)
         # MLproject runs `python -m ...`: make that this interpreter, whatever PATH the suite started with.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env.update(
-            MLFLOW_TRACKING_URI=self.uri,
-            # sample system metrics every second so that short test runs record some
-            MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
-            **extra,
-        )
+        # MLflow samples system metrics every 10 s: a run over 10 s records some. Every second (SAMPLED_EVERY_SECOND)
+        # costs a process ~0.06 CPU-s a second (psutil, then a write to the store), so only where it is checked.
+        env.update(MLFLOW_TRACKING_URI=self.uri, **extra)
         return env
 
 
@@ -273,8 +270,11 @@ def cli_args(params: dict[str, object]) -> list[str]:
 # Batch 16: 32 steps at lr=scaled (0.00625), enough for the synthetic shapes to be learnt and so clearly above
 # chance that a registered tiny model takes @champion; batch 64 (8 steps) stays at chance, and the champion rule
 # rightly withholds the alias from it. Width 16: the same ResNet18 (layer1..layer4, GradCAM targets, export) at a
-# sixteenth of the compute; these runs test plumbing, and test_learning.py trains the published width.
+# sixteenth of the compute; these runs test plumbing, and test_learning.py trains the published width. No GradCAM
+# panel (log_images_every=0): importing grad-cam (scikit-learn, scipy.stats) and drawing the panels costs a training
+# process ~3 CPU-s; the panels are checked on the shared store (TRAINED below: test_e2e.py, test_user_facing.py).
 NARROW = 16
+NO_PANELS = 0
 TINY = {
     "epochs": 2,
     "batch_size": 16,
@@ -282,14 +282,16 @@ TINY = {
     "max_train_samples": 256,
     "max_test_samples": 128,
     "width": NARROW,
+    "log_images_every": NO_PANELS,
 }
 
 
 # One store trained and analysed through the real `mlflow run` once for the whole suite, shared by the modules that
 # only look at such a store (and add runs of their own to their copy): a tiny training run, registered as version 1
 # @champion, and the analysis of models:/cifar10-resnet18@champion. The lr is spelled as a user types it: `mlflow
-# run` logs -P values as given.
-TRAINED = {**TINY, "epochs": 3, "lr": "6.25e-3"}
+# run` logs -P values as given. The GradCAM panels as by default (after each of the 3 epochs), system metrics
+# sampled every second (SAMPLED_EVERY_SECOND): test_e2e.py checks both.
+TRAINED = {**{k: v for k, v in TINY.items() if k != "log_images_every"}, "epochs": 3, "lr": "6.25e-3"}
 TRAINED_ANALYSIS = {"max_test_samples": 128, "num_images": 10}
 
 
@@ -304,6 +306,10 @@ class Trained:
     analysis_run_name: str
     version: str
     data_dir: Path  # the data it trained on (cifar_root's images, downloaded as an official-layout archive)
+
+
+# What a test that checks system metrics gives its training process (short test runs record some).
+SAMPLED_EVERY_SECOND = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
 
 
 def _shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -340,7 +346,7 @@ def _train_and_analyse(root: Path) -> dict:
     store = Store(root, f"sqlite:///{root / 'mlflow.db'}", "tests")
     client = mlflow.MlflowClient(store.uri)
     experiment_id = client.create_experiment("tests", artifact_location=(root / "artifacts").as_uri())
-    env = store.env(MLFLOW_EXPERIMENT_ID=experiment_id)
+    env = store.env(MLFLOW_EXPERIMENT_ID=experiment_id, **SAMPLED_EVERY_SECOND)
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
 
     def run(params: dict[str, object], entry: str, **extra_env: str) -> subprocess.CompletedProcess:

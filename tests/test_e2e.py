@@ -155,7 +155,7 @@ def test_missing_data_offline_fails_with_where_to_put_it(store, tmp_path):
 
 def _direct_train(store, *args):
     fixed = "--dataset synthetic --epochs 2 --batch_size 16 --max_train_samples 256 --max_test_samples 64"
-    fixed += " --num_workers 0 --width 16 --registered_model_name synthetic-test"
+    fixed += " --num_workers 0 --width 16 --log_images_every 0 --registered_model_name synthetic-test"
     cmd = [sys.executable, "-m", "entrypoints.train", *fixed.split(), *args]
     return subprocess.run(cmd, cwd=REPO, env=store.env(), capture_output=True, text=True, timeout=300)
 

@@ -1,4 +1,5 @@
-"""Does the default recipe learn real images? The `main` entry point, exactly as a user runs it, on the built-in
+"""Does the default recipe learn real images? The `main` entry point's command with nothing but sizes given (its
+click command, in the test process, as test_learning_lr_auto.py runs the range test), on the built-in
 digits set (real handwritten digits in the CIFAR-10 layout; synthetic data is learnt by any recipe and proves
 nothing), at the published width. A recipe that stops learning fails here: the recipe of last month (v0:
 zero-init residual branches, a cutout hole kept inside the image) reaches 0.14 at this budget.
@@ -10,14 +11,13 @@ lr=scaled: 0.2 for batch 512 scaled linearly to 0.00625. The full-length figures
 `lr=auto`'s range test on the same data is checked in test_learning_lr_auto.py (its own file, so that xdist runs
 the two on both workers at once)."""
 
-import subprocess
-import sys
-
 import pytest
 from mlflow import MlflowClient
 
 from cifar_mlflow import data
-from tests.conftest import REPO, cli_args
+from cifar_mlflow.cli import invoke
+from entrypoints.train import train
+from tests.conftest import cli_args
 
 EPOCHS = 2
 # Test accuracy (300 images) after EPOCHS epochs, measured on an AVX2 EPYC (fp32, 1 thread): seed 0 (this test's)
@@ -43,17 +43,10 @@ def digits_dir(tmp_path_factory):
 
 
 def train_on_digits(store, digits_dir, **params):
-    """Run the train entry point in a process of its own; the finished run and its test accuracy by epoch."""
-    args = cli_args({**SETTINGS, "data_dir": digits_dir, **params})
-    proc = subprocess.run(
-        [sys.executable, "-m", "entrypoints.train", *args],
-        cwd=REPO,
-        env=store.env(),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """Run the train entry point's command (in this process: the test process has torch, MLflow and the rest
+    imported already); the finished run and its test accuracy by epoch."""
+    code, message = invoke(train, cli_args({**SETTINGS, "data_dir": digits_dir, **params}))
+    assert code == 0, message
     client = MlflowClient(store.uri)
     (run,) = client.search_runs([client.get_experiment_by_name(store.experiment).experiment_id])
     assert run.info.status == "FINISHED"

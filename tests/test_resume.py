@@ -27,6 +27,7 @@ FOUR = {
     "max_test_samples": 64,
     "seed": 3,
     "width": 16,
+    "log_images_every": 0,
 }
 METRICS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "train/images_per_sec")
 
@@ -135,7 +136,8 @@ def test_sigkill_in_epoch_3_then_resume_matches_an_uninterrupted_run(store, cifa
     assert len(client.search_model_versions("name='cifar10-resnet18'")) == 2
 
 
-DIRECT = "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32 --width 16".split()
+DIRECT = "--epochs 20 --batch_size 32 --num_workers 0 --max_train_samples 128 --max_test_samples 32 --width 16"
+DIRECT = (DIRECT + " --log_images_every 0").split()
 
 
 def _direct(store, *args):
@@ -283,6 +285,7 @@ def test_sigterm_during_registration_then_resume_gives_exactly_one_version(store
     name = "sigterm-at-registration"
     args = ["--data_dir", str(cifar_root), "--registered_model_name", name, "--epochs", "2", "--batch_size", "16"]
     args += ["--max_train_samples", "256", "--max_test_samples", "128", "--width", "16"]  # TINY's: a model that learns
+    args += ["--log_images_every", "0"]
     proc = _direct(store, *args)
     exp = client.get_experiment_by_name("tests").experiment_id
     try:
