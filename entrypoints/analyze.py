@@ -7,7 +7,7 @@ a confusion matrix and per-class accuracy to an analysis run linked to that vers
 
 import click
 
-from cifar_mlflow.cli import check_store, config_options, run_cli
+from cifar_mlflow.cli import check_store, config_options, heavy_imports, run_cli
 from cifar_mlflow.config import AnalyzeConfig
 
 
@@ -17,7 +17,8 @@ def analyze(**params) -> None:
     """Analyse a registered model version on the test split and log the findings as a run of their own."""
     config = AnalyzeConfig(**params)
     check_store()
-    from cifar_mlflow.jobs.analyze import run_analysis  # heavy imports only when work starts
+    with heavy_imports():  # torch, MLflow and the job's own only when work starts
+        from cifar_mlflow.jobs.analyze import run_analysis
 
     run_analysis(config)
 

@@ -7,7 +7,7 @@ series and `lr_find/suggested_lr`.
 
 import click
 
-from cifar_mlflow.cli import check_store, config_options, run_cli
+from cifar_mlflow.cli import check_store, config_options, heavy_imports, run_cli
 from cifar_mlflow.config import LRFindConfig
 
 
@@ -17,7 +17,8 @@ def lr_find(**params) -> None:
     """Sweep the learning rate exponentially, stop when the loss diverges, suggest a peak LR."""
     config = LRFindConfig(**params)
     check_store()
-    from cifar_mlflow.jobs.lr_find import run_lr_find  # heavy imports only when work starts
+    with heavy_imports():  # torch, MLflow and the job's own only when work starts
+        from cifar_mlflow.jobs.lr_find import run_lr_find
 
     run_lr_find(config)
 

@@ -7,7 +7,7 @@ version, as one parent run with the three steps as child runs; finished steps ar
 
 import click
 
-from cifar_mlflow.cli import check_store, config_options, run_cli
+from cifar_mlflow.cli import check_store, config_options, heavy_imports, run_cli
 from cifar_mlflow.config import PipelineConfig
 
 
@@ -19,7 +19,8 @@ def pipeline(**params) -> None:
     A step whose FINISHED run with the same parameters and code version exists is reused, not rerun."""
     config = PipelineConfig(**params)
     check_store()
-    from cifar_mlflow.jobs.pipeline import run_pipeline  # heavy imports only when work starts
+    with heavy_imports():  # torch, MLflow and the job's own only when work starts
+        from cifar_mlflow.jobs.pipeline import run_pipeline
 
     run_pipeline(config)
 

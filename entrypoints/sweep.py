@@ -8,7 +8,7 @@ pruned between epochs, the best trial's model registered; workers on several mac
 
 import click
 
-from cifar_mlflow.cli import check_store, config_options, run_cli
+from cifar_mlflow.cli import check_store, config_options, heavy_imports, run_cli
 from cifar_mlflow.sweeps.sweep_config import SweepConfig
 
 
@@ -21,7 +21,8 @@ def sweep(**params) -> None:
     start it again after a crash to continue."""
     config = SweepConfig(**params)  # a bad space or value is refused here, before any trial
     check_store()
-    from cifar_mlflow.jobs.sweep import run_sweep  # heavy imports only when work starts
+    with heavy_imports():  # torch, MLflow and the job's own only when work starts
+        from cifar_mlflow.jobs.sweep import run_sweep
 
     run_sweep(config)
 

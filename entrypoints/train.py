@@ -6,7 +6,7 @@ python -m entrypoints.train --epochs 2     # directly
 
 import click
 
-from cifar_mlflow.cli import check_store, config_options, run_cli
+from cifar_mlflow.cli import check_store, config_options, heavy_imports, run_cli
 from cifar_mlflow.config import TrainConfig
 
 
@@ -17,7 +17,8 @@ def train(**params) -> None:
     artifacts to the active MLflow run, and register the model (alias `champion` if it is the best so far)."""
     config = TrainConfig(**params)
     check_store()
-    from cifar_mlflow.jobs.train import run_training  # heavy imports (torch, mlflow) only when work starts
+    with heavy_imports():  # torch, MLflow and the job's own only when work starts
+        from cifar_mlflow.jobs.train import run_training
 
     run_training(config)
 

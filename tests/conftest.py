@@ -621,6 +621,17 @@ def _describe(proc) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def heavy_imports_once():
+    """Every test process imports torch, torchvision and MLflow sooner or later: up front, as the entry points
+    do (cifar_mlflow.cli.heavy_imports: the garbage collector paused meanwhile, then kept off what they made)."""
+    from cifar_mlflow.cli import heavy_imports
+
+    with heavy_imports():
+        import mlflow  # noqa: F401
+        import torchvision  # noqa: F401
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_leaked_processes():
     if sys.platform.startswith("linux"):
         import ctypes
