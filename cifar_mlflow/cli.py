@@ -113,8 +113,9 @@ def invoke(command: click.Command, args: list[str] | None = None) -> tuple[int, 
 def heavy_imports() -> Iterator[None]:
     """Around an entry point's imports of torch, torchvision, MLflow and the job: Python's cyclic garbage collector
     paused meanwhile (the imports allocate millions of objects that live as long as the process, and collecting
-    between them cost ~14% of the imports' CPU time: ~1.4 of ~10 CPU-s on a 2-core AVX2 machine), then what they
-    made moved out of its reach for good (gc.freeze), so that the collections during training never walk it."""
+    between them costs over a quarter of the imports' CPU time: 10.0 CPU-s against 7.2 on a 2-core AVX2 machine,
+    benchmarks/bench_startup.py), then what they made moved out of its reach for good (gc.freeze), so that the
+    collections during training never walk it."""
     paused = gc.isenabled()
     gc.disable()
     try:

@@ -147,12 +147,15 @@ def test_gradcam_benchmark_batched_maps_equal_per_image_maps(tmp_path):
 def test_startup_benchmark_reports_help_and_first_step(tmp_path):
     """The one timing of every entry point's `--help` (three runs each; what they import: tests/test_e2e.py): the
     median answers in under a second."""
-    out = _bench("bench_startup", "--repeats", "3", "--width", "16", cwd=tmp_path)
+    out = _bench("bench_startup", "--repeats", "3", "--import-repeats", "1", "--width", "16", cwd=tmp_path)
     for _, module in ENTRY_POINTS.values():
         row = re.search(rf"\| {re.escape(module)} --help \(target < 1 s\) +\| ([\d.]+) ", out)
         assert row and float(row.group(1)) < 1.0, out
     first = re.search(r"process start -> first training step \(synthetic data\) +\| ([\d.]+)", out)
     assert first and 0 < float(first.group(1)) < 120, out
+    for gc_state in ("running", "paused"):
+        cpu = re.search(rf"\| heavy imports, CPU-s, garbage collector {gc_state} +\| ([\d.]+) ", out)
+        assert cpu and float(cpu.group(1)) > 0, out
 
 
 def test_sweep_benchmark_reports_trials_epochs_and_best_against_base(tmp_path):

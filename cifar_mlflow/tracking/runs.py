@@ -4,6 +4,7 @@ KILLED with the reason; a RunLogger for a run that exists already (a sweep's par
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -66,6 +67,10 @@ def open_run(
             give_up_quickly()
             with contextlib.suppress(Exception):
                 mlflow.end_run("FAILED")  # leaves MLflow's active-run stack at once; the server does not hear it
+            # MLflow stops the run's system-metrics sampler only once the server has heard the end: the sampler
+            # (a daemon thread) lives on until the process exits, and its "Failed to get mlflow run" warning could
+            # follow the one line this process ends with (seen in a coverage run, whose exit is slower).
+            logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.CRITICAL)
             raise TrackingUnavailable(
                 f"tracking server {mlflow.get_tracking_uri()} stopped answering and MLflow's retries ran out "
                 f"({retries}); run {log.run_id} stays resumable with the checkpoints it reported: once the server is "
