@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,26 @@ def one_line(args: list[str], command=None) -> str:
     assert code != 0, f"{args} was accepted"
     assert message and "\n" not in message.strip(), message
     return message
+
+
+def at_once(calls: list[Callable[[], object]]) -> list[object]:
+    """Each call in a thread of its own, the threads released together (a race, as separate processes or workers
+    would run it): what each returned, or the exception it raised, in the order of `calls`."""
+    start, outcomes = threading.Barrier(len(calls)), [None] * len(calls)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            outcomes[i] = calls[i]()
+        except Exception as exc:  # the caller's to judge
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
 
 
 def make_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

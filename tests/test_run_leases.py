@@ -3,6 +3,7 @@ gone or expired, one of several claimants wins, and two resumes of one crashed r
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -15,7 +16,7 @@ from mlflow import MlflowClient
 from cifar_mlflow.tracking.checkpoint_store import load_latest_checkpoint
 from cifar_mlflow.tracking.run_lease import RunLease
 from cifar_mlflow.tracking.runs import logger_of
-from tests.conftest import TINY, cli_args, mlflow_run_cmd, train_process
+from tests.conftest import TINY, at_once, cli_args, mlflow_run_cmd, train_process
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,29 +100,13 @@ def test_a_lease_lapses_when_its_holder_is_gone_or_expired(store, monkeypatch):
 
 
 def test_of_threads_claiming_one_run_at_once_exactly_one_wins(store):
-    import threading
-
     from cifar_mlflow.errors import RunBusy
 
     run_id = _new_run(store)
-    barrier, results = threading.Barrier(4), []
-
-    def claim():
-        held = RunLease()
-        barrier.wait()
-        try:
-            held.claim(run_id)
-            results.append(held)
-        except RunBusy:
-            results.append(None)
-
-    threads = [threading.Thread(target=claim) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [h for h in results if h is not None]
-    assert len(results) == 4 and len(winners) == 1
+    leases = [RunLease() for _ in range(4)]
+    outcomes = at_once([functools.partial(held.claim, run_id) for held in leases])
+    winners = [held for held, outcome in zip(leases, outcomes) if not isinstance(outcome, Exception)]
+    assert len(winners) == 1 and all(isinstance(o, RunBusy) for o in outcomes if isinstance(o, Exception)), outcomes
     winners[0].__exit__(None, None, None)
 
 

@@ -4,10 +4,10 @@ storage shares trials, refuses a worker with another recipe, closes a surplus tr
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from cifar_mlflow.errors import ConfigError, TrackingError
 from cifar_mlflow.sweeps import studies, study_storage
 from cifar_mlflow.sweeps.search_space import Dim, default_space, load_space
 from cifar_mlflow.sweeps.sweep_config import SweepConfig
-from tests.conftest import cli_args
+from tests.conftest import at_once, cli_args
 
 
 def _space(tmp_path: Path, text: str) -> str:
@@ -320,22 +320,8 @@ def test_pruners_judge_from_epoch_prune_after_epochs_on(after_epochs, pruned_at)
 def open_at_once(url: str, workers: int = 4) -> list[str]:
     """open_storage from `workers` threads released together (separate connections, as separate workers): each
     "ok" or its error."""
-    barrier, out = threading.Barrier(workers), []
-
-    def open_one() -> None:
-        barrier.wait()
-        try:
-            study_storage.open_storage(url)
-            out.append("ok")
-        except Exception as exc:
-            out.append(str(exc))
-
-    threads = [threading.Thread(target=open_one) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+    outcomes = at_once([functools.partial(study_storage.open_storage, url) for _ in range(workers)])
+    return [str(o) if isinstance(o, Exception) else "ok" for o in outcomes]
 
 
 def test_workers_opening_a_new_sqlite_storage_at_once_all_succeed(tmp_path):

@@ -1,9 +1,9 @@
 """The tracking package against a real sqlite MLflow store: params that `mlflow run` already logged, the registry and the
 champion alias, and loading models back both ways."""
 
+import functools
 import subprocess
 import sys
-import threading
 
 import mlflow
 import numpy as np
@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from cifar_mlflow import models
 from cifar_mlflow.errors import ConfigError, ModelError
 from cifar_mlflow.tracking import registry, runs, serving
+from tests.conftest import at_once
 
 SPEC = models.ModelSpec("resnet18", tuple(f"class{i}" for i in range(10)), (0.5,) * 3, (0.25,) * 3, width=16)
 
@@ -92,26 +93,6 @@ def test_the_chance_bar_is_three_standard_errors_and_never_under_five_points():
     assert registry.chance_bar(2, 100) == pytest.approx(0.65)
 
 
-def _settle_at_once(uri: str, name: str) -> tuple[list, list]:
-    """settle_champion(name) in two threads released together, each with its own client (as two runs have)."""
-    start, settled, errors = threading.Barrier(2), [], []
-
-    def settle() -> None:
-        client = MlflowClient(uri)
-        start.wait()
-        try:
-            settled.append(registry.settle_champion(client, name))
-        except Exception as exc:  # reported by the caller
-            errors.append(exc)
-
-    threads = [threading.Thread(target=settle) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return settled, errors
-
-
 def test_two_runs_settling_the_champion_at_once_both_succeed_and_agree(store, tmp_path):
     """Two registrations at once may both find no alias and insert it together: the store refuses the second insert
     (sqlite: UNIQUE constraint failed; seen in the suite's two-runs-at-once server test). settle_champion reads
@@ -123,7 +104,9 @@ def test_two_runs_settling_the_champion_at_once_both_succeed_and_agree(store, tm
         client.create_registered_model(name)
         for accuracy in ("0.5", "0.7"):
             client.create_model_version(name, tmp_path.as_uri(), tags={"test_accuracy": accuracy})
-        settled, errors = _settle_at_once(store.uri, name)
+        # settle_champion(name) twice at once, each with its own client (as two runs have)
+        settled = at_once([functools.partial(registry.settle_champion, MlflowClient(store.uri), name) for _ in "ab"])
+        errors = [o for o in settled if isinstance(o, Exception)]
         assert not errors, f"{name}: {errors[0]!r}"[:600]
         assert settled == ["2", "2"] and str(client.get_model_version_by_alias(name, "champion").version) == "2"
 
