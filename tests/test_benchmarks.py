@@ -8,7 +8,7 @@ import sys
 
 import mlflow
 
-from benchmarks import bench_accuracy, bench_batch_lr, bench_cuda, bench_train
+from benchmarks import bench_accuracy, bench_batch_lr, bench_cuda, bench_figures, bench_train
 from cifar_mlflow.params_doc import ENTRY_POINTS
 from tests.conftest import REPO
 
@@ -72,6 +72,14 @@ def test_train_benchmark_reports_every_ratio(capsys):
     }
     assert all(v > 0 for v in ratios.values())
     assert "notebook-style loop" in capsys.readouterr().out
+
+
+def test_figures_benchmark_draws_every_figure_and_the_grids_faster_than_an_axes_per_image(capsys):
+    res = bench_figures.main(["--repeats", "1"])
+    grids = [k.split("|")[0] for k in res if k.endswith("|axes")]
+    assert len(grids) == 3 and all(res[f"{g}|axes"] > 1.5 * res[f"{g}|project"] for g in grids), res
+    assert len([k for k in res if k.endswith("|project")]) == 8 and all(v > 0 for v in res.values())
+    assert "| augmented samples (32 images) " in capsys.readouterr().out
 
 
 def _bench(module: str, *args: str, cwd) -> str:
