@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
-from benchmarks._common import machine, run_jobs, table
+from benchmarks._common import add_width_option, machine, run_jobs, table
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ def project_run(variant: Variant, seed: int, args: argparse.Namespace) -> list[f
             "num_workers": 0,
             "max_train_samples": args.max_train,
             "max_test_samples": args.max_test,
+            "width": args.width,
             **dict(variant.overrides),
         }
     )
@@ -175,7 +176,7 @@ def notebook_run(seed: int, args: argparse.Namespace) -> list[float]:
 
     train = torch.utils.data.DataLoader(Images(ds.train, train_tf), batch_size=args.batch_size, shuffle=True)
     test = torch.utils.data.DataLoader(Images(ds.test, test_tf), batch_size=args.batch_size)
-    model = ResNet18(len(ds.class_names))
+    model = ResNet18(len(ds.class_names), width=args.width)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train))
     accuracy = []
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--json", help="also write the per-seed results here")
+    add_width_option(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         args.data_dir = args.data_dir or tmp
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     print(f"machine: {machine()}")
     print(
         f"{args.dataset}, {args.epochs} epochs, batch {args.batch_size}, peak lr {args.lr}, seeds {args.seeds}, "
-        f"{args.jobs} jobs x {args.threads} threads\n"
+        f"{args.jobs} jobs x {args.threads} threads, width {args.width}\n"
     )
     print(table(["contender", "test acc (median)", "spread", "per seed", "median by epoch", "s per run"], rows))
     out = {name: [by_seed[s][-1] for s in args.seeds] for name, by_seed in results.items()}

@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks._common import machine, run_jobs, table
+from benchmarks._common import add_width_option, machine, run_jobs, table
 
 
 def _one(job: tuple[int, int, argparse.Namespace]) -> tuple[int, int, list[float], float]:
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict[int, list[float]]:
         "--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes at once (1: in this process)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    add_width_option(parser)
     args = parser.parse_args(argv)
     from cifar_mlflow import data
     from cifar_mlflow.config import scaled_lr

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 
 import benchmarks._common as common  # noqa: F401  (sets the environment first)
-from benchmarks._common import interleaved, machine, median, table
+from benchmarks._common import add_width_option, interleaved, machine, median, table
 from cifar_mlflow import data, models
 from cifar_mlflow.config import TrainConfig
 from cifar_mlflow.training import augment, engine, hardware, optim, train_step
@@ -99,18 +99,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    add_width_option(parser)
     args = parser.parse_args(argv)
 
     device = hardware.resolve_device()
     precision = hardware.resolve_precision("auto", device)
     split = data.make_synthetic(args.images, seed=1)
     mean, std = data.channel_stats(split.images)
-    spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std)
+    spec = models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, mean, std, width=args.width)
     cfg = TrainConfig(batch_size=args.batch_size, epochs=1000)
     torch.manual_seed(0)
 
     # notebook: normalisation in the transform, so the same network with identity normalisation
-    nb_model = models.build_model(models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, (0.0,) * 3, (1.0,) * 3))
+    nb_model = models.build_model(
+        models.ModelSpec("resnet18", data.SYNTHETIC_CLASSES, (0.0,) * 3, (1.0,) * 3, width=args.width)
+    )
     nb_model = nb_model.to(device)
     nb_tf = A.Compose(
         list(augment.build_train_transform("standard", mean).transforms)

@@ -26,16 +26,17 @@ class Block(nn.Module):
 
 
 class ResNet18(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
+        """width: the first stage's channels (64 in the notebooks; the smoke tests build narrow nets)."""
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        widths, cin, stages = (64, 128, 256, 512), 64, []
-        for i, width in enumerate(widths):
-            stages.append(nn.Sequential(Block(cin, width, 1 if i == 0 else 2), Block(width, width, 1)))
-            cin = width
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, cin, stages = (width, 2 * width, 4 * width, 8 * width), width, []
+        for i, cout in enumerate(widths):
+            stages.append(nn.Sequential(Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)))
+            cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -37,6 +37,8 @@ def test_accuracy_benchmark_runs_both_contenders_and_the_ablation(tmp_path, caps
         "32",
         "--jobs",
         "1",
+        "--width",
+        "16",
         "--data-dir",
         str(tmp_path),
         "--json",
@@ -55,7 +57,7 @@ def test_accuracy_benchmark_runs_both_contenders_and_the_ablation(tmp_path, caps
 def test_batch_lr_benchmark_trains_the_defaults_at_each_batch_size(tmp_path, capsys):
     finals = bench_batch_lr.main(
         ["--batch-sizes", "16", "32", "--seeds", "0", "--epochs", "1", "--max-train", "64", "--max-test", "32"]
-        + ["--jobs", "1", "--data-dir", str(tmp_path)]
+        + ["--jobs", "1", "--width", "16", "--data-dir", str(tmp_path)]
     )
     assert set(finals) == {16, 32} and all(0 <= a <= 1 for accs in finals.values() for a in accs)
     out = capsys.readouterr().out
@@ -63,7 +65,7 @@ def test_batch_lr_benchmark_trains_the_defaults_at_each_batch_size(tmp_path, cap
 
 
 def test_train_benchmark_reports_every_ratio(capsys):
-    ratios = bench_train.main(["--images", "32", "--batch-size", "16", "--repeats", "1"])
+    ratios = bench_train.main(["--images", "32", "--batch-size", "16", "--repeats", "1", "--width", "16"])
     assert set(ratios) == {
         "engine / notebook (target >= 2.0)",
         "engine / training limit (target >= 0.9)",
