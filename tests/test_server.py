@@ -1,15 +1,21 @@
 """Against a real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by the server): a server that is
-down fails in seconds, a server stopped for 35 s mid-run and at registration loses nothing (one that stays down ends
+down fails in seconds, a server gone for 35 s mid-run and at registration loses nothing (one that stays gone ends
 the process resumably), two runs at once both register and `champion` ends on the better one, and basic-auth works
 with credentials and fails clearly without.
 
-The outage scenarios spend most of their time waiting outages out (35 s, then MLflow's backoff of up to another
-30 s): they start as the module starts, each in a thread with a server of its own, and run while the module's other
-tests do; their tests, last in the module, collect them."""
+The outages are a `Relay` in front of the module's server going down and up again: while down, its port refuses
+connections and the open ones are reset, which is all a client sees of a stopped server (a restart of the server
+itself costs ~13 CPU-s, and each scenario had three). The scenarios spend most of their time waiting outages out
+(35 s, then MLflow's backoff of up to another 30 s): they start as the module starts, each in a thread with a relay
+of its own, and run while the module's other tests do; their tests, last in the module, collect them."""
 
+import contextlib
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -129,39 +135,103 @@ OUTAGE_S = 35  # issue 26: a 30-60 s outage must cost nothing
 ARGS = ("--epochs", "3", "--max_train_samples", "160")
 
 
-def _on_a_server_of_its_own(root, scenario, *args):
-    """(the server, left running for the test to read what the run left; the fixture stops it, the scenario's
-    outcome)."""
-    server = MlflowServer(root).start()
-    try:
-        return server, scenario(server, *args)
-    except BaseException:
-        server.stop()
-        raise
+class Relay:
+    """A TCP relay on a port of its own to `port` on 127.0.0.1, to cut clients off: down() closes the port (new
+    connections refused) and resets the open connections, as a stopped server's are; up() opens the same port
+    again."""
+
+    def __init__(self, port: int) -> None:
+        self.target, self.port = port, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+
+    def up(self) -> "Relay":
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        listener.settimeout(0.2)  # accept() checks now and then whether down() closed it
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            if listener is not None:
+                _close(listener)
+            for conn in self._open:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+                _close(conn)
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by down()
+                return
+            client.settimeout(None)
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # down() came in between
+                    client.close()
+                    server.close()
+                    return
+                self._open |= {client, server}
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        with self._lock:  # one side is done with the connection: so is the relay
+            for conn in (src, dst):
+                if conn in self._open:
+                    self._open.discard(conn)
+                    _close(conn)
+
+
+def _close(sock: socket.socket) -> None:
+    """Shut down, then close: a thread blocked in recv() or accept() on it wakes up (close alone leaves it
+    blocked)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def scenarios(tmp_path_factory, cifar_root):
-    """The two outage scenarios, started in threads as the module starts (autouse); name -> Future of (server,
-    outcome). The module ends once they have (each waits a bounded time), and their servers are stopped."""
+def scenarios(server, cifar_root):
+    """The two outage scenarios, started in threads as the module starts (autouse), each through a relay of its
+    own to the module's server; name -> Future of (the relay, the scenario's outcome). The module ends once they
+    have (each waits a bounded time)."""
     pool = ThreadPoolExecutor(2)
+    relays = {scenario: Relay(server.port).up() for scenario in (_outages, _long_outages)}
     futures = {
-        scenario.__name__: pool.submit(
-            _on_a_server_of_its_own, tmp_path_factory.mktemp(scenario.__name__), scenario, cifar_root
-        )
-        for scenario in (_outages, _long_outages)
+        scenario.__name__: pool.submit(lambda run=scenario, relay=relay: (relay, run(relay, cifar_root)))
+        for scenario, relay in relays.items()
     }
     yield futures
     pool.shutdown(wait=True)
-    for future in futures.values():
-        if future.exception() is None:
-            future.result()[0].stop()
+    for relay in relays.values():
+        relay.down()
 
 
 def _outages(server, cifar_root):
-    """A run of 3 epochs whose server is stopped for OUTAGE_S after epoch 1, started again, then stopped for
-    OUTAGE_S again as the model is being registered, and started again on the same store. Returns the exit code,
-    stderr, the run id and when the second outage began."""
+    """A run of 3 epochs cut off from its server (`server`: a Relay) for OUTAGE_S after epoch 1, then again for
+    OUTAGE_S as the model is being registered. Returns the exit code, stderr, the run id and when the second
+    outage began."""
     client, name = MlflowClient(server.uri), "outages"
     proc = _train(
         server.uri,
@@ -174,10 +244,10 @@ def _outages(server, cifar_root):
         run_id = _running_run(client, proc, name)
         for when in WHEN:
             _wait_metric(client, run_id, *WHEN[when], proc)
-            server.stop()
+            server.down()
             stopped_at = time.time()
             time.sleep(OUTAGE_S)  # reports and requests wait and retry meanwhile
-            server.start()
+            server.up()
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -194,10 +264,9 @@ def checkpoints_epoch(client, run_id):
 
 
 def _long_outages(server, cifar_root):
-    """With MLflow's retries cut to seconds, the server stopped after epoch 1 and kept down until the process
-    ends; started again and the run resumed with --run-id; the server stopped again as the resumed run registers
-    its model and kept down until that process ends; started again and the run resumed once more, with MLflow's
-    retries as they are. Returns, for each outage, (exit code, stderr, seconds from the stop to the exit); the
+    """With MLflow's retries cut to seconds, the server (a Relay) gone after epoch 1 until the process ends; back
+    and the run resumed with --run-id; gone again as the resumed run registers its model until that process ends;
+    back and the run resumed once more, with MLflow's retries as they are. Returns, for each outage, (exit code, stderr, seconds from the stop to the exit); the
     run id; the last resume's exit code and stderr."""
     client, name = MlflowClient(server.uri), "long-outages"
     args = (*ARGS, "--registered_model_name", name)
@@ -213,14 +282,14 @@ def _long_outages(server, cifar_root):
             run_id = run_id or _running_run(client, proc, name)
             resume = {"MLFLOW_RUN_ID": run_id}
             _wait_metric(client, run_id, *WHEN[when], proc)
-            server.stop()
+            server.down()
             start = time.time()
             _, err = proc.communicate(timeout=240)
             outcomes[when] = (proc.returncode, err, time.time() - start)
         finally:
             if proc.poll() is None:
                 proc.kill()
-            server.start()
+            server.up()
     resumed = _train(server.uri, cifar_root, *args, **resume)
     _, resumed_err = resumed.communicate(timeout=300)
     return outcomes, run_id, resumed.returncode, resumed_err
