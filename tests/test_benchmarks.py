@@ -8,7 +8,15 @@ import sys
 
 import mlflow
 
-from benchmarks import bench_accuracy, bench_batch_lr, bench_cuda, bench_figures, bench_train
+from benchmarks import (
+    bench_accuracy,
+    bench_batch_lr,
+    bench_cuda,
+    bench_figures,
+    bench_startup,
+    bench_sweep,
+    bench_train,
+)
 from cifar_mlflow.params_doc import ENTRY_POINTS
 from tests.conftest import REPO
 
@@ -142,7 +150,9 @@ def test_gradcam_benchmark_batched_maps_equal_per_image_maps(tmp_path):
     # batched and the per-image backward in one run (GradCAM scales each map to [0, 1], which magnifies float noise
     # in a map that is nearly flat)
     out = _bench(
-        "bench_gradcam", "--images", "4", "--test-images", "64", "--repeats", "1", "--width", "32", cwd=tmp_path
+        "bench_gradcam",
+        *("--images", "4", "--test-images", "64", "--analysis-images", "4", "--repeats", "1", "--width", "32"),
+        cwd=tmp_path,
     )
     rows = [
         [c.strip() for c in line.strip("|").split("|")]
@@ -154,10 +164,11 @@ def test_gradcam_benchmark_batched_maps_equal_per_image_maps(tmp_path):
     assert "analysis entry point, 64 test images" in out and "evaluate test set" in out
 
 
-def test_startup_benchmark_reports_help_and_first_step(tmp_path):
+def test_startup_benchmark_reports_help_and_first_step(capsys):
     """The one timing of every entry point's `--help` (three runs each; what they import: tests/test_e2e.py): the
-    median answers in under a second."""
-    out = _bench("bench_startup", "--repeats", "3", "--import-repeats", "1", "--width", "16", cwd=tmp_path)
+    median answers in under a second. (In this process: what it times are processes of their own.)"""
+    bench_startup.main(["--repeats", "3", "--import-repeats", "1", "--width", "16"])
+    out = capsys.readouterr().out
     for _, module in ENTRY_POINTS.values():
         row = re.search(rf"\| {re.escape(module)} --help \(target < 1 s\) +\| ([\d.]+) ", out)
         assert row and float(row.group(1)) < 1.0, out
@@ -168,13 +179,15 @@ def test_startup_benchmark_reports_help_and_first_step(tmp_path):
         assert cpu and float(cpu.group(1)) > 0, out
 
 
-def test_sweep_benchmark_reports_trials_epochs_and_best_against_base(tmp_path):
-    out = _bench(
-        "bench_sweep",
-        *("--dataset", "synthetic", "--trials", "2", "--epochs", "1", "--images", "64", "--test-images", "32"),
-        *("--store", str(tmp_path / "store"), "--width", "16"),
-        cwd=tmp_path,
+def test_sweep_benchmark_reports_trials_epochs_and_best_against_base(tmp_path, capsys):
+    """In this process: the sweep it times is a process of its own."""
+    bench_sweep.main(
+        [
+            *("--dataset", "synthetic", "--trials", "2", "--epochs", "1", "--images", "64", "--test-images", "32"),
+            *("--store", str(tmp_path / "store"), "--width", "16"),
+        ]
     )
+    out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 2 and rows[0].split(" | ")[1] == "COMPLETE", out
     assert "2 trials, 0 pruned; 2 of 2 epochs run (0% saved); best test accuracy" in out
