@@ -567,7 +567,10 @@ def ui_server(backend_store_uri: str, root: Path):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
+
+    # Playwright's assertions wait 5 s by default: one failed on a machine loaded by three test workers
+    expect.set_options(timeout=UI_TIMEOUT_MS)
 
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: run scripts/system-packages.sh (apt-get install chromium)"
     with sync_playwright() as pw:
