@@ -71,8 +71,8 @@ def server(tmp_path_factory):
 @pytest.fixture
 def tracking_server(monkeypatch):
     """Point this process's entry point commands at a server (and credentials) for one test: they check the
-    server first, before any other work, as a process of their own does (the refusals are checked in this
-    process; the runs that reach a server, in processes of their own)."""
+    server first, before any other work, as a process of their own does (the refusals and the run with
+    credentials are checked in this process; the races and outages, in processes of their own)."""
     import mlflow
 
     def point(uri: str, **credentials: str) -> None:
@@ -363,20 +363,14 @@ def test_basic_auth_works_with_credentials_and_fails_clearly_without(auth_server
     )
     refused_as("wrong")
 
-    creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "Adm1n-pass-word!"}
-    # a model that clearly learns (32 steps), so that its version is champion
-    proc = _train(auth_server.uri, cifar_root, "--epochs", "2", "--max_train_samples", "256", **creds)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    os.environ.update(creds)
-    try:
-        client = MlflowClient(auth_server.uri)
-        (run,) = client.search_runs(["0"])
-        assert run.info.status == "FINISHED"
-        assert str(client.get_model_version_by_alias("cifar10-resnet18", "champion").version) == "1"
-    finally:
-        for k in creds:
-            os.environ.pop(k)
+    tracking_server(auth_server.uri, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="Adm1n-pass-word!")
+    # a model that clearly learns (32 steps), so that its version is champion; in this process, as the refusals
+    code, message = invoke(train, ["--data_dir", str(cifar_root), *TINY, "--epochs", "2", "--max_train_samples", "256"])
+    assert code == 0, message
+    client = MlflowClient(auth_server.uri)
+    (run,) = client.search_runs(["0"])
+    assert run.info.status == "FINISHED"
+    assert str(client.get_model_version_by_alias("cifar10-resnet18", "champion").version) == "1"
     # with the right password in the server's credential cache, a near miss is still refused
     refused_as("Adm1n-pass-word")
 

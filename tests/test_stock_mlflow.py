@@ -214,7 +214,26 @@ with zipfile.ZipFile(pt2, "w") as dst:
         dst.writestr(name, content)
 """
 
-STOCK_LOAD = "import mlflow, sys\nmlflow.pytorch.load_model(sys.argv[1])\n"
+# A stock MLflow user's process loading the model twice: with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (MLflow reads
+# it at each load), then with MLflow's default; after each, whether the planted code has run (the marker file).
+STOCK_LOADS = """\
+import os, sys
+import mlflow
+uri, marker = sys.argv[1:]
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+try:
+    mlflow.pytorch.load_model(uri)
+    print("false: loaded")
+except Exception as exc:
+    print("false: refused:", str(exc).splitlines()[0])
+print("false: planted code ran:", os.path.exists(marker))
+del os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]
+try:
+    mlflow.pytorch.load_model(uri)  # runs the pickle, then fails on what it returned
+except Exception:
+    pass
+print("default: planted code ran:", os.path.exists(marker))
+"""
 
 
 def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(store, registered, tmp_path):
@@ -243,21 +262,21 @@ def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(
                 mlflow.pyfunc.load_model(uri)
     assert not marker.exists(), "the planted code ran"
 
-    def stock(**env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-c", STOCK_LOAD, uri],
-            cwd=tmp_path,
-            env=store.env_without_project(**env),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    refused = stock(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
-    assert refused.returncode != 0 and "is not a pickle-free payload" in refused.stderr, refused.stderr[-2000:]
-    assert not marker.exists(), "the planted code ran"
-    stock()
-    assert marker.exists(), "MLflow's default now checks pt2 archives: update docs/security.md (Loading a model)"
+    stock = subprocess.run(
+        [sys.executable, "-c", STOCK_LOADS, uri, str(marker)],
+        cwd=tmp_path,
+        env=store.env_without_project(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert stock.returncode == 0, stock.stderr[-2000:]
+    refused, ran_refused, ran_default = stock.stdout.strip().splitlines()[-3:]
+    assert refused.startswith("false: refused:") and "is not a pickle-free payload" in refused, stock.stdout
+    assert ran_refused == "false: planted code ran: False", "the planted code ran"
+    assert ran_default == "default: planted code ran: True", (
+        "MLflow's default now checks pt2 archives: update docs/security.md (Loading a model)"
+    )
 
 
 def test_the_exported_graph_is_bound_to_no_device(registered):
