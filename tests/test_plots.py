@@ -12,6 +12,12 @@ HISTORY = [
 ]
 
 
+def _renders_png(fig) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert buf.getvalue()[:4] == b"\x89PNG"
+
+
 def test_training_curves_have_train_and_test_per_epoch():
     fig = plots.training_curves(HISTORY)
     loss_ax, acc_ax = fig.axes
@@ -20,9 +26,7 @@ def test_training_curves_have_train_and_test_per_epoch():
         assert set(lines) == {"train", "test"}
         np.testing.assert_array_equal(lines["train"].get_xdata(), [1, 2, 3])
         np.testing.assert_allclose(lines["test"].get_ydata(), [h[f"test/{key}"] for h in HISTORY])
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    assert buf.getvalue()[:4] == b"\x89PNG"
+    _renders_png(fig)
 
 
 def test_image_grid_places_each_image_under_its_title():
@@ -42,9 +46,7 @@ def test_image_grid_places_each_image_under_its_title():
         tops.append(top)
     assert tops[:4] == [tops[0]] * 4 and tops[4] > tops[0]  # rows of four, the fifth below
     assert (pixels[: tops[0] - 1] == 255).all()  # white above the first row: room for the captions
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    assert buf.getvalue()[:4] == b"\x89PNG"
+    _renders_png(fig)
 
 
 def test_gradcam_figure_shows_image_and_both_maps_captioned():

@@ -97,14 +97,7 @@ def test_stock_mlflow_loads_the_network_and_the_pyfunc_where_the_project_is_not_
     store, net, registered, tmp_path
 ):
     np.save(tmp_path / "x.npy", X)
-    proc = subprocess.run(
-        [sys.executable, "-c", STOCK_USER, str(tmp_path / "x.npy"), "models:/stock@champion"],
-        cwd=tmp_path,
-        env=store.env_without_project(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _stock_python(store, tmp_path, STOCK_USER, str(tmp_path / "x.npy"), "models:/stock@champion")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["module"] is True and got["loaded"] == [] and got["class_names"] == list(SPEC.class_names)
@@ -214,6 +207,19 @@ with zipfile.ZipFile(pt2, "w") as dst:
         dst.writestr(name, content)
 """
 
+
+def _stock_python(store, cwd, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -c script args` as a stock MLflow user runs it: this project not installed (tests/without_project)."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=store.env_without_project(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 # A stock MLflow user's process loading the model twice: with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (MLflow reads
 # it at each load), then with MLflow's default; after each, whether the planted code has run (the marker file).
 STOCK_LOADS = """\
@@ -262,14 +268,7 @@ def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(
                 mlflow.pyfunc.load_model(uri)
     assert not marker.exists(), "the planted code ran"
 
-    stock = subprocess.run(
-        [sys.executable, "-c", STOCK_LOADS, uri, str(marker)],
-        cwd=tmp_path,
-        env=store.env_without_project(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    stock = _stock_python(store, tmp_path, STOCK_LOADS, uri, str(marker))
     assert stock.returncode == 0, stock.stderr[-2000:]
     refused, ran_refused, ran_default = stock.stdout.strip().splitlines()[-3:]
     assert refused.startswith("false: refused:") and "is not a pickle-free payload" in refused, stock.stdout
