@@ -55,9 +55,9 @@ lint: style
 check: lint
 	$(BIN)/python -m pytest -m "not slow" --durations=10
 
-# All of lint, then the whole suite (what CI runs), mypy beside the suite rather than before it: with a cold cache it
-# keeps one core busy for ~35 s while the other would wait. Its report follows the suite's; either failing fails the
-# target.
+# The whole suite (what CI runs) with all of lint: style first, mypy beside the suite rather than before it (with a
+# cold cache it keeps one core busy for ~35 s while the other would wait). Its report follows the suite's; either
+# failing fails the target.
 test: style system-packages
 	@echo "$(BIN)/mypy > $(VENV)/mypy.log (beside the suite; its report after the suite's)"
 	@$(BIN)/mypy > $(VENV)/mypy.log 2>&1 & types=$$!; \
