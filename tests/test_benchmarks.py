@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 
 from benchmarks import (
     bench_accuracy,
     bench_batch_lr,
     bench_cuda,
     bench_figures,
+    bench_gradcam,
     bench_startup,
     bench_sweep,
     bench_train,
@@ -145,15 +147,32 @@ def test_tracking_benchmark_measures_what_a_training_run_logs(tmp_path):
     assert run.info.artifact_uri.startswith(tmp_path.as_uri()) or run.info.artifact_uri.startswith(str(tmp_path))
 
 
-def test_gradcam_benchmark_batched_maps_equal_per_image_maps(tmp_path):
+@pytest.fixture
+def mlflow_state_kept(monkeypatch, tmp_path):
+    """For a benchmark's main() in this process: the tracking URI, experiment, environment and working folder it
+    sets are this test's only (as a process of its own would have them)."""
+    import mlflow.tracking.fluent
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.setenv(key, "")  # remembers the value before (or that there was none) for the teardown
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # mlflow.set_experiment's
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def test_gradcam_benchmark_batched_maps_equal_per_image_maps(mlflow_state_kept, capsys):
+    """In this process (bench_tracking's test runs a benchmark as users do, `python -m` from another folder)."""
     # width 32 (8e-7 measured): at width 16 this briefly trained net's layer3 maps differed by 4e-3 between the
     # batched and the per-image backward in one run (GradCAM scales each map to [0, 1], which magnifies float noise
     # in a map that is nearly flat)
-    out = _bench(
-        "bench_gradcam",
-        *("--images", "4", "--test-images", "64", "--analysis-images", "4", "--repeats", "1", "--width", "32"),
-        cwd=tmp_path,
+    bench_gradcam.main(
+        ["--images", "4", "--test-images", "64", "--analysis-images", "4", "--repeats", "1", "--width", "32"]
     )
+    out = capsys.readouterr().out
     rows = [
         [c.strip() for c in line.strip("|").split("|")]
         for line in out.splitlines()

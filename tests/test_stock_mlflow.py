@@ -69,6 +69,8 @@ def _expected(net) -> np.ndarray:
     return models.predict_proba(net, torch.from_numpy(X)).numpy()
 
 
+# A stock MLflow user's process (arguments 1 and 2: images saved with numpy, a model URI): the network and the pyfunc,
+# loaded the stock way, and what they answer; then which of this project's packages got imported (none may be).
 STOCK_USER = """
 import json, sys
 import mlflow, numpy as np, torch
@@ -93,13 +95,8 @@ print(json.dumps({
 """
 
 
-def test_stock_mlflow_loads_the_network_and_the_pyfunc_where_the_project_is_not_installed(
-    store, net, registered, tmp_path
-):
-    np.save(tmp_path / "x.npy", X)
-    proc = _stock_python(store, tmp_path, STOCK_USER, str(tmp_path / "x.npy"), "models:/stock@champion")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_stock_mlflow_loads_the_network_and_the_pyfunc_where_the_project_is_not_installed(stock, net):
+    got = stock["clean"]
     assert got["module"] is True and got["loaded"] == [] and got["class_names"] == list(SPEC.class_names)
     expected = _expected(net)
     # the pytorch flavor answers logits; their softmax is the pyfunc's answer, which is the trained network's
@@ -157,6 +154,9 @@ def test_the_model_holds_one_copy_of_the_weights_and_ships_only_self_contained_c
     reqs = (folder / "requirements.txt").read_text().split()
     assert sorted(r.split("==")[0] for r in reqs) == ["mlflow", "numpy", "torch"], reqs
     assert all("==" in r for r in reqs), reqs
+    # what MLflow hands a user who asks for the model's dependencies (a stock process loads and predicts with
+    # those three alone: test_stock_mlflow_loads_the_network_and_the_pyfunc_where_the_project_is_not_installed)
+    assert open(mlflow.pyfunc.get_model_dependencies(registered)).read().split() == reqs
     spec = json.loads((folder / serving.PYTORCH_DATA / models.CONFIG_FILE).read_text())
     assert spec["class_names"] == list(SPEC.class_names) and spec["mean"] == list(SPEC.mean)
 
@@ -190,22 +190,32 @@ def test_the_exported_archive_unpickles_nothing_but_the_example_input(registered
     assert torch.equal(sample[0][0], torch.from_numpy(X[:2]))
 
 
-PLANT = """
-import io, sys, zipfile, torch
-from pathlib import Path
-class Planted:
+class _Planted:
+    """Pickled, it calls Path.touch(marker) when unpickled: code run by loading."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (Path.touch, (Path(sys.argv[2]),))
-pt2 = Path(sys.argv[1])
-with zipfile.ZipFile(pt2) as src:
-    entries = {n: src.read(n) for n in src.namelist()}
-buffer = io.BytesIO()
-torch.save({"x": Planted()}, buffer)
-entries[next(n for n in entries if n.endswith("sample_inputs/model.pt"))] = buffer.getvalue()
-with zipfile.ZipFile(pt2, "w") as dst:
-    for name, content in entries.items():
-        dst.writestr(name, content)
-"""
+        return (Path.touch, (self.marker,))
+
+
+def _tampered(registered: str, folder: Path, marker: Path) -> str:
+    """The registered model with its model.pt2's example-input record replaced by a pickle that touches `marker`,
+    logged back to the store as a model of a run of its own: that model's URI."""
+    folder = _model_folder(registered, folder)
+    pt2 = folder / serving.PYTORCH_DATA / "model.pt2"
+    with zipfile.ZipFile(pt2) as src:
+        entries = {n: src.read(n) for n in src.namelist()}
+    buffer = io.BytesIO()
+    torch.save({"x": _Planted(marker)}, buffer)
+    entries[next(n for n in entries if n.endswith("sample_inputs/model.pt"))] = buffer.getvalue()
+    with zipfile.ZipFile(pt2, "w") as dst:
+        for name, content in entries.items():
+            dst.writestr(name, content)
+    with runs.open_run() as log:
+        mlflow.log_artifacts(str(folder), "tampered")
+    return f"runs:/{log.run_id}/tampered"
 
 
 def _stock_python(store, cwd, script: str, *args: str) -> subprocess.CompletedProcess:
@@ -220,12 +230,13 @@ def _stock_python(store, cwd, script: str, *args: str) -> subprocess.CompletedPr
     )
 
 
-# A stock MLflow user's process loading the model twice: with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (MLflow reads
-# it at each load), then with MLflow's default; after each, whether the planted code has run (the marker file).
+# The same process then loads a tampered model (arguments 3 and 4: its URI, the marker file its pickle creates) twice:
+# with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (MLflow reads it at each load), then with MLflow's default; after
+# each, whether the planted code has run.
 STOCK_LOADS = """\
 import os, sys
 import mlflow
-uri, marker = sys.argv[1:]
+uri, marker = sys.argv[3:5]
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 try:
     mlflow.pytorch.load_model(uri)
@@ -242,20 +253,31 @@ print("default: planted code ran:", os.path.exists(marker))
 """
 
 
-def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(store, registered, tmp_path):
+@pytest.fixture(scope="module")
+def stock(store, net, registered, tmp_path_factory) -> dict:
+    """One stock MLflow user's process for the module (tests/without_project: this project not installed), running
+    STOCK_USER on models:/stock@champion, then STOCK_LOADS on a tampered copy of it: STOCK_USER's answer ("clean")
+    and STOCK_LOADS' three lines ("tampered")."""
+    tmp = tmp_path_factory.mktemp("stock")
+    np.save(tmp / "x.npy", X)
+    marker = tmp / "planted-code-ran"
+    uri = _tampered(registered, tmp / "dl", marker)
+    proc = _stock_python(
+        store, tmp, STOCK_USER + STOCK_LOADS, str(tmp / "x.npy"), "models:/stock@champion", uri, str(marker)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    (clean,) = [json.loads(line) for line in lines if line.startswith("{")]
+    return {"clean": clean, "tampered": lines[-3:]}
+
+
+def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(stock, registered, tmp_path):
     """A tampered model.pt2 (its example-input record replaced by a pickle that runs code): load_torch_model and
     the pyfunc refuse it, whatever MLFLOW_ALLOW_PICKLE_DESERIALIZATION says; stock mlflow.pytorch.load_model
     refuses it with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, and runs it under MLflow 3.17's default (true):
     docs/security.md says so, and this test notices if MLflow changes that default."""
-    folder = _model_folder(registered, tmp_path / "dl")
     marker = tmp_path / "planted-code-ran"
-    subprocess.run(
-        [sys.executable, "-c", PLANT, str(folder / serving.PYTORCH_DATA / "model.pt2"), str(marker)], check=True
-    )
-    with runs.open_run() as log:  # the tampered model back in the store, as a model of the run
-        mlflow.log_artifacts(str(folder), "tampered")
-    uri = f"runs:/{log.run_id}/tampered"
-
+    uri = _tampered(registered, tmp_path / "dl", marker)
     for allowed in ("true", None):
         with pytest.MonkeyPatch.context() as mp:
             if allowed:
@@ -268,10 +290,8 @@ def test_a_pickle_planted_in_the_archive_never_runs_where_this_project_loads_it(
                 mlflow.pyfunc.load_model(uri)
     assert not marker.exists(), "the planted code ran"
 
-    stock = _stock_python(store, tmp_path, STOCK_LOADS, uri, str(marker))
-    assert stock.returncode == 0, stock.stderr[-2000:]
-    refused, ran_refused, ran_default = stock.stdout.strip().splitlines()[-3:]
-    assert refused.startswith("false: refused:") and "is not a pickle-free payload" in refused, stock.stdout
+    refused, ran_refused, ran_default = stock["tampered"]  # the stock process, on a copy tampered the same way
+    assert refused.startswith("false: refused:") and "is not a pickle-free payload" in refused, stock
     assert ran_refused == "false: planted code ran: False", "the planted code ran"
     assert ran_default == "default: planted code ran: True", (
         "MLflow's default now checks pt2 archives: update docs/security.md (Loading a model)"

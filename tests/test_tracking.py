@@ -2,8 +2,6 @@
 champion alias, and loading models back both ways."""
 
 import functools
-import subprocess
-import sys
 
 import mlflow
 import numpy as np
@@ -175,28 +173,3 @@ def test_unknown_model_is_a_one_line_error(store):
     with pytest.raises(ModelError) as err:
         serving.load_torch_model("models:/no-such-model/1")
     assert "models:/no-such-model/1" in str(err.value) and "\n" not in str(err.value)
-
-
-def test_served_model_needs_only_its_pinned_requirements(store, net):
-    """The model's pip requirements pin mlflow, torch and numpy: loading and predicting must import nothing else
-    of this project's (cifar_mlflow, torchvision, safetensors and the training libraries are not installed in the
-    fresh process: tests/without_project)."""
-    _register(net, 0.5, name="deps-test")
-    reqs = mlflow.pyfunc.get_model_dependencies("models:/deps-test/1")
-    pinned = sorted(line.split("==")[0] for line in open(reqs).read().split() if "==" in line)
-    assert pinned == ["mlflow", "numpy", "torch"]
-    script = (
-        "import mlflow, numpy as np\n"
-        "m = mlflow.pyfunc.load_model('models:/deps-test/1')\n"
-        "print(np.asarray(m.predict([np.zeros((3, 32, 32), np.float32)] * 2)).shape)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=store.root,
-        env=store.env_without_project(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "(2, 10)"
