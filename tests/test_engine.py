@@ -273,6 +273,17 @@ def test_flip_tta_accuracy_is_a_fraction_and_sees_the_mirror():
     assert 0 <= acc <= 1 and acc * 40 == int(round(acc * 40))
 
 
+def test_fit_measures_flip_tta_with_the_last_epochs_test_metrics():
+    """fit(flip_tta=True) gets the final model's flip-TTA accuracy from the last epoch's evaluation (one pass over
+    the test set fewer than evaluate_flip_tta after fit): the same figure, and the same plain metrics."""
+    model, tr, te, cfg = _setup(n_train=32, n_test=40, batch_size=16, epochs=2)
+    result = engine.fit(model, tr, te, cfg, CPU, "fp32", log=lambda s: None, flip_tta=True)
+    assert result.flip_tta == engine.evaluate_flip_tta(model, te, CPU, "fp32")
+    final = engine.evaluate(model, te, CPU, "fp32")
+    assert {k: result.history[-1][k] for k in final} == final
+    assert engine.fit(model, tr, te, cfg, CPU, "fp32", log=lambda s: None).flip_tta is None  # not asked
+
+
 @pytest.mark.parametrize("norm", ["group", "layer"])
 def test_norm_variants_train(norm):
     model, tr, te, cfg = _setup(n_train=16, n_test=8, batch_size=8, epochs=1, norm=norm, arch="resnet18")

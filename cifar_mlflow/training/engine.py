@@ -168,11 +168,28 @@ def evaluate(
     ctx: distributed.Context | None = None,
 ) -> Metrics:
     """Plain cross-entropy and accuracy over every sample of loader (of every process's shard, with ctx)."""
-    tally = Tally(device)
-    for logits, y in eval_logits(model, loader, device, precision, desc):
+    return _evaluate(model, loader, device, precision, desc, ctx, flip_tta=False)[0]
+
+
+def _evaluate(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    precision: str,
+    desc: str,
+    ctx: distributed.Context | None,
+    flip_tta: bool,
+) -> tuple[Metrics, float | None]:
+    """evaluate()'s metrics, and with flip_tta the flip-TTA accuracy (evaluate_flip_tta's) from the same pass: the
+    plain metrics come from the unmirrored logits, which are exactly what a pass without flip computes."""
+    tally, tta = Tally(device), Tally(device)
+    for logits, y in eval_logits(model, loader, device, precision, desc, flip=flip_tta):
+        if flip_tta:
+            tta.add(torch.logsumexp(torch.log_softmax(logits, dim=2), dim=0), y)  # log of the summed probabilities
+            logits = logits[0]
         tally.add(logits, y)
     loss, accuracy = tally.totals(ctx)
-    return {"test/loss": loss, "test/accuracy": accuracy}
+    return {"test/loss": loss, "test/accuracy": accuracy}, (tta.totals(ctx)[1] if flip_tta else None)
 
 
 def _raise_if_diverged(bad_step: int, epoch: int) -> None:
@@ -184,11 +201,10 @@ def evaluate_flip_tta(
     model: nn.Module, loader: Any, device: torch.device, precision: str, ctx: distributed.Context | None = None
 ) -> float:
     """Accuracy of the mean softmax over each image and its horizontal mirror (flip test-time augmentation),
-    over every process's shard with ctx."""
-    tally = Tally(device)
-    for both, y in eval_logits(model, loader, device, precision, "test (flip TTA)", flip=True):
-        tally.add(torch.logsumexp(torch.log_softmax(both, dim=2), dim=0), y)  # log of the summed probabilities
-    return tally.totals(ctx)[1]
+    over every process's shard with ctx. (fit computes it with the last epoch's test metrics: FitResult.flip_tta.)"""
+    tta = _evaluate(model, loader, device, precision, "test (flip TTA)", ctx, flip_tta=True)[1]
+    assert tta is not None
+    return tta
 
 
 @dataclass
@@ -196,6 +212,9 @@ class FitResult:
     history: list[Metrics]  # one dict per epoch, epoch 1 first
     lr_steps: list[float]  # the LR of every optimiser step, in order
     first_step_at: float | None = None  # time.time() when this process finished its first optimiser step
+    # fit(flip_tta=True): flip-TTA accuracy of the final model, measured in the last epoch's evaluation; None when
+    # fit ran no epoch (a resume after the last one)
+    flip_tta: float | None = None
 
 
 def _compiled(module: nn.Module) -> nn.Module:
@@ -216,12 +235,15 @@ def fit(
     log: Callable[[str], None] = print,
     resume: dict[str, Any] | None = None,
     ctx: distributed.Context | None = None,
+    flip_tta: bool = False,
 ) -> FitResult:
     """Train for cfg.epochs, evaluating after each epoch. on_epoch_end(epoch, metrics, capture) gets 1-based
     epochs and a function returning the full checkpoint state. resume: a checkpoint.capture() state to continue
     from (the next epoch after it); the result then covers every epoch, the resumed ones included.
     ctx (torchrun): training through DistributedDataParallel on each process's shard; evaluation on each
-    process's shard of the test split with rank 0's BatchNorm statistics; metrics summed over processes."""
+    process's shard of the test split with rank 0's BatchNorm statistics; metrics summed over processes.
+    flip_tta: the last epoch's evaluation also measures flip-TTA accuracy (FitResult.flip_tta), one pass over the
+    test set fewer than evaluate_flip_tta afterwards."""
     optimizer = optim.build_optimizer(cfg, model.parameters())
     schedule = optim.build_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
     scaler = hardware.grad_scaler(device, precision)
@@ -237,7 +259,7 @@ def fit(
     history: list[Metrics] = []
     lr_steps: list[float] = []
     first_step_at: float | None = None
-    start = 1
+    start, tta = 1, None
     if resume is not None:
         checkpoint.restore(resume, model, optimizer, schedule.scheduler, scaler)
         history, lr_steps, start = list(resume["history"]), list(resume["lr_steps"]), int(resume["epoch"]) + 1
@@ -248,9 +270,9 @@ def fit(
         lr_steps.extend(trained.lrs)
         if ctx is not None:
             distributed.sync_buffers(model)
-        metrics.update(
-            evaluate(eval_net, test_loader, device, precision, desc=f"epoch {epoch}/{cfg.epochs} test", ctx=ctx)
-        )
+        last = flip_tta and epoch == cfg.epochs
+        tested, tta = _evaluate(eval_net, test_loader, device, precision, f"epoch {epoch}/{cfg.epochs} test", ctx, last)
+        metrics.update(tested)
         if not all(math.isfinite(v) for v in metrics.values()):  # e.g. fp16 overflow in evaluation
             raise TrainingDiverged(epoch * len(train_loader), epoch, "non-finite in evaluation")
         schedule.after_epoch(metrics["test/loss"])
@@ -266,4 +288,4 @@ def fit(
                 return checkpoint.capture(model, optimizer, schedule.scheduler, scaler, e, history, lr_steps)
 
             on_epoch_end(epoch, metrics, capture)
-    return FitResult(history, lr_steps, first_step_at)
+    return FitResult(history, lr_steps, first_step_at, tta)
