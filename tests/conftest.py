@@ -646,8 +646,11 @@ def _describe(proc) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def heavy_imports_once():
-    """Every test process imports torch, torchvision and MLflow sooner or later: up front, as the entry points
-    do (cifar_mlflow.cli.heavy_imports: the garbage collector paused meanwhile, then kept off what they made)."""
+    """Every xdist worker of the suite imports torch, torchvision and MLflow sooner or later: up front, as the entry
+    points do (cifar_mlflow.cli.heavy_imports: the garbage collector paused meanwhile, then kept off what they
+    made). Not in a pytest without workers (tests/test_leak_check.py's probes need none of them: ~7 CPU-s each)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     from cifar_mlflow.cli import heavy_imports
 
     with heavy_imports():
