@@ -281,6 +281,13 @@ def test_fit_measures_flip_tta_with_the_last_epochs_test_metrics():
     assert result.flip_tta == engine.evaluate_flip_tta(model, te, CPU, "fp32")
     final = engine.evaluate(model, te, CPU, "fp32")
     assert {k: result.history[-1][k] for k in final} == final
+    # resumed after its last epoch: no evaluation left to measure it in, so measured on its own
+    states = {}
+    engine.fit(
+        model, tr, te, cfg, CPU, "fp32", log=lambda s: None, on_epoch_end=lambda e, m, c: states.update({e: c()})
+    )
+    done = engine.fit(model, tr, te, cfg, CPU, "fp32", log=lambda s: None, resume=states[2], flip_tta=True)
+    assert done.flip_tta == engine.evaluate_flip_tta(model, te, CPU, "fp32")
     assert engine.fit(model, tr, te, cfg, CPU, "fp32", log=lambda s: None).flip_tta is None  # not asked
 
 

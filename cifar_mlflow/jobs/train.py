@@ -114,9 +114,8 @@ def train(
             trained_at = time.time()
             data.shutdown_workers(setup.train_loader)  # no further training batches: free the cores and memory
             # while the last epoch is still being reported
-            tta = result.flip_tta  # measured with the last epoch's test metrics, unless no epoch was left to run
-            if tta is None:
-                tta = engine.evaluate_flip_tta(setup.model, setup.test_loader, setup.device, setup.precision, ctx=ctx)
+            tta = result.flip_tta
+            assert tta is not None  # fit(flip_tta=True) measures it
         finally:
             if reporter is not None:
                 reporter.close()  # the last finished epoch's checkpoint lands even if training was interrupted

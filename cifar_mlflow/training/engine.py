@@ -201,7 +201,7 @@ def evaluate_flip_tta(
     model: nn.Module, loader: Any, device: torch.device, precision: str, ctx: distributed.Context | None = None
 ) -> float:
     """Accuracy of the mean softmax over each image and its horizontal mirror (flip test-time augmentation),
-    over every process's shard with ctx. (fit computes it with the last epoch's test metrics: FitResult.flip_tta.)"""
+    over every process's shard with ctx. (fit(flip_tta=True) measures it with the last epoch's test metrics.)"""
     tta = _evaluate(model, loader, device, precision, "test (flip TTA)", ctx, flip_tta=True)[1]
     assert tta is not None
     return tta
@@ -212,8 +212,8 @@ class FitResult:
     history: list[Metrics]  # one dict per epoch, epoch 1 first
     lr_steps: list[float]  # the LR of every optimiser step, in order
     first_step_at: float | None = None  # time.time() when this process finished its first optimiser step
-    # fit(flip_tta=True): flip-TTA accuracy of the final model, measured in the last epoch's evaluation; None when
-    # fit ran no epoch (a resume after the last one)
+    # fit(flip_tta=True): flip-TTA accuracy of the final model, measured in the last epoch's evaluation (or on its
+    # own after a resume that left no epoch to run); None when not asked for
     flip_tta: float | None = None
 
 
@@ -288,4 +288,6 @@ def fit(
                 return checkpoint.capture(model, optimizer, schedule.scheduler, scaler, e, history, lr_steps)
 
             on_epoch_end(epoch, metrics, capture)
+    if flip_tta and tta is None:  # resumed after the last epoch: no evaluation ran to measure it in
+        tta = evaluate_flip_tta(model, test_loader, device, precision, ctx=ctx)
     return FitResult(history, lr_steps, first_step_at, tta)
