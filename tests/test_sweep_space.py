@@ -8,6 +8,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,13 +212,13 @@ def test_a_storage_that_cannot_be_used_is_one_line(tmp_path, url, reason):
 # The study on a real sqlite storage
 
 
-def _open(storage, name="s", parent="parent-1", recipe=None, n_trials=3):
+def _open(storage, name="s", parent="parent-1", recipe=None, n_trials=3, direction="maximize", base=None):
     return studies.open_study(
         storage,
         name,
-        direction="maximize",
+        direction=direction,
         recipe=recipe or {"metric": "test/accuracy"},
-        base={"lr": 0.2},
+        base=base or {"lr": 0.2},
         parent_run_id=parent,
         pruner=optuna.pruners.NopPruner(),
         seed=0,
@@ -238,6 +239,64 @@ def test_study_is_created_with_the_base_first_and_joined_with_its_parent(tmp_pat
     assert parent2 == "parent-1", "a joining worker's trials go under the creator's parent run"
     with pytest.raises(ConfigError, match=r"study='s' exists with metric='test/accuracy', not 'test/loss'"):
         _open(storage, recipe={"metric": "test/loss"})
+
+
+def test_a_worker_with_a_metric_of_the_other_direction_is_told_which_metric(tmp_path):
+    storage = study_storage.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    _open(storage)
+    with pytest.raises(ConfigError) as err:  # what `sweep --metric test/loss` asks of a test/accuracy study
+        _open(storage, recipe={"metric": "test/loss"}, direction="minimize")
+    assert str(err.value).startswith("study='s' exists with metric='test/accuracy', not 'test/loss'")
+    # a study of our recipe made to the other direction (by another tool): refused, naming both
+    with pytest.raises(ConfigError, match=r"^study='s' exists and is to maximize its metric, not minimize: use an"):
+        _open(storage, direction="minimize")
+
+
+def test_a_joining_worker_waits_for_its_creator_to_record_the_parent_run(tmp_path):
+    storage = study_storage.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    # the creator between optuna.create_study and its last step (open_study records the parent run last)
+    made = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    made.set_user_attr("recipe", '{"metric": "test/accuracy"}')
+    recorded = threading.Timer(1.0, made.set_user_attr, ("parent_run_id", "parent-1"))
+    recorded.start()
+    try:
+        started = time.monotonic()
+        _, parent = _open(storage, parent="parent-2")
+    finally:
+        recorded.cancel()
+    assert parent == "parent-1" and time.monotonic() - started >= 1.0
+
+
+def test_a_study_whose_creator_died_while_creating_it_is_one_line_after_the_wait(tmp_path, monkeypatch):
+    storage = study_storage.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(storage=storage, study_name="s", direction="maximize")  # and nothing after: it died
+    monkeypatch.setattr(studies, "JOIN_WAIT_S", 0.2)
+    with pytest.raises(TrackingError) as err:
+        _open(storage)
+    assert str(err.value) == (
+        "study='s' exists but its creator did not finish recording its recipe and parent run within 0.2 s "
+        "(it may have died while creating it); use another study name"
+    )
+
+
+def test_every_dimension_type_draws_values_of_its_type_within_its_bounds(tmp_path):
+    dims = [
+        Dim("lr", "float", 0.05, 0.8, log=True),
+        Dim("batch_size", "int", 32, 256, False),
+        Dim("augment", "categorical", choices=("standard", "none")),
+    ]
+    storage = study_storage.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    base = {"lr": 0.2, "batch_size": 128, "augment": "standard"}
+    study, _ = _open(storage, base=base, n_trials=6)
+    drawn = [studies.suggest(studies.ask(study), dims) for _ in range(6)]
+    assert drawn[0] == base, "the first trial is the base recipe, as enqueued"
+    for values in drawn[1:]:
+        assert type(values["batch_size"]) is int and 32 <= values["batch_size"] <= 256
+        assert type(values["lr"]) is float and 0.05 <= values["lr"] <= 0.8
+        assert values["augment"] in ("standard", "none")
+    assert len({v["batch_size"] for v in drawn}) > 1, "the int dimension is searched, not fixed"
+    # what the trial trains with: a recipe TrainConfig accepts
+    assert TrainConfig(**drawn[-1]).batch_size == drawn[-1]["batch_size"]
 
 
 def test_workers_never_exceed_n_trials_a_late_one_is_closed_as_surplus(tmp_path):

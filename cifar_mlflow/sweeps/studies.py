@@ -84,11 +84,13 @@ def _joined(study: optuna.Study, name: str, direction: str, recipe: dict[str, An
     deadline = time.monotonic() + JOIN_WAIT_S
     while "parent_run_id" not in study.user_attrs:
         if time.monotonic() > deadline:
-            raise TrackingError(f"study {name!r} exists but its creator never recorded its recipe; use a new name")
+            raise TrackingError(
+                f"study={name!r} exists but its creator did not finish recording its recipe and parent run within "
+                f"{JOIN_WAIT_S:g} s (it may have died while creating it); use another study name"
+            )
         time.sleep(0.5)
     attrs = study.user_attrs
-    if study.direction.name.lower() != direction:
-        raise ConfigError(f"study={name!r} exists and is {study.direction.name.lower()}d: its metric differs")
+    # the recipe first: its refusal names the value that differs (a metric of the other direction among them)
     theirs = json.loads(attrs.get("recipe", "{}"))
     differ = sorted(k for k in set(theirs) | set(recipe) if theirs.get(k) != recipe.get(k))
     if differ:
@@ -96,6 +98,11 @@ def _joined(study: optuna.Study, name: str, direction: str, recipe: dict[str, An
         raise ConfigError(
             f"study={name!r} exists with {k}={theirs.get(k)!r}, not {recipe.get(k)!r}: its trials would not "
             f"compare with this worker's; use the same parameters ({', '.join(differ)} differ) or another study name"
+        )
+    if study.direction.name.lower() != direction:
+        raise ConfigError(
+            f"study={name!r} exists and is to {study.direction.name.lower()} its metric, not {direction}: "
+            "use another study name"
         )
     return str(attrs["parent_run_id"])
 
