@@ -258,9 +258,9 @@ def test_a_joining_worker_waits_for_its_creator_to_record_the_parent_run(tmp_pat
     made = optuna.create_study(storage=storage, study_name="s", direction="maximize")
     made.set_user_attr("recipe", '{"metric": "test/accuracy"}')
     recorded = threading.Timer(1.0, made.set_user_attr, ("parent_run_id", "parent-1"))
+    started = time.monotonic()
     recorded.start()
     try:
-        started = time.monotonic()
         _, parent = _open(storage, parent="parent-2")
     finally:
         recorded.cancel()
